@@ -1,0 +1,1 @@
+"""Triton kernels, installed as `llamagen_core2.kernels` (never a top-level `kernels` package)."""

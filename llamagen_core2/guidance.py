@@ -1,0 +1,182 @@
+"""The guidance core: CFG / CoRe^2 weak-to-strong mixing and LlamaGen-style sampling.
+
+This module is the single home of the guidance math. The AR engine (`generate.py`), CoRe^2
+(Collect / Refine) and the diffusion adapter all call `mix_guidance`; the AR engine samples with
+`guided_sample`. Everything here is pure PyTorch: it is the CPU path and the test oracle for the
+fused Triton kernel (DESIGN §4, §6).
+
+Modes (per image row; c, u = base cond / uncond outputs, w = weak-model prediction):
+    cond : c
+    cfg  : u + s (c - u)            (s <= 1 means cond-only)
+    fast : w                        (CoRe^2 fast: 1 base forward per token)
+    slow : w + a (cfg - w)          (CoRe^2 slow: W2S scale a on top of CFG)
+Scales are Python numbers or per-row tensors of shape [B].
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .errors import InvalidArgument, check_finite_scale, check_sampling_args
+
+MODES = ("cond", "cfg", "fast", "slow")
+Scale = Union[float, int, torch.Tensor]
+
+
+def modes_needing_uncond() -> tuple[str, ...]:
+    return ("cfg", "slow")
+
+
+def modes_needing_weak() -> tuple[str, ...]:
+    return ("fast", "slow")
+
+
+def _row_scale(scale: Scale, name: str, like: torch.Tensor) -> Scale:
+    """A scalar stays a Python float; a per-row tensor [B] becomes [B, 1, ...] to broadcast."""
+    check_finite_scale(name, scale)
+    if not isinstance(scale, torch.Tensor):
+        return float(scale)
+    if scale.dim() == 0:
+        return float(scale)
+    if scale.dim() != 1 or scale.shape[0] != like.shape[0]:
+        raise InvalidArgument(
+            f"{name} must be a number or a tensor of shape [{like.shape[0]}] (one per row), "
+            f"got shape {list(scale.shape)}")
+    return scale.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def _check_same_shape(name: str, t: Optional[torch.Tensor], cond: torch.Tensor) -> None:
+    if t is not None and t.shape != cond.shape:
+        raise InvalidArgument(f"{name} must have the shape of cond {list(cond.shape)}, got {list(t.shape)}")
+
+
+def mix_guidance(
+    cond: torch.Tensor,
+    uncond: Optional[torch.Tensor] = None,
+    weak: Optional[torch.Tensor] = None,
+    *,
+    cfg_scale: Scale = 1.0,
+    w2s_scale: Scale = 1.0,
+    mode: str = "cfg",
+) -> torch.Tensor:
+    """Mix guidance outputs; all inputs [B, ...] of one shape (logits [B, V] or predictions [B, C, H, W]).
+
+    Computes in the inputs' dtype with the reference association `u + s * (c - u)` so results
+    match LlamaGen and diffusers bit for bit in fp32.
+    """
+    if mode not in MODES:
+        raise InvalidArgument(f"mode must be one of {MODES}, got {mode!r}")
+    if cond.dim() < 1 or cond.shape[0] == 0:
+        raise InvalidArgument(f"cond must be a non-empty batch [B, ...], got shape {list(cond.shape)}")
+    _check_same_shape("uncond", uncond, cond)
+    _check_same_shape("weak", weak, cond)
+    s = _row_scale(cfg_scale, "cfg_scale", cond)
+    a = _row_scale(w2s_scale, "w2s_scale", cond)
+
+    if mode == "cond":
+        return cond
+    if mode in modes_needing_weak() and weak is None:
+        raise InvalidArgument(f"mode {mode!r} needs the weak-model prediction `weak`")
+    if mode == "fast":
+        return weak
+
+    # cfg and slow both need the CFG output.
+    if isinstance(s, float) and s <= 1.0:
+        cfg = cond
+    else:
+        if uncond is None:
+            raise InvalidArgument(f"mode {mode!r} with cfg_scale > 1 needs the unconditional output `uncond`")
+        cfg = uncond + s * (cond - uncond)
+        if isinstance(s, torch.Tensor):
+            cfg = torch.where(s > 1.0, cfg, cond)
+    if mode == "cfg":
+        return cfg
+    return weak + a * (cfg - weak)
+
+
+def _row_values(x, name: str, batch: int, device, dtype) -> torch.Tensor:
+    t = torch.as_tensor(x, device=device, dtype=dtype)
+    if t.dim() == 0:
+        return t.expand(batch)
+    if t.shape != (batch,):
+        raise InvalidArgument(f"{name} must be a number or a tensor of shape [{batch}], got {list(t.shape)}")
+    return t
+
+
+def filter_logits(logits: torch.Tensor, *, top_k=0, top_p=1.0) -> torch.Tensor:
+    """LlamaGen's top-k then top-p filtering on [B, V] logits; removed entries become -inf.
+
+    top-k keeps every logit >= the k-th largest (ties at the k-th value survive); top-p keeps the
+    smallest prefix of the descending order whose mass reaches p, including the token that crosses.
+    """
+    batch, vocab = logits.shape
+    out = logits.clone()
+    ks = _row_values(top_k, "top_k", batch, logits.device, torch.long).clamp(max=vocab)
+    if bool((ks > 0).any()):
+        kmax = int(ks.max())
+        topv = torch.topk(out, kmax, dim=-1).values  # [B, kmax] descending
+        kth = topv.gather(1, (ks.clamp(min=1) - 1).unsqueeze(1))  # [B, 1]
+        kth = torch.where(ks.unsqueeze(1) > 0, kth, torch.full_like(kth, float("-inf")))
+        out = out.masked_fill(out < kth, float("-inf"))
+    ps = _row_values(top_p, "top_p", batch, logits.device, torch.float32)
+    if bool((ps < 1.0).any()):
+        sorted_logits, sorted_idx = torch.sort(out, dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        remove = cum > ps.unsqueeze(1)
+        remove[:, 1:] = remove[:, :-1].clone()  # shift right: keep the token that crosses p
+        remove[:, 0] = False
+        remove &= (ps < 1.0).unsqueeze(1)
+        out = out.masked_fill(remove.scatter(1, sorted_idx, remove), float("-inf"))
+    return out
+
+
+def sample_logits(
+    logits: torch.Tensor,
+    *,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Sample one token per row from fp32 logits [B, V] -> LongTensor [B].
+
+    temperature 0 means greedy. Sampling is an exponential race (argmax p / E, E ~ Exp(1)), which
+    draws exactly from p like torch.multinomial but without a host synchronisation.
+    """
+    if logits.dim() != 2 or logits.shape[0] == 0:
+        raise InvalidArgument(f"logits must be [B, V] with B > 0, got shape {list(logits.shape)}")
+    check_sampling_args(temperature, top_k, top_p)
+    batch = logits.shape[0]
+    logits = logits.float()
+    temps = _row_values(temperature, "temperature", batch, logits.device, torch.float32)
+    greedy_rows = temps == 0
+    scaled = logits / torch.where(greedy_rows, torch.ones_like(temps), temps).unsqueeze(1)
+    filtered = filter_logits(scaled, top_k=top_k, top_p=top_p)
+    probs = torch.softmax(filtered, dim=-1)
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    score = torch.where(probs > 0, probs / race, torch.full_like(probs, -1.0))
+    sampled = score.argmax(dim=-1)
+    return torch.where(greedy_rows, logits.argmax(dim=-1), sampled)
+
+
+def guided_sample(
+    cond: torch.Tensor,
+    uncond: Optional[torch.Tensor] = None,
+    weak: Optional[torch.Tensor] = None,
+    *,
+    mode: str = "cfg",
+    cfg_scale: Scale = 1.0,
+    w2s_scale: Scale = 1.0,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    generator: Optional[torch.Generator] = None,
+    return_mixed: bool = False,
+):
+    """Mix then sample: [B, V] fp32 logits in, LongTensor [B] out (and the mixed logits if asked)."""
+    mixed = mix_guidance(cond.float(), None if uncond is None else uncond.float(),
+                         None if weak is None else weak.float(),
+                         cfg_scale=cfg_scale, w2s_scale=w2s_scale, mode=mode)
+    tokens = sample_logits(mixed, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    return (tokens, mixed) if return_mixed else tokens
