@@ -1,0 +1,189 @@
+"""Checkpoint I/O: read official LlamaGen files safely, validate keys/shapes, write safetensors.
+
+Reading (`read_state_dict`):
+  * `.pt` / `.pth` / `.bin`: `torch.load(weights_only=True)` — a pickle that tries to build
+    arbitrary objects is refused with CheckpointError. Wrappers `{"model": sd}`, `{"module": sd}`,
+    `{"state_dict": sd}` and flat (FSDP-consolidated) dicts are accepted (DESIGN §3).
+  * `.safetensors` files.
+  * a directory written by `save_pretrained`: `config.json` + `model.safetensors`, or shards
+    listed in `model.safetensors.index.json`.
+Writing (`save_pretrained`) is atomic per file (temp file + os.replace) and shards past a size
+threshold with a HuggingFace-style index json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from .errors import CheckpointError
+
+WRAPPER_KEYS = ("model", "module", "state_dict")
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def _unwrap(obj, path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in WRAPPER_KEYS:
+            if key in obj and isinstance(obj[key], Mapping):
+                return _unwrap(obj[key], path)
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+    raise CheckpointError(
+        f"{path}: no state dict found; expected a dict of tensors or one wrapped under "
+        f"{list(WRAPPER_KEYS)}, got {type(obj).__name__} with keys {list(obj)[:8] if isinstance(obj, Mapping) else '-'}")
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to unpickle — the file contains objects other than tensors and plain "
+            f"containers, and loading it could run arbitrary code (torch.load weights_only=True said: "
+            f"{str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+    return _unwrap(obj, path)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {CONFIG_NAME}; expected a directory written by save_pretrained")
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a state dict from any supported file or directory (see module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path does not exist: {path}")
+    if path.is_dir():
+        index = path / INDEX_NAME
+        if index.is_file():
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for name in files:
+                state.update(_load_safetensors(path / name))
+            return state
+        if (path / WEIGHTS_NAME).is_file():
+            return _load_safetensors(path / WEIGHTS_NAME)
+        raise CheckpointError(f"{path}: directory holds neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    return _load_pickle(path)
+
+
+def validate_state_dict(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Size],
+    *,
+    ignore_prefixes: Iterable[str] = (),
+    what: str = "model",
+    hint: str = "",
+) -> dict[str, torch.Tensor]:
+    """Return the entries of `state` that `expected` names, after strict key and shape checks.
+
+    Keys starting with one of `ignore_prefixes` are dropped silently; any other missing,
+    unexpected or mis-shaped key raises CheckpointError naming them (up to 10 of each).
+    """
+    ignore = tuple(ignore_prefixes)
+    kept = {k: v for k, v in state.items() if not (ignore and k.startswith(ignore))}
+    missing = sorted(set(expected) - set(kept))
+    unexpected = sorted(set(kept) - set(expected))
+    wrong = sorted(
+        f"{k}: checkpoint {list(kept[k].shape)} vs {what} {list(expected[k])}"
+        for k in set(expected) & set(kept) if tuple(kept[k].shape) != tuple(expected[k]))
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {missing[:10]}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected[:10]}")
+    if wrong:
+        problems.append(f"shape mismatches ({len(wrong)}): {wrong[:10]}")
+    if problems:
+        raise CheckpointError(f"checkpoint does not match the {what}: " + "; ".join(problems) + (f". {hint}" if hint else ""))
+    return kept
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    _atomic_write(Path(path), write)
+
+
+def save_pretrained(
+    directory: str | os.PathLike,
+    state: Mapping[str, torch.Tensor],
+    config: dict,
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> list[Path]:
+    """Write config.json + safetensors weights (sharded with an index past `max_shard_bytes`)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensors[key]
+        size += nbytes
+    written = []
+    if len(shards) == 1:
+        names = [WEIGHTS_NAME]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        _atomic_write(directory / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+        written.append(directory / name)
+    if len(shards) > 1:
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        atomic_write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        written.append(directory / INDEX_NAME)
+    elif (directory / INDEX_NAME).exists():
+        (directory / INDEX_NAME).unlink()  # a stale index from an earlier sharded save would shadow the new file
+    atomic_write_json(directory / CONFIG_NAME, config)
+    written.append(directory / CONFIG_NAME)
+    return written
