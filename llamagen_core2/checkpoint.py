@@ -100,16 +100,19 @@ def validate_state_dict(
     expected: Mapping[str, torch.Size],
     *,
     ignore_prefixes: Iterable[str] = (),
+    ignore_substrings: Iterable[str] = (),
     what: str = "model",
     hint: str = "",
 ) -> dict[str, torch.Tensor]:
     """Return the entries of `state` that `expected` names, after strict key and shape checks.
 
-    Keys starting with one of `ignore_prefixes` are dropped silently; any other missing,
+    Keys starting with one of `ignore_prefixes` or containing one of `ignore_substrings` (e.g. the
+    `kv_cache` buffers some LlamaGen checkpoints carry) are dropped silently; any other missing,
     unexpected or mis-shaped key raises CheckpointError naming them (up to 10 of each).
     """
-    ignore = tuple(ignore_prefixes)
-    kept = {k: v for k, v in state.items() if not (ignore and k.startswith(ignore))}
+    prefixes, substrings = tuple(ignore_prefixes), tuple(ignore_substrings)
+    kept = {k: v for k, v in state.items()
+            if not (prefixes and k.startswith(prefixes)) and not any(s in k for s in substrings)}
     missing = sorted(set(expected) - set(kept))
     unexpected = sorted(set(kept) - set(expected))
     wrong = sorted(
