@@ -1,0 +1,137 @@
+"""Procedural class-conditional image world ("mini world"): no download, deterministic from a seed.
+
+Contract:
+  * `CLASS_NAMES` lists the classes; a class is a (shape, colour) pair, e.g. "red circle".
+    Shapes and colours are each shared by several classes, so a model that under-uses the class
+    condition produces the right shape in the wrong colour (or vice versa) — exactly the failure
+    classifier-free guidance fixes. `NUM_CLASSES == len(CLASS_NAMES)`.
+  * `render(labels [B] LongTensor, generator) -> images [B, 3, S, S]` float32 in [-1, 1]
+    (S = IMAGE_SIZE = 32). Intra-class variation: position, size, rotation, colour jitter,
+    a textured background (random grey level/tint, stripes of random angle/frequency, noise).
+  * `make_dataset(num_per_class, seed) -> (images, labels)`; the same arguments give bit-identical
+    tensors (CPU). Labels are class-balanced and shuffled.
+  * `to_uint8(images [-1, 1]) -> uint8 [B, 3, S, S]` with LlamaGen's pixel mapping.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidArgument
+
+IMAGE_SIZE = 32
+SUPERSAMPLE = 2  # shapes are rendered at 2x and box-filtered down, for anti-aliased edges
+
+SHAPES = ("circle", "square", "triangle", "plus")
+COLOURS = {  # name -> nominal RGB in [0, 1]
+    "red": (0.90, 0.15, 0.12),
+    "green": (0.15, 0.80, 0.20),
+    "blue": (0.15, 0.30, 0.95),
+    "yellow": (0.95, 0.85, 0.10),
+}
+# 4 shapes x 3 colours; yellow appears only with two shapes so colours are unevenly shared.
+CLASSES: tuple[tuple[str, str], ...] = (
+    ("circle", "red"), ("circle", "green"), ("circle", "blue"),
+    ("square", "red"), ("square", "green"), ("square", "blue"),
+    ("triangle", "red"), ("triangle", "green"), ("triangle", "blue"),
+    ("plus", "red"), ("plus", "green"), ("plus", "blue"),
+    ("circle", "yellow"), ("plus", "yellow"),
+)
+CLASS_NAMES: tuple[str, ...] = tuple(f"{c} {s}" for s, c in CLASSES)
+NUM_CLASSES = len(CLASSES)
+
+
+def _uniform(generator: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator)
+
+
+def _shape_masks(shape_ids: torch.Tensor, cx, cy, radius, angle, size: int) -> torch.Tensor:
+    """Soft coverage [B, 1, size, size] in [0, 1] for each image's shape; params are [B] tensors
+    in units of the final image (coordinates 0..IMAGE_SIZE)."""
+    scale = size / IMAGE_SIZE
+    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / scale  # pixel centres
+    y, x = torch.meshgrid(coords, coords, indexing="ij")  # [size, size]
+    dx = x[None] - cx[:, None, None]
+    dy = y[None] - cy[:, None, None]
+    cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
+    u = cos * dx + sin * dy  # rotated frame
+    v = -sin * dx + cos * dy
+    r = radius[:, None, None]
+
+    circle = (dx * dx + dy * dy) <= r * r
+    square = torch.maximum(u.abs(), v.abs()) <= 0.82 * r
+    # Equilateral triangle with circumradius r: inside all three edge half-planes.
+    tri = torch.ones_like(circle)
+    for k in range(3):
+        theta = 2 * math.pi * k / 3 + math.pi / 2
+        tri &= (u * math.cos(theta) + v * math.sin(theta)) >= -0.5 * r
+    arm = 0.33 * r
+    plus = ((u.abs() <= arm) & (v.abs() <= r)) | ((v.abs() <= arm) & (u.abs() <= r))
+
+    stacked = torch.stack([circle, square, tri, plus], dim=1).float()  # [B, 4, size, size]
+    mask = stacked.gather(1, shape_ids[:, None, None, None].expand(-1, 1, size, size))
+    return F.avg_pool2d(mask, SUPERSAMPLE) if SUPERSAMPLE > 1 else mask
+
+
+def _backgrounds(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Textured, desaturated backgrounds [n, 3, S, S] in [0, 1] that never look like a class colour."""
+    s = IMAGE_SIZE
+    grey = _uniform(generator, n, 0.25, 0.65)
+    tint = (torch.rand(n, 3, generator=generator) - 0.5) * 0.12
+    base = (grey[:, None] + tint).clamp(0, 1)  # [n, 3]
+    angle = _uniform(generator, n, 0, math.pi)
+    freq = _uniform(generator, n, 0.25, 0.9)
+    phase = _uniform(generator, n, 0, 2 * math.pi)
+    amp = _uniform(generator, n, 0.0, 0.12)
+    coords = torch.arange(s, dtype=torch.float32)
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    proj = torch.cos(angle)[:, None, None] * x + torch.sin(angle)[:, None, None] * y
+    stripes = amp[:, None, None] * torch.sin(freq[:, None, None] * proj + phase[:, None, None])
+    noise = 0.03 * torch.randn(n, 1, s, s, generator=generator)
+    return (base[:, :, None, None] + stripes[:, None] + noise).clamp(0, 1)
+
+
+def render(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """labels [B] in [0, NUM_CLASSES) -> images [B, 3, 32, 32] float32 in [-1, 1]."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if labels.dim() != 1:
+        raise InvalidArgument(f"labels must be a 1-D tensor of class ids, got shape {tuple(labels.shape)}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise InvalidArgument(f"labels must be in [0, {NUM_CLASSES}), got range "
+                              f"[{labels.min().item()}, {labels.max().item()}]")
+    n = labels.numel()
+    shape_of_class = torch.tensor([SHAPES.index(s) for s, _ in CLASSES])
+    colour_table = torch.tensor([COLOURS[c] for _, c in CLASSES])  # [C, 3]
+
+    background = _backgrounds(n, generator)
+    radius = _uniform(generator, n, 6.0, 11.0)
+    margin = radius * 0.9
+    cx = margin + torch.rand(n, generator=generator) * (IMAGE_SIZE - 2 * margin)
+    cy = margin + torch.rand(n, generator=generator) * (IMAGE_SIZE - 2 * margin)
+    angle = _uniform(generator, n, 0, 2 * math.pi)
+    colour = colour_table[labels] + (torch.rand(n, 3, generator=generator) - 0.5) * 0.16
+    colour = (colour * _uniform(generator, n, 0.8, 1.1)[:, None]).clamp(0, 1)  # brightness jitter
+    mask = _shape_masks(shape_of_class[labels], cx, cy, radius, angle, IMAGE_SIZE * SUPERSAMPLE)
+    # A faint shading gradient over the shape, so fills are not perfectly flat.
+    shade = 1.0 + 0.08 * torch.randn(n, 1, 1, 1, generator=generator) * torch.linspace(-1, 1, IMAGE_SIZE)[None, None, :, None]
+    shape_rgb = (colour[:, :, None, None] * shade).clamp(0, 1)
+    image = mask * shape_rgb + (1 - mask) * background
+    return image * 2 - 1
+
+
+def make_dataset(num_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced, shuffled dataset: images [N, 3, 32, 32] in [-1, 1], labels [N], N = num_per_class * NUM_CLASSES."""
+    if int(num_per_class) <= 0:
+        raise InvalidArgument(f"num_per_class must be a positive integer, got {num_per_class}")
+    generator = torch.Generator().manual_seed(int(seed))
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(int(num_per_class))
+    labels = labels[torch.randperm(labels.numel(), generator=generator)]
+    images = torch.cat([render(chunk, generator) for chunk in labels.split(4096)])
+    return images, labels
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float -> uint8 with LlamaGen's mapping clamp(127.5 x + 128, 0, 255)."""
+    return torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8)
