@@ -152,7 +152,9 @@ class CaptionEncoder:
         except Exception as exc:  # transformers raises OSError/ValueError/... with long messages
             raise CheckpointError(
                 f"could not load a tokenizer from {str(tok_dir)!r} (expected tokenizer.json or "
-                f"spiece.model + tokenizer_config.json): {type(exc).__name__}: {exc}"
+                f"spiece.model + tokenizer_config.json; converting a bare spiece.model needs the "
+                f"protobuf package, so prefer a directory that also has tokenizer.json): "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
         try:
             kwargs = {"local_files_only": True}

@@ -182,3 +182,15 @@ def test_missing_or_incomplete_directory(tmp_path, t5_dir):
             shutil.copy(f, no_weights / f.name)
     with pytest.raises(CheckpointError, match="T5 encoder"):
         CaptionEncoder.from_pretrained(no_weights)
+
+
+def test_preprocess_options(t5_dir, encoder):
+    raw = CaptionEncoder.from_pretrained(t5_dir, preprocess=None)
+    custom = CaptionEncoder.from_pretrained(t5_dir, preprocess=lambda s: s.replace("kitty", "cat"))
+    lowered, _ = encoder.encode(["  Cat "])  # default: strip + lower -> "cat" (in vocab)
+    unknown, _ = raw.encode(["Cat"])  # raw text: "Cat" is <unk> in the tiny vocab
+    replaced, _ = custom.encode(["kitty"])
+    torch.testing.assert_close(replaced, lowered, rtol=0, atol=0)
+    assert not torch.allclose(unknown, lowered)
+    with pytest.raises(InvalidArgument, match="preprocess"):
+        CaptionEncoder.from_pretrained(t5_dir, preprocess="upper")
