@@ -362,3 +362,17 @@ def test_decoded_images_convert_to_pil():
     model = tiny_model()
     pil = img.to_pil_images(model.decode_codes(model.encode(images())))
     assert len(pil) == 2 and pil[0].size == (16, 16) and pil[0].mode == "RGB"
+
+
+def test_center_crop_and_from_pil():
+    # 96 wide x 32 tall: red | green | blue thirds; the central 16x16 crop must be pure green.
+    arr = np.zeros((32, 96, 3), np.uint8)
+    arr[:, :32, 0], arr[:, 32:64, 1], arr[:, 64:, 2] = 255, 255, 255
+    crop = img.center_crop(Image.fromarray(arr), 16)  # 96x32 -> BOX halve to 48x16 -> centre 16x16
+    assert crop.size == (16, 16)
+    np.testing.assert_array_equal(np.asarray(crop)[2:-2, 2:-2], np.broadcast_to([0, 255, 0], (12, 12, 3)))
+    x = img.from_pil([Image.fromarray(arr), Image.fromarray(arr[:, ::-1])], size=16)
+    assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32
+    assert x.min().item() >= -1.0 and x.max().item() <= 1.0
+    with pytest.raises(InvalidArgument, match="same size"):
+        img.from_pil([Image.fromarray(arr), Image.fromarray(arr[:16])])
