@@ -116,7 +116,7 @@ def validate_state_dict(
     missing = sorted(set(expected) - set(kept))
     unexpected = sorted(set(kept) - set(expected))
     wrong = sorted(
-        f"{k}: checkpoint {list(kept[k].shape)} vs {what} {list(expected[k])}"
+        f"{k}: checkpoint {list(kept[k].shape)} vs expected {list(expected[k])}"
         for k in set(expected) & set(kept) if tuple(kept[k].shape) != tuple(expected[k]))
     problems = []
     if missing:

@@ -1,0 +1,236 @@
+"""Batched AR image-token generation: prefill, decode, CFG / CoRe^2 modes and schedules.
+
+Contract:
+  `generate(gpt, cond, ...) -> LongTensor [B, N]` (and a stats dict with `return_stats=True`).
+  * Rows of the static KV cache are laid out [cond (0:B); uncond (B:2B)] as in LlamaGen. The same sampled
+    token is fed to both halves. A step whose mode does not need the uncond half (cond, fast, or CFG past
+    `cfg_interval`) runs the base model on rows 0:B only — the uncond rows are not computed at all.
+  * When a later step needs the uncond rows again, their cache is first caught up with one chunked prefill over
+    the positions they missed, so attention never reads empty cache entries.
+  * Per-token modes: `mode` for every token, or `schedule` (a sequence of N modes, see `make_schedule`).
+    cond: c; cfg: u + s (c - u); fast: w; slow: w + a (cfg - w) (w = weak-model prediction, a = w2s_scale).
+  * All mixing and sampling goes through `guidance.guided_sample`, token by token.
+  * Same seed (or an equally seeded generator) -> same tokens on the same device and batch.
+  * `cfg_interval` follows LlamaGen: CFG is applied to tokens 0..cfg_interval+1, cond-only afterwards
+    (-1 = always); unlike LlamaGen the uncond rows are dropped afterwards, not computed and thrown away.
+
+Weak-model protocol (CoRe^2, see weak_model.py): an object with
+  `start(gpt, cond, cond_mask)` (prefill its own prefix/cache for batch B) and
+  `step(hidden_cond [B, d], index) -> logits [B, V]` (prediction of the CFG logits of token `index`),
+  optionally `check_compatible(gpt)`. It is stepped at every token whenever any token uses fast/slow, so its own
+  cache never has holes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import InvalidArgument, check_finite_scale, check_sampling_args
+from .guidance import MODES, guided_sample
+
+NEEDS_UNCOND = ("cfg", "slow")
+NEEDS_WEAK = ("fast", "slow")
+
+
+@dataclass
+class StepRecord:
+    """What one decode step saw; passed to `on_step` (Collect stores parts of it)."""
+    index: int  # image token index being sampled
+    mode: str
+    tokens: torch.Tensor  # [B] sampled token
+    hidden_cond: torch.Tensor  # [B, d] final normed hidden of the cond rows
+    hidden_uncond: Optional[torch.Tensor]  # [B, d] or None when the uncond rows were not computed
+    weak_logits: Optional[torch.Tensor]  # [B, V] or None
+    mixed_logits: torch.Tensor  # [B, V] fp32 logits the token was sampled from (before temperature)
+
+
+@dataclass
+class GenerationStats:
+    """Base-model work, counted in rows: a row = one sequence through the base model for one step."""
+    step_rows: list = field(default_factory=list)  # rows computed at the step producing token i
+    catchup_rows: int = 0  # row-positions of catch-up prefills of the uncond half
+    catchup_calls: int = 0
+    weak_steps: int = 0
+
+    @property
+    def base_rows(self) -> int:
+        return sum(self.step_rows) + self.catchup_rows
+
+    def as_dict(self) -> dict:
+        return dict(step_rows=list(self.step_rows), base_rows=self.base_rows, catchup_rows=self.catchup_rows,
+                    catchup_calls=self.catchup_calls, weak_steps=self.weak_steps)
+
+
+def make_schedule(num_tokens: int, *, first: str = "slow", then: str = "fast", first_tokens: Optional[int] = None,
+                  first_fraction: Optional[float] = None) -> list[str]:
+    """`first` for the first K tokens (K given directly or as a fraction of num_tokens, rounded), `then` after."""
+    for name, m in (("first", first), ("then", then)):
+        if m not in MODES:
+            raise InvalidArgument(f"schedule {name} mode must be one of {MODES}, got {m!r}")
+    if (first_tokens is None) == (first_fraction is None):
+        raise InvalidArgument("give exactly one of first_tokens or first_fraction")
+    if first_fraction is not None:
+        if not (0.0 <= float(first_fraction) <= 1.0):
+            raise InvalidArgument(f"first_fraction must be in [0, 1], got {first_fraction}")
+        first_tokens = int(round(float(first_fraction) * num_tokens))
+    if not (0 <= int(first_tokens) <= num_tokens):
+        raise InvalidArgument(f"first_tokens must be in [0, {num_tokens}], got {first_tokens}")
+    return [first] * int(first_tokens) + [then] * (num_tokens - int(first_tokens))
+
+
+def resolve_modes(num_tokens: int, mode: str, schedule: Optional[Sequence[str]], cfg_scale, cfg_interval: int) -> list[str]:
+    """The mode of every token after applying cfg_interval and a cfg_scale <= 1 (which means cond-only)."""
+    if schedule is None:
+        if mode not in MODES:
+            raise InvalidArgument(f"mode must be one of {MODES}, got {mode!r}")
+        modes = [mode] * num_tokens
+    else:
+        modes = list(schedule)
+        if len(modes) != num_tokens:
+            raise InvalidArgument(f"schedule must give one mode per token ({num_tokens}), got {len(modes)}")
+        bad = sorted({m for m in modes if m not in MODES})
+        if bad:
+            raise InvalidArgument(f"schedule contains unknown modes {bad}; allowed: {MODES}")
+    scalar_scale = not isinstance(cfg_scale, torch.Tensor)
+    for i, m in enumerate(modes):
+        if m == "cfg" and ((cfg_interval > -1 and i > cfg_interval + 1) or (scalar_scale and float(cfg_scale) <= 1.0)):
+            modes[i] = "cond"
+    return modes
+
+
+def _check_args(gpt, cond, cond_mask, num_tokens, cfg_scale, cfg_interval, w2s_scale, temperature, top_k, top_p,
+                seed, generator) -> tuple[int, int]:
+    B = gpt.check_condition(cond)
+    c = gpt.config
+    N = c.num_image_tokens if num_tokens is None else int(num_tokens)
+    if not (1 <= N <= c.num_image_tokens):
+        raise InvalidArgument(f"num_tokens must be in [1, {c.num_image_tokens}], got {num_tokens}")
+    check_finite_scale("cfg_scale", cfg_scale)
+    check_finite_scale("w2s_scale", w2s_scale)
+    check_sampling_args(temperature, top_k, top_p)
+    if isinstance(cfg_interval, bool) or not isinstance(cfg_interval, int) or cfg_interval < -1:
+        raise InvalidArgument(f"cfg_interval must be an integer >= -1 (-1 = CFG on every token), got {cfg_interval!r}")
+    if seed is not None and generator is not None:
+        raise InvalidArgument("give seed or generator, not both")
+    if cond_mask is not None:
+        if c.model_type != "t2i":
+            raise InvalidArgument("cond_mask is only meaningful for text-conditional (t2i) models")
+        if tuple(cond_mask.shape) != (B, c.cls_token_num):
+            raise InvalidArgument(f"cond_mask must be [B={B}, {c.cls_token_num}], got {list(cond_mask.shape)}")
+    return B, N
+
+
+@torch.inference_mode()
+def generate(
+    gpt,
+    cond: torch.Tensor,
+    *,
+    cond_mask: Optional[torch.Tensor] = None,
+    num_tokens: Optional[int] = None,
+    mode: str = "cfg",
+    schedule: Optional[Sequence[str]] = None,
+    cfg_scale=4.0,
+    cfg_interval: int = -1,
+    temperature=1.0,
+    top_k=2000,
+    top_p=1.0,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    weak_model=None,
+    w2s_scale=1.0,
+    progress: bool = False,
+    on_step: Optional[Callable[[StepRecord], None]] = None,
+    return_stats: bool = False,
+):
+    """Sample image tokens [B, N] for conditions `cond` (class ids [B] or caption features [B, T, C] + cond_mask).
+
+    Defaults follow LlamaGen's c2i demo (cfg 4.0, top_k 2000, temperature 1, top_p 1); top_k larger than the
+    vocabulary means the full vocabulary.
+    """
+    B, N = _check_args(gpt, cond, cond_mask, num_tokens, cfg_scale, cfg_interval, w2s_scale, temperature, top_k,
+                       top_p, seed, generator)
+    modes = resolve_modes(N, mode, schedule, cfg_scale, cfg_interval)
+    uses_uncond = any(m in NEEDS_UNCOND for m in modes)
+    uses_weak = any(m in NEEDS_WEAK for m in modes)
+    if uses_weak:
+        if weak_model is None:
+            raise InvalidArgument("modes 'fast' and 'slow' need a weak_model (train one with `llamagen-core2 reflect`)")
+        if hasattr(weak_model, "check_compatible"):
+            weak_model.check_compatible(gpt)
+
+    device = gpt.output.weight.device
+    if generator is None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2 ** 63)))
+    T = gpt.config.cls_token_num
+    rows_total = 2 * B if uses_uncond else B
+    gpt.setup_caches(rows_total, T + N)
+    stats = GenerationStats()
+    cond_rows, uncond_rows, all_rows = slice(0, B), slice(B, 2 * B), slice(0, 2 * B)
+
+    cond = cond.to(device)
+    prefix_c = gpt.condition_embeddings(cond)  # [B, T, d]
+    prefix_u = gpt.condition_embeddings(gpt.null_condition(B, cond)) if uses_uncond else None
+    mask_c = None if cond_mask is None else cond_mask.to(device=device, dtype=torch.bool)
+    mask_both = None if mask_c is None else torch.cat([mask_c, mask_c])
+    tokens = torch.zeros(B, N, dtype=torch.long, device=device)
+    uncond_filled = 0  # positions of the uncond rows present in the cache
+    finite = torch.ones((), dtype=torch.bool, device=device)
+
+    def uncond_inputs(a: int, b: int) -> torch.Tensor:
+        """Uncond-row embeddings for positions a..b-1: null prefix, then the already sampled tokens."""
+        parts = []
+        if a < T:
+            parts.append(prefix_u[:, a:min(b, T)])
+        if b > T:
+            parts.append(gpt.embed_tokens(tokens[:, max(a, T) - T:b - T]))
+        return torch.cat(parts, dim=1)
+
+    if uses_weak:
+        weak_model.start(gpt, cond, cond_mask=mask_c)
+
+    bar = tqdm(total=N, disable=not progress, desc="tokens", leave=False)
+    for i in range(N):
+        m = modes[i]
+        need_u = m in NEEDS_UNCOND
+        start = 0 if i == 0 else T + i - 1  # first position fed at this step
+        if need_u and uncond_filled < start:
+            # Catch-up prefill: the uncond rows skipped positions uncond_filled..start-1.
+            h = gpt.forward_hidden(uncond_inputs(uncond_filled, start), uncond_filled, rows=uncond_rows,
+                                   prefix_valid=mask_c)
+            finite &= torch.isfinite(h[:, -1]).all()
+            stats.catchup_rows += B * (start - uncond_filled)
+            stats.catchup_calls += 1
+        x_c = prefix_c if i == 0 else gpt.embed_tokens(tokens[:, i - 1:i])
+        if need_u:
+            x_u = prefix_u if i == 0 else x_c
+            h = gpt.forward_hidden(torch.cat([x_c, x_u]), start, rows=all_rows, prefix_valid=mask_both)[:, -1]
+            h_c, h_u = h[:B], h[B:]
+            uncond_filled = T + i if i > 0 else T
+        else:
+            h_c = gpt.forward_hidden(x_c, start, rows=cond_rows, prefix_valid=mask_c)[:, -1]
+            h_u = None
+        stats.step_rows.append(2 * B if need_u else B)
+        finite &= torch.isfinite(h_c).all()
+        weak_logits = None
+        if uses_weak:
+            weak_logits = weak_model.step(h_c, i)
+            stats.weak_steps += 1
+        result = guided_sample(gpt.head(h_c), None if h_u is None else gpt.head(h_u), weak_logits, mode=m,
+                               cfg_scale=cfg_scale, w2s_scale=w2s_scale, temperature=temperature, top_k=top_k,
+                               top_p=top_p, generator=generator, return_mixed=on_step is not None)
+        next_tokens, mixed = result if on_step is not None else (result, None)
+        tokens[:, i] = next_tokens
+        if on_step is not None:
+            on_step(StepRecord(i, m, next_tokens, h_c, h_u, weak_logits, mixed))
+        bar.update(1)
+    bar.close()
+    # One host sync for the whole run: a NaN/inf hidden state anywhere means the tokens are garbage.
+    if not bool(finite):
+        raise FloatingPointError("non-finite hidden states (NaN/inf) during generation; check the checkpoint, "
+                                 "dtype (try float32) and scales")
+    return (tokens, stats.as_dict()) if return_stats else tokens

@@ -1,0 +1,179 @@
+"""generate(): cached decode vs full recompute for every mode, row dropping, catch-up prefill, seeds, errors."""
+import pytest
+import torch
+
+from llamagen_core2.errors import InvalidArgument
+from llamagen_core2.generate import generate, make_schedule
+from tiny_models import ScaledCondWeak, captions, tiny_gpt
+
+
+def _recorded(model, cond, **kwargs):
+    records = []
+    tokens, stats = generate(model, cond, on_step=records.append, return_stats=True, **kwargs)
+    return tokens, stats, records
+
+
+def _reference_mix(model, cond, tokens, records, cfg_scale, w2s_scale=1.0, cond_mask=None):
+    """Recompute every step's mixed logits from scratch (no cache) from the recorded modes."""
+    with torch.no_grad():
+        c = model.logits(cond, tokens, cond_mask=cond_mask)
+        u = model.logits(model.null_condition(len(cond), cond), tokens, cond_mask=cond_mask)
+    cfg = u + cfg_scale * (c - u)
+    weak = 1.5 * c
+    out = []
+    for r in records:
+        i = r.index
+        out.append({"cond": c[:, i], "cfg": cfg[:, i], "fast": weak[:, i],
+                    "slow": weak[:, i] + w2s_scale * (cfg[:, i] - weak[:, i])}[r.mode])
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("mode", ["cond", "cfg", "fast", "slow"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_every_mode_matches_full_recompute(mode, batch):
+    model = tiny_gpt()
+    cond = torch.arange(batch) % 10
+    tokens, _, records = _recorded(model, cond, mode=mode, cfg_scale=3.0, w2s_scale=1.7, top_k=0, seed=0,
+                                   weak_model=ScaledCondWeak())
+    ref = _reference_mix(model, cond, tokens, records, 3.0, 1.7)
+    got = torch.stack([r.mixed_logits for r in records], dim=1)
+    assert tokens.shape == (batch, 16) and tokens.dtype == torch.long
+    assert [r.mode for r in records] == [mode] * 16
+    assert (got - ref).abs().max() < 1e-4
+
+
+def test_schedule_with_catch_up_matches_full_recompute_and_counts_rows():
+    model = tiny_gpt()
+    cond = torch.tensor([2, 7])
+    schedule = ["cfg"] * 3 + ["fast"] * 5 + ["slow"] * 2 + ["cond"] * 3 + ["cfg"] * 3
+    weak = ScaledCondWeak()
+    tokens, stats, records = _recorded(model, cond, schedule=schedule, cfg_scale=2.5, w2s_scale=1.3, top_k=0, seed=1,
+                                       weak_model=weak)
+    ref = _reference_mix(model, cond, tokens, records, 2.5, 1.3)
+    assert (torch.stack([r.mixed_logits for r in records], 1) - ref).abs().max() < 1e-4
+    B = 2
+    assert stats["step_rows"] == [2 * B if m in ("cfg", "slow") else B for m in schedule]
+    # Uncond rows miss 5 positions (tokens 3..7) before token 8, then 3 (tokens 10..12) before token 13.
+    assert stats["catchup_calls"] == 2 and stats["catchup_rows"] == B * (5 + 3)
+    assert weak.steps == list(range(16))  # the weak model steps every token: its cache has no holes
+
+
+def test_catch_up_from_a_skipped_prefill_t2i():
+    model = tiny_gpt("t2i")
+    feats, mask = captions(model, 2, [3, 6])
+    schedule = ["cond"] * 4 + ["cfg"] * 12
+    tokens, stats, records = _recorded(model, feats, cond_mask=mask, schedule=schedule, cfg_scale=4.0, top_k=0,
+                                       seed=2)
+    ref = _reference_mix(model, feats, tokens, records, 4.0, cond_mask=mask)
+    assert (torch.stack([r.mixed_logits for r in records], 1) - ref).abs().max() < 1e-4
+    T = model.config.cls_token_num
+    assert stats["catchup_rows"] == 2 * (T + 3)  # null-caption prefix + tokens 0..2
+
+
+def test_slow_and_fast_row_counts_formula():
+    model = tiny_gpt()
+    B, N, K = 3, 16, 5
+    cond = torch.tensor([1, 2, 3])
+    counted = []
+    forward = model.forward_hidden
+
+    def counting(x, start, rows=None, prefix_valid=None):
+        counted.append(x.shape[0] * x.shape[1] if start > 0 or x.shape[1] == 1 else x.shape[0])
+        return forward(x, start, rows=rows, prefix_valid=prefix_valid)
+
+    model.forward_hidden = counting
+    kw = dict(cfg_scale=3.0, top_k=0, seed=0, weak_model=ScaledCondWeak(), return_stats=True)
+    _, fast = generate(model, cond, mode="fast", **kw)
+    assert fast["base_rows"] == B * N and sum(counted) == B * N
+    counted.clear()
+    _, slow = generate(model, cond, mode="slow", **kw)
+    assert slow["base_rows"] == 2 * B * N and sum(counted) == 2 * B * N
+    counted.clear()
+    _, mixed = generate(model, cond, schedule=make_schedule(N, first="slow", then="fast", first_tokens=K), **kw)
+    assert mixed["base_rows"] == 2 * B * K + B * (N - K) and mixed["catchup_rows"] == 0
+    assert sum(counted) == mixed["base_rows"]
+
+
+def test_cfg_interval_really_drops_uncond_rows():
+    model = tiny_gpt()
+    cond = torch.tensor([4, 5])
+    seen_rows = []
+    forward = model.forward_hidden
+
+    def spy(x, start, rows=None, prefix_valid=None):
+        seen_rows.append(x.shape[0])
+        return forward(x, start, rows=rows, prefix_valid=prefix_valid)
+
+    model.forward_hidden = spy
+    tokens, stats, records = _recorded(model, cond, cfg_scale=3.0, cfg_interval=4, top_k=0, seed=3)
+    # LlamaGen semantics: CFG on tokens 0..cfg_interval+1, then cond-only on only B rows.
+    assert [r.mode for r in records] == ["cfg"] * 6 + ["cond"] * 10
+    assert seen_rows == [4] * 6 + [2] * 10
+    ref = _reference_mix(model, cond, tokens, records, 3.0)
+    assert (torch.stack([r.mixed_logits for r in records], 1) - ref).abs().max() < 1e-4
+
+
+def test_cfg_scale_one_means_cond_only_on_b_rows():
+    model = tiny_gpt()
+    _, stats = generate(model, torch.tensor([1, 2]), cfg_scale=1.0, seed=0, return_stats=True)
+    assert stats["base_rows"] == 2 * 16
+
+
+def test_same_seed_same_tokens_and_generator_equivalent():
+    model = tiny_gpt()
+    cond = torch.tensor([0, 1, 2, 3])
+    a = generate(model, cond, cfg_scale=2.0, top_k=0, seed=123)
+    b = generate(model, cond, cfg_scale=2.0, top_k=0, seed=123)
+    c = generate(model, cond, cfg_scale=2.0, top_k=0, generator=torch.Generator().manual_seed(123))
+    d = generate(model, cond, cfg_scale=2.0, top_k=0, seed=124)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert not torch.equal(a, d)
+
+
+def test_greedy_equals_argmax_of_cfg_logits():
+    model = tiny_gpt()
+    cond = torch.tensor([6])
+    tokens, _, records = _recorded(model, cond, cfg_scale=2.0, temperature=0.0, seed=0)
+    assert torch.equal(tokens[0], torch.stack([r.mixed_logits[0].argmax() for r in records]))
+
+
+def test_bf16_generation_runs():
+    model = tiny_gpt().to(torch.bfloat16)
+    tokens = generate(model, torch.tensor([1, 2]), cfg_scale=3.0, seed=0, num_tokens=8)
+    assert tokens.shape == (2, 8) and int(tokens.max()) < 97
+
+
+def test_nan_weights_are_reported():
+    model = tiny_gpt()
+    with torch.no_grad():
+        model.layers[1].feed_forward.w2.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        generate(model, torch.tensor([1]), seed=0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(top_k=-1), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(cfg_scale=float("nan")), "cfg_scale"),
+    (dict(cfg_scale=-1.0), "cfg_scale"),
+    (dict(w2s_scale=float("inf")), "w2s_scale"),
+    (dict(mode="turbo"), "mode must be one of"),
+    (dict(mode="fast"), "need a weak_model"),
+    (dict(schedule=["cfg"] * 3), "one mode per token"),
+    (dict(num_tokens=17), "num_tokens"),
+    (dict(cfg_interval=-2), "cfg_interval"),
+    (dict(seed=1, generator=torch.Generator()), "seed or generator"),
+    (dict(cond_mask=torch.ones(1, 1, dtype=torch.bool)), "cond_mask"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, match):
+    with pytest.raises(InvalidArgument, match=match):
+        generate(tiny_gpt(), torch.tensor([1]), **kwargs)
+
+
+def test_bad_class_ids_raise():
+    with pytest.raises(InvalidArgument, match=r"class ids must be in \[0, 9\]"):
+        generate(tiny_gpt(), torch.tensor([10]))
+    with pytest.raises(InvalidArgument, match="make_schedule|first_tokens"):
+        make_schedule(16, first_tokens=17)

@@ -1,0 +1,51 @@
+"""Tiny random models shared by the tests (CPU, fp32, seconds to build)."""
+import torch
+
+from llamagen_core2.config import GPTConfig
+from llamagen_core2.model import GPT
+
+
+def tiny_gpt_config(model_type="c2i", **overrides) -> GPTConfig:
+    base = dict(dim=64, n_layer=2, n_head=4, vocab_size=97, num_classes=10, image_size=64, downsample=16,
+                multiple_of=32)
+    if model_type == "t2i":
+        base.update(caption_dim=24, cls_token_num=6)
+    base.update(overrides)
+    return GPTConfig.from_preset("GPT-B" + ("-t2i" if model_type == "t2i" else ""), **base)
+
+
+def tiny_gpt(model_type="c2i", seed=0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(tiny_gpt_config(model_type, **overrides))
+    # Random init gives near-uniform logits; a larger output scale makes guidance and sampling choices matter.
+    with torch.no_grad():
+        model.output.weight.mul_(20.0)
+    return model.eval()
+
+
+def captions(model: GPT, batch: int, valid_counts, seed=1):
+    """Left-padded caption features [B, T, C] (zeros before the valid ones) and their mask [B, T]."""
+    g = torch.Generator().manual_seed(seed)
+    T, C = model.config.cls_token_num, model.config.caption_dim
+    feats = torch.randn(batch, T, C, generator=g)
+    mask = torch.zeros(batch, T, dtype=torch.bool)
+    for b, n in enumerate(valid_counts):
+        mask[b, T - n:] = True
+    return feats * mask[..., None], mask
+
+
+class ScaledCondWeak:
+    """A stand-in weak model for plumbing tests: predicts 1.5 x the conditional logits (no cache needed)."""
+
+    def __init__(self):
+        self.started = 0
+        self.steps = []
+
+    def start(self, gpt, cond, cond_mask=None):
+        self.gpt = gpt
+        self.started += 1
+        self.steps = []
+
+    def step(self, hidden_cond, index):
+        self.steps.append(index)
+        return 1.5 * self.gpt.head(hidden_cond)
