@@ -1,7 +1,7 @@
 """Mini-world evaluator: a small CNN classifier plus a Fréchet distance on its penultimate features.
 
 Contract:
-  * `Evaluator(num_classes, feature_dim=64)`: `features(images [B, 3, 32, 32] in [-1, 1]) -> [B, F]`
+  * `Evaluator(num_classes, feature_dim=64)`: `features(images [B, 3, H, W] in [-1, 1]) -> [B, F]`
     (the penultimate layer, post-ReLU) and `forward(images) -> logits [B, num_classes]`.
     It is trained on real dataset images only (`train_evaluator.py`).
   * `Evaluator.from_pretrained(dir)` / `save_pretrained(dir)`: safetensors + config.json
@@ -43,7 +43,7 @@ class Evaluator(nn.Module):
         self.config = dict(num_classes=int(num_classes), feature_dim=int(feature_dim), width=int(width))
         self.trunk = nn.Sequential(
             _conv_block(3, width), _conv_block(width, 2 * width), _conv_block(2 * width, 4 * width),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())  # 32x32 -> 4x4 -> [B, 4w]
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())  # 24x24 -> 3x3 -> [B, 4w]
         self.embed = nn.Sequential(nn.Linear(4 * width, feature_dim), nn.ReLU(inplace=True))
         self.head = nn.Linear(feature_dim, num_classes)
 

@@ -1,0 +1,128 @@
+"""`llamagen-core2 demo`: sample the shipped mini world and write a PNG grid (one row per class, columns per mode).
+
+Contract:
+  * `run_demo(out_png, classes=None, modes=("cond", "cfg", "fast", "slow"), seed=0, samples_per_mode=2,
+    scale=3, checkpoint_dir=None, **sampling) -> dict` loads the shipped models (`pipeline.load_world`),
+    samples `samples_per_mode` images per (class, mode) with the same seed for every mode, and writes the grid:
+    a header row of mode names, then one row per class with its name on the left. Modes "fast"/"slow" need
+    the CoRe^2 weak model; without one they are skipped and the returned `notes` (also printed by the CLI) say
+    so. Returns {"path", "size": (width, height), "modes", "classes", "skipped", "notes", "seconds", "base_rows"}.
+  * `grid_size(num_classes, num_columns, scale)` gives the PNG size (width, height) for a layout.
+  * `add_subcommand(subparsers)` registers `demo` on an argparse subparsers object (cli.py wires it).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ..errors import InvalidArgument
+from ..guidance import MODES
+from ..images import save_png
+from .dataset import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, to_uint8
+from .pipeline import load_world, sample_images
+
+PAD = 2
+HEADER_H = 14
+LABEL_W = 84
+DEMO_MODES = ("cond", "cfg", "fast", "slow")
+
+
+def grid_size(num_classes: int, num_columns: int, scale: int) -> tuple[int, int]:
+    """(width, height) of the demo PNG: label column + image columns; header row + one row per class."""
+    cell = IMAGE_SIZE * scale + PAD
+    return LABEL_W + num_columns * cell + PAD, HEADER_H + num_classes * cell + PAD
+
+
+def _check(classes, modes, samples_per_mode, scale) -> tuple[list[int], list[str]]:
+    classes = list(range(NUM_CLASSES)) if classes is None else [int(c) for c in classes]
+    if not classes or any(c < 0 or c >= NUM_CLASSES for c in classes):
+        raise InvalidArgument(f"classes must be a non-empty list of ids in [0, {NUM_CLASSES - 1}], got {classes}")
+    modes = list(modes)
+    bad = [m for m in modes if m not in MODES]
+    if not modes or bad:
+        raise InvalidArgument(f"modes must be a non-empty subset of {MODES}, got {modes}")
+    if isinstance(samples_per_mode, bool) or int(samples_per_mode) < 1:
+        raise InvalidArgument(f"samples_per_mode must be an integer >= 1, got {samples_per_mode}")
+    if isinstance(scale, bool) or int(scale) < 1 or int(scale) > 16:
+        raise InvalidArgument(f"scale must be an integer in [1, 16], got {scale}")
+    return classes, modes
+
+
+def run_demo(out_png, classes: Optional[Sequence[int]] = None, modes: Sequence[str] = DEMO_MODES, seed: int = 0,
+             samples_per_mode: int = 2, scale: int = 3, checkpoint_dir=None, **sampling) -> dict:
+    start = time.time()
+    classes, modes = _check(classes, modes, samples_per_mode, scale)
+    world = load_world(checkpoint_dir)
+    skipped, notes = [], []
+    if world.weak is None and any(m in ("fast", "slow") for m in modes):
+        skipped = [m for m in modes if m in ("fast", "slow")]
+        notes.append(f"skipped {skipped}: no CoRe^2 weak model shipped at {world.checkpoint_dir / 'world_weak'} "
+                     f"(train one with `llamagen-core2 collect` + `reflect`)")
+        modes = [m for m in modes if m not in skipped]
+    if not modes:
+        raise InvalidArgument(f"no mode left to draw after skipping {skipped}")
+
+    labels = torch.tensor(classes).repeat_interleave(samples_per_mode)  # [C * k]
+    columns, base_rows = [], {}
+    for mode in modes:
+        images, stats = sample_images(world, labels, mode=mode, seed=seed, **sampling)
+        columns.append(to_uint8(images).reshape(len(classes), samples_per_mode, 3, IMAGE_SIZE, IMAGE_SIZE))
+        base_rows[mode] = stats["base_rows"] / len(labels)
+
+    n_cols = len(modes) * samples_per_mode
+    width, height = grid_size(len(classes), n_cols, scale)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    cell = IMAGE_SIZE * scale + PAD
+    for j, mode in enumerate(modes):
+        draw.text((LABEL_W + j * samples_per_mode * cell + PAD, 1), mode, fill=(0, 0, 0))
+        for r, cls in enumerate(classes):
+            if j == 0:
+                draw.text((2, HEADER_H + r * cell + cell // 2 - 6), CLASS_NAMES[cls], fill=(0, 0, 0))
+            for k in range(samples_per_mode):
+                tile = columns[j][r, k].permute(1, 2, 0).numpy()
+                tile = Image.fromarray(np.ascontiguousarray(tile)).resize((IMAGE_SIZE * scale,) * 2, Image.NEAREST)
+                canvas.paste(tile, (LABEL_W + (j * samples_per_mode + k) * cell + PAD, HEADER_H + r * cell + PAD))
+    path = save_png(np.asarray(canvas), out_png)
+    return dict(path=str(path), size=(width, height), modes=modes, classes=classes, skipped=skipped, notes=notes,
+                seconds=time.time() - start, base_rows=base_rows)
+
+
+def _main(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads) if args.threads else None
+    classes = [int(c) for c in args.classes.split(",")] if args.classes else None
+    sampling = {k: v for k, v in dict(cfg_scale=args.cfg_scale, w2s_scale=args.w2s_scale,
+                                      temperature=args.temperature, top_k=args.top_k).items() if v is not None}
+    info = run_demo(args.out, classes=classes, modes=args.modes.split(","), seed=args.seed,
+                    samples_per_mode=args.samples, scale=args.scale, checkpoint_dir=args.checkpoints, **sampling)
+    for note in info["notes"]:
+        print(f"note: {note}")
+    rows = ", ".join(f"{m} {r:.0f}" for m, r in info["base_rows"].items())
+    print(f"wrote {info['path']} ({info['size'][0]}x{info['size'][1]}): {len(info['classes'])} classes x modes "
+          f"{info['modes']} in {info['seconds']:.1f}s; base-model rows per image: {rows}")
+    return 0
+
+
+def add_subcommand(subparsers) -> argparse.ArgumentParser:
+    """Register `demo` on an argparse subparsers object; the parser's `func` runs it and returns an exit code."""
+    p = subparsers.add_parser("demo", help="sample the shipped mini world (cond / cfg / CoRe^2 fast / slow) into a PNG grid",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="demo.png", help="output PNG path (default demo.png)")
+    p.add_argument("--classes", default=None, help=f"comma-separated class ids in [0, {NUM_CLASSES - 1}] (default: all)")
+    p.add_argument("--modes", default=",".join(DEMO_MODES), help="comma-separated modes (default cond,cfg,fast,slow)")
+    p.add_argument("--samples", type=int, default=2, help="images per class and mode (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=int, default=3, help="pixel upscaling of each 24x24 image (default 3)")
+    p.add_argument("--cfg-scale", type=float, default=None)
+    p.add_argument("--w2s-scale", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--checkpoints", default=None, help="directory holding world_vq/, world_gpt/, world_weak/")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=_main)
+    return p
