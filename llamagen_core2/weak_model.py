@@ -145,7 +145,7 @@ class WeakModel(nn.Module):
         self.register_buffer("rope", rope_table_2d(tc.grid_size, tc.head_dim, tc.cls_token_num, tc.rope_base),
                              persistent=False)
         self.caches: list[KVCache] = []
-        self.gpt = None
+        self._base_model: tuple = ()  # (gpt,) while started; a tuple so the base is never registered as a submodule
         self.next_index = 0
         self.cache_batch = 0
         self.prefix_valid: Optional[torch.Tensor] = None
@@ -249,7 +249,7 @@ class WeakModel(nn.Module):
     def start(self, gpt, cond: torch.Tensor, cond_mask: Optional[torch.Tensor] = None) -> None:
         """Prefill the condition prefix for a batch of B conditions; allocates the cache once per size."""
         self.check_compatible(gpt)
-        self.gpt = gpt
+        self._base_model = (gpt,)
         B = cond.shape[0]
         tc = self.trunk_config
         dtype, device = self.proj_in.weight.dtype, self.proj_in.weight.device
@@ -265,7 +265,7 @@ class WeakModel(nn.Module):
     @torch.no_grad()
     def step_hidden(self, hidden_cond: torch.Tensor, index: int) -> torch.Tensor:
         """hidden_cond [B, d] for token `index` -> predicted CFG hidden [B, d] (same dtype as the weak model)."""
-        if self.gpt is None:
+        if not self._base_model:
             raise InvalidArgument("call weak.start(gpt, cond) before step()")
         if index != self.next_index:
             raise InvalidArgument(f"weak-model steps must come in order: expected token index {self.next_index}, "
@@ -282,10 +282,12 @@ class WeakModel(nn.Module):
 
     def step(self, hidden_cond: torch.Tensor, index: int) -> torch.Tensor:
         """hidden_cond [B, d] -> predicted CFG logits [B, V] (fp32) through the frozen base head."""
-        return self.gpt.head(self.step_hidden(hidden_cond, index).to(self.gpt.output.weight.dtype))
+        hidden = self.step_hidden(hidden_cond, index)
+        gpt = self._base_model[0]
+        return gpt.head(hidden.to(gpt.output.weight.dtype))
 
     def release_caches(self) -> None:
-        self.caches, self.gpt = [], None
+        self.caches, self._base_model = [], ()
 
     # ------------------------------------------------------------------ checkpoints
     def describe(self) -> dict:
