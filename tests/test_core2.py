@@ -359,3 +359,37 @@ def test_sample_subcommand_writes_pngs_and_npz_and_resumes(trained, tmp_path):
     assert np.array_equal(np.load(out / "samples.npz")["arr_0"], npz["arr_0"])
     with pytest.raises(SystemExit):
         core2_cli.main([*argv[:-3], "--w2s-scale", "2.5", "--out", str(out), "--quiet"])
+
+
+def test_torchrun_two_process_collect_equals_one_process(trained, tmp_path):
+    """A real 2-process torchrun (each rank takes g % 2 == rank) writes the same samples as 1 process."""
+    gpt_dir = trained["gpt_dir"]
+    args = ["collect", "--gpt", str(gpt_dir), "--classes", "0-3", "--per-class", "2", "--batch-size", "2",
+            "--cfg-scale", "3", "--seed", "11", "--quiet"]
+    one = tmp_path / "one"
+    core2_cli.main([*args, "--out", str(one)])
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "llamagen_core2.core2_cli", *args, "--out", str(two)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert {p.name[:9] for p in two.glob("rank*.safetensors")} == {"rank00000", "rank00001"}
+    _assert_same_samples(_shard_contents(two), _shard_contents(one))
+
+
+def test_t2i_collect_reflect_and_fast_sampling(tmp_path):
+    gpt = tiny_gpt("t2i")
+    feats, mask = captions(gpt, 4, [2, 3, 5, 6])
+    collect(gpt, feats, tmp_path / "shards", caption_mask=mask, condition_names=["a", "b", "c", "d"],
+            per_condition=3, batch_size=6, cfg_scale=5.0, progress=False)
+    meta, data = load_collected(tmp_path / "shards")
+    assert meta["conditions"] == ["a", "b", "c", "d"] and data["captions"].shape == (12, 6, 24)
+    assert torch.equal(data["caption_mask"], mask.repeat_interleave(3, 0))
+    result = reflect(gpt, tmp_path / "shards", tmp_path / "weak", preset="W-1", weak_overrides=WEAK_TINY, steps=30,
+                     batch_size=4, lr=3e-3, warmup=5, holdout=0.25, progress=False)
+    assert result["heldout"]["kl"] < result["heldout"]["baseline_kl"]
+    weak = WeakModel.from_pretrained(tmp_path / "weak", gpt)
+    tokens, stats = generate(gpt, feats[:2], cond_mask=mask[:2], mode="fast", weak_model=weak, seed=0,
+                             return_stats=True)
+    assert tokens.shape == (2, 16) and stats["base_rows"] == 2 * 16
