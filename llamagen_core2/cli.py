@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -122,14 +123,24 @@ def cmd_generate(args) -> int:
     tokens = generate(gpt, cond, cond_mask=cond_mask, mode=args.mode, schedule=schedule_from_args(args, n),
                       cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, weak_model=weak,
-                      w2s_scale=args.w2s_scale, progress=True)
+                      w2s_scale=args.w2s_scale, progress=not args.quiet)
     seconds = time.perf_counter() - t0
     with torch.inference_mode():
         images = vq.decode_codes(tokens)
     pixels = to_uint8(images)
     out = Path(args.out)
-    save_png(make_grid(pixels, nrow=args.nrow), out)
-    print(f"wrote {out} ({len(pixels)} images, {seconds:.2f} s of token generation on {device})")
+    grid = out / "grid.png"
+    save_png(make_grid(pixels, nrow=args.nrow), grid)
+    names = [f"{i:05d}_class{int(c)}.png" if gpt.config.model_type == "c2i" else f"{i:05d}.png"
+             for i, c in enumerate(cond if gpt.config.model_type == "c2i" else range(len(pixels)))]
+    for name, image in zip(names, pixels):
+        save_png(image, out / "images" / name)
+    if not args.quiet:
+        print(f"wrote {grid} and {len(pixels)} images under {out / 'images'} "
+              f"({seconds:.2f} s of token generation on {device})", file=sys.stderr)
+    print(json.dumps({"grid": str(grid), "images_dir": str(out / "images"), "num_images": len(pixels),
+                      "tokens_per_image": n, "mode": args.mode, "seconds": round(seconds, 4),
+                      "images_per_s": round(len(pixels) / seconds, 4), "device": str(device)}))
     return 0
 
 
@@ -168,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--t5", default=None, help="t2i: local FLAN-T5 directory")
     g.add_argument("--weak", default=None, help="CoRe^2 weak model directory (for fast/slow/schedules)")
     g.add_argument("--nrow", type=int, default=8)
-    g.add_argument("--out", default="samples.png")
+    g.add_argument("--out", default="samples", help="output directory: grid.png + images/*.png")
+    g.add_argument("--quiet", action="store_true", help="no progress bar; only the final JSON line")
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 

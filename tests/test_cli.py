@@ -1,4 +1,6 @@
 """CLI: convert official-format files, generate a PNG grid end to end on tiny models, errors without tracebacks."""
+import json
+
 import torch
 from PIL import Image
 
@@ -40,12 +42,20 @@ def test_generate_writes_a_grid(tmp_path, capsys):
     gpt, vq = _tiny_world(tmp_path)
     gpt.save_pretrained(tmp_path / "gpt")
     vq.save_pretrained(tmp_path / "vq")
-    out = tmp_path / "grid.png"
+    out = tmp_path / "samples"
     rc = main(["generate", "--gpt", str(tmp_path / "gpt"), "--vq", str(tmp_path / "vq"), "--classes", "0-2",
-               "--nrow", "3", "--top-k", "0", "--out", str(out), "--device", "cpu"])
-    assert rc == 0, capsys.readouterr().err
-    with Image.open(out) as im:
+               "--nrow", "3", "--top-k", "0", "--out", str(out), "--device", "cpu", "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["num_images"] == 3 and summary["grid"] == str(out / "grid.png")
+    assert captured.err == ""  # --quiet: no progress bar, no chatter
+    with Image.open(out / "grid.png") as im:
         assert im.size == (3 * 16 + 4 * 2, 16 + 2 * 2)  # torchvision-style grid: 2 px padding
+    singles = sorted(p.name for p in (out / "images").iterdir())
+    assert singles == ["00000_class0.png", "00001_class1.png", "00002_class2.png"]
+    with Image.open(out / "images" / singles[0]) as im:
+        assert im.size == (16, 16)
 
 
 def test_generate_errors_are_one_line(tmp_path, capsys):
@@ -53,7 +63,7 @@ def test_generate_errors_are_one_line(tmp_path, capsys):
     gpt.save_pretrained(tmp_path / "gpt")
     vq.save_pretrained(tmp_path / "vq")
     rc = main(["generate", "--gpt", str(tmp_path / "gpt"), "--vq", str(tmp_path / "vq"), "--classes", "42",
-               "--device", "cpu", "--out", str(tmp_path / "x.png")])
+               "--device", "cpu", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert rc == 2 and "class ids must be in [0, 9]" in err and "Traceback" not in err
     rc = main(["generate", "--gpt", str(tmp_path / "missing"), "--vq", str(tmp_path / "vq"), "--classes", "1"])
