@@ -65,6 +65,14 @@ def make_fused(batch: int, device: torch.device, top_k: int, top_p: float):
                  top_k=row(top_k, torch.int64), top_p=row(top_p, torch.float32),
                  seed=torch.tensor([1234], device=device), offset=torch.zeros(1, dtype=torch.int64, device=device))
 
+    # Sanity check before timing: the kernel's mixed logits equal the reference mix.
+    probe = torch.randn(2 * batch, 16384, device=device)
+    _, mixed = fused_guided_sample(probe[:batch], probe[batch:], mode="cfg", check_values=False,
+                                   return_mixed=True, **knobs)
+    diff = (mixed - mix_guidance(probe[:batch], probe[batch:], mode="cfg", cfg_scale=CFG_SCALE)).abs().max().item()
+    if diff > 1e-4:
+        raise SystemExit(f"fused kernel disagrees with the reference mix (max abs diff {diff})")
+
     def fused(logits: torch.Tensor, **_) -> torch.Tensor:
         cond, uncond = torch.split(logits, batch, dim=0)
         return fused_guided_sample(cond, uncond, mode="cfg", check_values=False, **knobs)

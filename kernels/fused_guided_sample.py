@@ -200,7 +200,7 @@ def _philox_tensor(value, name: str, device) -> torch.Tensor:
         return value.to(device=device, dtype=torch.int64).reshape(1)
     if isinstance(value, bool) or not isinstance(value, int) or not (0 <= value < 2 ** 63):
         raise InvalidArgument(f"{name} must be an int in [0, 2**63) or a one-element int64 tensor, got {value!r}")
-    return torch.tensor([value], device=device, dtype=torch.int64)
+    return torch.full((1,), value, device=device, dtype=torch.int64)  # a fill kernel: no host copy
 
 
 def launch_config(vocab: int, on_gpu: bool, rows_per_program: Optional[int] = None) -> tuple[int, int, int]:
