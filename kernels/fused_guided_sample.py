@@ -9,9 +9,12 @@ Contract (same semantics as `llamagen_core2.guidance.guided_sample`, the torch r
                          so a caller that reuses `seed` must advance `offset` by B * V per call.
     returns tokens LongTensor [B] (and the fp32 mixed logits [B, V] when return_mixed=True).
 
-How it works, per row (no sort, no host synchronisation, so it can be captured in a CUDA graph):
+How it works, per row (no sort, no host synchronisation -- built to be captured in a CUDA graph,
+which has not yet been exercised on a GPU):
   * the row is loaded once into registers (vocab <= MAX_VOCAB = 65536), mixed in fp32, divided by
-    the temperature with IEEE division (bit-identical to the reference's `logits / t`);
+    the temperature with IEEE division. Under the interpreter the mixed logits are bit-identical
+    to the reference; compiled for a GPU, Triton may contract `u + s (c - u)` into an FMA, which
+    can move a result by an ulp;
   * top-k: a 32-step bisection over the order-preserving int32 image of the fp32 values finds the
     exact k-th largest value; every logit >= it is kept, so ties at the k-th value survive exactly
     as in LlamaGen's `logits < topk(...)[-1]` filter;
