@@ -1,7 +1,8 @@
 """CLI subcommands for CoRe^2: `collect`, `reflect`, `sample` (wired into `llamagen-core2` by cli.py).
 
-Each `add_*_subcommand(subparsers)` registers one subcommand whose handler is stored as `func` (call
-`args.func(args)`); `add_subcommands(subparsers)` registers all three. `python -m llamagen_core2.core2_cli ...`
+Each `add_*_subcommand(subparsers)` registers one subcommand: `args.func(args)` runs it and returns exit status 0,
+`args.run(args)` runs it and returns its result dict; `add_subcommand(subparsers)` (alias `add_subcommands`)
+registers all three. `python -m llamagen_core2.core2_cli ...`
 runs them standalone. Under torchrun the RANK / WORLD_SIZE environment variables split the work.
 
     llamagen-core2 collect --gpt c2i_B_256.pt --classes 0-999 --per-class 10 --cfg-scale 4 --out shards/
@@ -118,7 +119,7 @@ def add_collect_subcommand(subparsers):
     p.add_argument("--store-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--groups-per-shard", type=int, default=1, help="batches per shard file")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=run_collect)
+    p.set_defaults(func=_exit_status(run_collect), run=run_collect)
     return p
 
 
@@ -169,7 +170,7 @@ def add_reflect_subcommand(subparsers):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=run_reflect)
+    p.set_defaults(func=_exit_status(run_reflect), run=run_reflect)
     return p
 
 
@@ -223,12 +224,20 @@ def add_sample_subcommand(subparsers):
     sched.add_argument("--slow-first-tokens", type=int, default=None, help="slow for the first K tokens, then fast")
     sched.add_argument("--fast-first-tokens", type=int, default=None, help="fast for the first K tokens, then slow")
     p.add_argument("--weak", default=None, help="weak-model directory written by `reflect`")
-    p.add_argument("--w2s-scale", type=float, default=1.0, help="slow mode: out = weak + a * (cfg - weak)")
+    p.add_argument("--w2s-scale", type=float, default=1.5, help="slow mode: out = weak + a * (cfg - weak)")
     p.add_argument("--allow-other-base-weights", action="store_true",
                    help="use a weak model trained for a same-shape base with different weights")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=run_sample)
+    p.set_defaults(func=_exit_status(run_sample), run=run_sample)
     return p
+
+
+def _exit_status(run):
+    """cli.py expects an int exit status from `func`; `run` (returning the result dict) stays for Python callers."""
+    def func(args) -> int:
+        run(args)
+        return 0
+    return func
 
 
 def add_subcommands(subparsers) -> None:
@@ -237,12 +246,15 @@ def add_subcommands(subparsers) -> None:
     add_sample_subcommand(subparsers)
 
 
+add_subcommand = add_subcommands  # the name cli.py looks for in every feature module
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m llamagen_core2.core2_cli")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        return args.run(args)
     except (InvalidArgument, CheckpointError) as e:
         parser.exit(2, f"error: {e}\n")
 

@@ -308,8 +308,16 @@ def test_collect_sigkill_resume_and_rank_split_give_the_same_samples(trained, tm
     _assert_same_samples(_shard_contents(split), expected)
 
 
-def test_collect_refuses_to_resume_with_other_settings_and_bad_arguments(trained, tmp_path):
+def test_collect_refuses_to_resume_with_other_settings_and_bad_arguments(trained, tmp_path, capsys):
+    from llamagen_core2.cli import main as cli_main
+
     gpt = trained["gpt"]
+    # Through the package CLI: exit status 0, storage per image printed; a bad class id is a one-line error.
+    argv = ["collect", "--gpt", str(trained["gpt_dir"]), "--classes", "1,2", "--out", str(tmp_path / "cli"), "--quiet"]
+    assert cli_main(argv) == 0
+    assert "KiB per image" in capsys.readouterr().out
+    assert cli_main([*argv[:4], "3-12", *argv[5:]]) == 2
+    assert "class ids must be in [0, 9]" in capsys.readouterr().err
     collect(gpt, [1, 2], tmp_path, per_condition=1, batch_size=2, cfg_scale=3.0, progress=False)
     with pytest.raises(InvalidArgument, match="cfg_scale"):
         collect(gpt, [1, 2], tmp_path, per_condition=1, batch_size=2, cfg_scale=5.0, progress=False)
