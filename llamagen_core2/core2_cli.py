@@ -48,9 +48,23 @@ def _add_sampling_args(p: argparse.ArgumentParser, cfg_default: float) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
 
 
+def resolve_device(args) -> str:
+    """Under torchrun each process uses its own GPU: a bare 'cuda' becomes cuda:LOCAL_RANK."""
+    device = str(args.device)
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InvalidArgument(f"--device {device} requested but CUDA is not available")
+        torch.cuda.set_device(torch.device(device))
+    args.device = device
+    return device
+
+
 def load_gpt(args):
     from .model import GPT
 
+    resolve_device(args)
     overrides = {} if args.image_size is None else {"image_size": args.image_size}
     return GPT.from_pretrained(args.gpt, args.gpt_preset, device=args.device, dtype=DTYPES[args.dtype], **overrides)
 
