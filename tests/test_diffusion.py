@@ -352,3 +352,30 @@ def test_collect_then_reflect_beats_cond_baseline_on_heldout_prompts(pipes, tmp_
     # the trained model drives the fast mode of the same pipeline
     res = run(pipes["sd3"], "sd3", GuidanceSettings(mode="fast", cfg_scale=5.0), model=model)
     assert np.isfinite(res.images).all() and res.rows_per_image == STEPS
+
+
+# --- CLI ------------------------------------------------------------------------------------------------
+
+def _cli(argv):
+    import argparse
+
+    from llamagen_core2.diffusion import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_subcommand(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_diffuse_writes_pngs(tmp_path, capsys):
+    from PIL import Image
+
+    argv = ["diffuse", "--pipeline", "sd3", "--model", "tiny", "--prompt", "a red cat", "--prompt", "a dog",
+            "--steps", "2", "--height", "32", "--width", "32", "--max-sequence-length", "16", "--batch-size", "2",
+            "--out", str(tmp_path / "img"), "--quiet"]
+    assert _cli(argv) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert '"images": 2' in line and '"denoiser_rows_per_image": 4.0' in line
+    assert Image.open(tmp_path / "img" / "00001.png").size == (32, 32)
+    with pytest.raises(InvalidArgument, match="--model"):
+        _cli(["diffuse", "--pipeline", "sdxl", "--model", str(tmp_path / "nope"), "--prompt", "x"])
