@@ -78,7 +78,11 @@ class StaticDecoder:
     def _bind_cache(self) -> None:
         """(Re)allocate the static buffers when the model's KV cache was reallocated; old graphs die with it."""
         gpt = self.gpt
-        key = (id(gpt.caches[0].k), gpt.cache_rows, gpt.cache_len, gpt.caches[0].k.dtype, self.device)
+        # A captured graph is valid exactly while every address it recorded is unchanged: the cache buffers and
+        # the weights (model.to() moves them; load_state_dict copies in place and keeps them).
+        key = (gpt.cache_rows, gpt.cache_len, gpt.caches[0].k.dtype, self.device,
+               tuple(t.data_ptr() for c in gpt.caches for t in (c.k, c.v)),
+               tuple(p.data_ptr() for p in gpt.parameters()), gpt.rope.data_ptr())
         if key == self.cache_key:
             return
         rows, S, dev = gpt.cache_rows, gpt.cache_len, self.device

@@ -179,3 +179,13 @@ def test_baseline_decoder_t2i_greedy_equals_ours_and_filter_matches_guidance():
     logits = torch.randn(4, 97, generator=torch.Generator().manual_seed(0)) * 3
     ref_f = baseline.top_k_top_p_filter(logits, 30, 0.8)
     assert torch.equal(torch.isinf(ref_f), torch.isinf(filter_logits(logits, top_k=30, top_p=0.8)))
+
+
+def test_bucket_ends_and_cpu_never_captures_graphs():
+    model = _static_model()
+    model.setup_caches(2, 17)
+    decoder = StaticDecoder.for_model(model)
+    decoder.prepare(1)
+    assert [decoder.bucket_end(p) for p in (0, 3, 4, 15, 16)] == [4, 4, 8, 16, 17]
+    assert not decoder.use_graphs and not decoder.graph_sampling_ok(torch.Generator())
+    assert StaticDecoder.for_model(model, bucket=8) is not decoder  # explicit new settings replace it
