@@ -189,3 +189,16 @@ def test_bucket_ends_and_cpu_never_captures_graphs():
     assert [decoder.bucket_end(p) for p in (0, 3, 4, 15, 16)] == [4, 4, 8, 16, 17]
     assert not decoder.use_graphs and not decoder.graph_sampling_ok(torch.Generator())
     assert StaticDecoder.for_model(model, bucket=8) is not decoder  # explicit new settings replace it
+
+
+@pytest.mark.parametrize("mode", ["fast", "slow"])
+def test_static_matches_eager_with_the_real_weak_model(mode):
+    from llamagen_core2.weak_model import WeakModel
+
+    model = _static_model()
+    weak = WeakModel.for_base(model, "W-1", dim=32, n_head=4).eval()
+    with torch.no_grad():  # leave the residual start so the weak prediction differs from the cond output
+        for p in weak.parameters():
+            p.normal_(0, 0.05)
+    _assert_same(model, torch.tensor([1, 2]), mode=mode, cfg_scale=3.0, w2s_scale=1.5, top_k=0, seed=5,
+                 weak_model=weak)
