@@ -272,7 +272,9 @@ def generate(
             else:
                 h_c = gpt.forward_hidden(x_c, start, rows=cond_rows, prefix_valid=mask_c)[:, -1]
                 h_u = None
-            logits_c, logits_u = gpt.head(h_c), None if h_u is None else gpt.head(h_u)
+            # A fast step samples from the weak prediction alone: skip the (unused) base head on the cond rows.
+            logits_c = None if m == "fast" else gpt.head(h_c)
+            logits_u = None if h_u is None else gpt.head(h_u)
         stats.step_rows.append(2 * B if run_u else B)
         finite &= torch.isfinite(h_c).all()
         weak_logits = None
@@ -282,7 +284,11 @@ def generate(
         if sampled is not None:  # sampled inside the CUDA graph
             next_tokens, mixed = sampled, None
         else:
-            result = guided_sample(logits_c, logits_u, weak_logits, mode=m, cfg_scale=cfg_scale,
+            if m == "fast":  # out = w: sample the weak prediction as a plain conditional row
+                logits_c, logits_u, weak_for_mix, mix_mode = weak_logits, None, None, "cond"
+            else:
+                weak_for_mix, mix_mode = weak_logits, m
+            result = guided_sample(logits_c, logits_u, weak_for_mix, mode=mix_mode, cfg_scale=cfg_scale,
                                    w2s_scale=w2s_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                                    generator=generator, return_mixed=on_step is not None)
             next_tokens, mixed = result if on_step is not None else (result, None)
