@@ -90,7 +90,7 @@ def load_weak(path, gpt, device, dtype):
         return None
     from .weak_model import WeakModel
 
-    return WeakModel.from_pretrained(path, device=device, dtype=dtype)
+    return WeakModel.from_pretrained(path, gpt, device=device, dtype=dtype)  # refuses a weak model of another base
 
 
 def cmd_generate(args) -> int:
