@@ -68,3 +68,25 @@ def test_generate_errors_are_one_line(tmp_path, capsys):
     assert rc == 2 and "class ids must be in [0, 9]" in err and "Traceback" not in err
     rc = main(["generate", "--gpt", str(tmp_path / "missing"), "--vq", str(tmp_path / "vq"), "--classes", "1"])
     assert rc == 2
+
+
+def test_generate_with_weak_model_and_schedule(tmp_path, capsys):
+    from llamagen_core2.weak_model import WeakModel
+
+    gpt, vq = _tiny_world(tmp_path)
+    gpt.save_pretrained(tmp_path / "gpt")
+    vq.save_pretrained(tmp_path / "vq")
+    WeakModel.for_base(gpt, preset="W-1", cfg_scale=4.0).save_pretrained(tmp_path / "weak")
+    rc = main(["generate", "--gpt", str(tmp_path / "gpt"), "--vq", str(tmp_path / "vq"), "--classes", "1,2",
+               "--weak", str(tmp_path / "weak"), "--slow-first", "0.5", "--out", str(tmp_path / "s"),
+               "--device", "cpu", "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["num_images"] == 2
+    other = tiny_gpt(image_size=16, downsample=4, dim=96)
+    WeakModel.for_base(other, preset="W-1").save_pretrained(tmp_path / "weak_other")
+    rc = main(["generate", "--gpt", str(tmp_path / "gpt"), "--vq", str(tmp_path / "vq"), "--classes", "1",
+               "--weak", str(tmp_path / "weak_other"), "--mode", "fast", "--out", str(tmp_path / "t"),
+               "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "dim" in err and "Traceback" not in err
