@@ -13,6 +13,13 @@ Contract:
   * Same seed (or an equally seeded generator) -> same tokens on the same device and batch.
   * `cfg_interval` follows LlamaGen: CFG is applied to tokens 0..cfg_interval+1, cond-only afterwards
     (-1 = always); unlike LlamaGen the uncond rows are dropped afterwards, not computed and thrown away.
+    `compact_rows=False` reproduces LlamaGen instead (every step runs all 2B rows once any token needs the
+    uncond half, and discards it when unneeded) -- the reference the row compaction is tested against.
+  * `engine`: "static" runs decode steps through `static_decode.StaticDecoder` (fixed shapes, CUDA graphs on
+    GPU, eager on CPU), "eager" through `gpt.forward_hidden`; "auto" = static on CUDA, eager elsewhere.
+    Prefill and catch-up prefills are eager in both. Both give the same tokens for the same seed on CPU.
+  * Before allocating, the KV cache + sampling workspace are checked against the device's free memory
+    (`memory.py`); a batch that cannot fit raises InvalidArgument instead of failing in the allocator.
 
 Weak-model protocol (CoRe^2, see weak_model.py): an object with
   `start(gpt, cond, cond_mask)` (prefill its own prefix/cache for batch B) and
@@ -31,9 +38,12 @@ from tqdm.auto import tqdm
 
 from .errors import InvalidArgument, check_finite_scale, check_sampling_args
 from .guidance import MODES, guided_sample
+from .memory import check_fits, estimate_generation_bytes
+from .static_decode import StaticDecoder
 
 NEEDS_UNCOND = ("cfg", "slow")
 NEEDS_WEAK = ("fast", "slow")
+ENGINES = ("auto", "static", "eager")
 
 
 @dataclass
@@ -124,6 +134,24 @@ def _check_args(gpt, cond, cond_mask, num_tokens, cfg_scale, cfg_interval, w2s_s
     return B, N
 
 
+def _check_memory(gpt, B: int, rows: int, N: int) -> None:
+    """Refuse a batch whose KV cache + workspaces do not fit; a cache that must grow is released first."""
+    weight = gpt.output.weight
+    T = gpt.config.cls_token_num
+    resident = bool(gpt.caches) and gpt.cache_rows >= rows and gpt.cache_len >= T + N and \
+        gpt.caches[0].k.dtype == weight.dtype and gpt.caches[0].k.device == weight.device
+    if gpt.caches and not resident:
+        gpt.release_caches()  # setup_caches would otherwise hold the old and the new cache at once
+    need = estimate_generation_bytes(gpt.config, batch=B, rows=rows, num_tokens=N, dtype=weight.dtype,
+                                     cache_resident=resident)
+    check_fits(need, weight.device, f"batch {B} ({rows} cache rows x {T + N} positions, KV cache + sampling "
+                                    f"workspace)")
+
+
+def _scalar_knobs(*values) -> bool:
+    return not any(isinstance(v, torch.Tensor) for v in values)
+
+
 @torch.inference_mode()
 def generate(
     gpt,
@@ -145,6 +173,8 @@ def generate(
     progress: bool = False,
     on_step: Optional[Callable[[StepRecord], None]] = None,
     return_stats: bool = False,
+    engine: str = "auto",
+    compact_rows: bool = True,
 ):
     """Sample image tokens [B, N] for conditions `cond` (class ids [B] or caption features [B, T, C] + cond_mask).
 
@@ -153,8 +183,11 @@ def generate(
     """
     B, N = _check_args(gpt, cond, cond_mask, num_tokens, cfg_scale, cfg_interval, w2s_scale, temperature, top_k,
                        top_p, seed, generator)
+    if engine not in ENGINES:
+        raise InvalidArgument(f"engine must be one of {ENGINES}, got {engine!r}")
     modes = resolve_modes(N, mode, schedule, cfg_scale, cfg_interval)
     uses_uncond = any(m in NEEDS_UNCOND for m in modes)
+    all_rows_always = uses_uncond and not compact_rows  # LlamaGen: compute the uncond half, discard if unneeded
     uses_weak = any(m in NEEDS_WEAK for m in modes)
     if uses_weak:
         if weak_model is None:
@@ -168,7 +201,19 @@ def generate(
         generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2 ** 63)))
     T = gpt.config.cls_token_num
     rows_total = 2 * B if uses_uncond else B
+    _check_memory(gpt, B, rows_total, N)
     gpt.setup_caches(rows_total, T + N)
+    use_static = engine == "static" or (engine == "auto" and device.type == "cuda")
+    decoder = StaticDecoder.for_model(gpt) if use_static else None
+    graph_sampling = False
+    user_generator = generator
+    if decoder is not None:
+        decoder.prepare(B, None if cond_mask is None else cond_mask.to(device=device, dtype=torch.bool))
+        graph_sampling = (on_step is None and not uses_weak
+                          and _scalar_knobs(cfg_scale, w2s_scale, temperature, top_k, top_p)
+                          and decoder.graph_sampling_ok(generator))
+        if graph_sampling:
+            generator = decoder.adopt_generator(user_generator)
     stats = GenerationStats()
     cond_rows, uncond_rows, all_rows = slice(0, B), slice(B, 2 * B), slice(0, 2 * B)
 
@@ -193,42 +238,70 @@ def generate(
     if uses_weak:
         weak_model.start(gpt, cond, cond_mask=mask_c)
 
+    sample_knobs = dict(cfg_scale=cfg_scale, w2s_scale=w2s_scale, temperature=temperature, top_k=top_k, top_p=top_p)
     bar = tqdm(total=N, disable=not progress, desc="tokens", leave=False)
     for i in range(N):
         m = modes[i]
         need_u = m in NEEDS_UNCOND
+        run_u = need_u or all_rows_always  # the uncond rows are computed at this step
         start = 0 if i == 0 else T + i - 1  # first position fed at this step
-        if need_u and uncond_filled < start:
+        if run_u and uncond_filled < start:
             # Catch-up prefill: the uncond rows skipped positions uncond_filled..start-1.
             h = gpt.forward_hidden(uncond_inputs(uncond_filled, start), uncond_filled, rows=uncond_rows,
                                    prefix_valid=mask_c)
             finite &= torch.isfinite(h[:, -1]).all()
             stats.catchup_rows += B * (start - uncond_filled)
             stats.catchup_calls += 1
-        x_c = prefix_c if i == 0 else gpt.embed_tokens(tokens[:, i - 1:i])
-        if need_u:
-            x_u = prefix_u if i == 0 else x_c
-            h = gpt.forward_hidden(torch.cat([x_c, x_u]), start, rows=all_rows, prefix_valid=mask_both)[:, -1]
-            h_c, h_u = h[:B], h[B:]
-            uncond_filled = T + i if i > 0 else T
+        sampled = None
+        if decoder is not None and i > 0:
+            # Static-shape step on rows 0:R only (R = B when the uncond half is not needed: row compaction).
+            R = 2 * B if run_u else B
+            knobs = dict(mode=m, **sample_knobs) if graph_sampling else None
+            hidden, logits, sampled = decoder.step(tokens[:, i - 1], start, R, sample=knobs)
+            h_c, logits_c = hidden[:B], logits[:B]
+            h_u, logits_u = (hidden[B:], logits[B:]) if need_u else (None, None)
+            if run_u:
+                uncond_filled = T + i
         else:
-            h_c = gpt.forward_hidden(x_c, start, rows=cond_rows, prefix_valid=mask_c)[:, -1]
-            h_u = None
-        stats.step_rows.append(2 * B if need_u else B)
+            x_c = prefix_c if i == 0 else gpt.embed_tokens(tokens[:, i - 1:i])
+            if run_u:
+                x_u = prefix_u if i == 0 else x_c
+                h = gpt.forward_hidden(torch.cat([x_c, x_u]), start, rows=all_rows, prefix_valid=mask_both)[:, -1]
+                h_c, h_u = h[:B], (h[B:] if need_u else None)
+                uncond_filled = T + i if i > 0 else T
+            else:
+                h_c = gpt.forward_hidden(x_c, start, rows=cond_rows, prefix_valid=mask_c)[:, -1]
+                h_u = None
+            # A fast step samples from the weak prediction alone: skip the (unused) base head on the cond rows.
+            logits_c = None if m == "fast" else gpt.head(h_c)
+            logits_u = None if h_u is None else gpt.head(h_u)
+        stats.step_rows.append(2 * B if run_u else B)
         finite &= torch.isfinite(h_c).all()
         weak_logits = None
         if uses_weak:
             weak_logits = weak_model.step(h_c, i)
             stats.weak_steps += 1
-        result = guided_sample(gpt.head(h_c), None if h_u is None else gpt.head(h_u), weak_logits, mode=m,
-                               cfg_scale=cfg_scale, w2s_scale=w2s_scale, temperature=temperature, top_k=top_k,
-                               top_p=top_p, generator=generator, return_mixed=on_step is not None)
-        next_tokens, mixed = result if on_step is not None else (result, None)
+        if sampled is not None:  # sampled inside the CUDA graph
+            next_tokens, mixed = sampled, None
+        else:
+            if m == "fast":  # out = w: sample the weak prediction as a plain conditional row
+                logits_c, logits_u, weak_for_mix, mix_mode = weak_logits, None, None, "cond"
+            else:
+                weak_for_mix, mix_mode = weak_logits, m
+            result = guided_sample(logits_c, logits_u, weak_for_mix, mode=mix_mode, cfg_scale=cfg_scale,
+                                   w2s_scale=w2s_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   generator=generator, return_mixed=on_step is not None)
+            next_tokens, mixed = result if on_step is not None else (result, None)
         tokens[:, i] = next_tokens
         if on_step is not None:
+            if decoder is not None:  # static outputs (and `mixed`, which may alias them) are overwritten next step
+                h_c, h_u = h_c.clone(), None if h_u is None else h_u.clone()
+                mixed = mixed.clone()
             on_step(StepRecord(i, m, next_tokens, h_c, h_u, weak_logits, mixed))
         bar.update(1)
     bar.close()
+    if graph_sampling:
+        decoder.return_generator(user_generator)
     # One host sync for the whole run: a NaN/inf hidden state anywhere means the tokens are garbage.
     if not bool(finite):
         raise FloatingPointError("non-finite hidden states (NaN/inf) during generation; check the checkpoint, "

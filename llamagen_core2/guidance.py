@@ -3,7 +3,8 @@
 This module is the single home of the guidance math. The AR engine (`generate.py`), CoRe^2
 (Collect / Refine) and the diffusion adapter all call `mix_guidance`; the AR engine samples with
 `guided_sample`. Everything here is pure PyTorch: it is the CPU path and the test oracle for the
-fused Triton kernel (DESIGN §4, §6).
+fused Triton kernel `llamagen_core2.kernels.fused_guided_sample` (DESIGN §4, §6), to which
+`guided_sample` hands off when `llamagen_core2.kernels.dispatch` selects it.
 
 Modes (per image row; c, u = base cond / uncond outputs, w = weak-model prediction):
     cond : c
@@ -160,6 +161,14 @@ def sample_logits(
     return torch.where(greedy_rows, logits.argmax(dim=-1), sampled)
 
 
+def _philox_seed(generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """A fresh int64 Philox key [1] for the fused kernel, drawn on the generator's own device
+    (no host sync on CUDA); with no generator, from the default generator of `device`."""
+    gen_device = generator.device if generator is not None else device
+    seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=gen_device, dtype=torch.int64)
+    return seed.to(device)
+
+
 def guided_sample(
     cond: torch.Tensor,
     uncond: Optional[torch.Tensor] = None,
@@ -173,8 +182,33 @@ def guided_sample(
     top_p=1.0,
     generator: Optional[torch.Generator] = None,
     return_mixed: bool = False,
+    check_values: bool = True,
 ):
-    """Mix then sample: [B, V] fp32 logits in, LongTensor [B] out (and the mixed logits if asked)."""
+    """Mix then sample: [B, V] logits in, LongTensor [B] out (and the fp32 mixed logits if asked).
+
+    The backend is chosen in one place, `llamagen_core2.kernels.dispatch.select_backend`
+    (LLAMAGEN_CORE2_KERNELS=auto|triton|torch). RNG contract: the torch path draws its
+    exponential race from `generator`; the fused Triton path takes a Philox seed + offset, and
+    here the seed is drawn from `generator` with torch.randint on the generator's device (no host
+    sync) and the offset is 0, so the same generator state gives the same tokens per backend and
+    device (the two backends give different, equally distributed, tokens). `check_values=False`
+    skips the host-syncing value checks of per-row tensor knobs on the Triton path (for CUDA
+    graph capture once the request was validated); the torch path always checks.
+    """
+    from .kernels.dispatch import select_backend
+
+    if not isinstance(cond, torch.Tensor) or cond.dim() != 2 or cond.shape[0] == 0:
+        shape = list(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
+        raise InvalidArgument(f"cond must be [B, V] logits with B > 0, got {shape}")
+    if select_backend(cond.device) == "triton":
+        from .kernels.fused_guided_sample import fused_guided_sample
+
+        return fused_guided_sample(
+            cond, uncond, weak, mode=mode, cfg_scale=cfg_scale, w2s_scale=w2s_scale,
+            temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=_philox_seed(generator, cond.device), offset=0,
+            return_mixed=return_mixed, check_values=check_values)
+
     mixed = mix_guidance(cond.float(), None if uncond is None else uncond.float(),
                          None if weak is None else weak.float(),
                          cfg_scale=cfg_scale, w2s_scale=w2s_scale, mode=mode)

@@ -177,3 +177,24 @@ def test_bad_class_ids_raise():
         generate(tiny_gpt(), torch.tensor([10]))
     with pytest.raises(InvalidArgument, match="make_schedule|first_tokens"):
         make_schedule(16, first_tokens=17)
+
+
+def test_empty_batch_raises():
+    with pytest.raises(InvalidArgument, match="at least one condition"):
+        generate(tiny_gpt(), torch.zeros(0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
+def test_t2i_with_and_without_cfg_matches_full_recompute(cfg_scale):
+    model = tiny_gpt("t2i")
+    feats, mask = captions(model, 3, [1, 4, 6])
+    tokens, stats, records = _recorded(model, feats, cond_mask=mask, cfg_scale=cfg_scale, top_k=0, seed=4)
+    ref = _reference_mix(model, feats, tokens, records, cfg_scale, cond_mask=mask)
+    assert (torch.stack([r.mixed_logits for r in records], 1) - ref).abs().max() < 1e-4
+    assert stats["base_rows"] == (6 if cfg_scale > 1 else 3) * 16
+
+
+def test_fp16_generation_runs():
+    model = tiny_gpt().to(torch.float16)
+    tokens = generate(model, torch.tensor([3]), cfg_scale=2.0, seed=0, num_tokens=6)
+    assert tokens.shape == (1, 6) and int(tokens.max()) < 97

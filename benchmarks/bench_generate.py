@@ -1,0 +1,295 @@
+"""Throughput benchmark: our engine vs the LlamaGen-style baseline decoder, in one process (DESIGN §6).
+
+For every preset x tokens x batch x mode x engine it runs a full generation (prefill + N decode steps) and
+reports images/s, tokens/s, ms/step, the bytes a step must move (weights read once + the filled KV cache of
+the rows the mode needs, + the weak model for fast/slow), the achieved GB/s and the % of the bandwidth floor
+(floor = those bytes / the device-to-device copy bandwidth measured at start-up, counted as read + write
+bytes), and peak memory. Output: one CSV row per run (stdout, and --csv), a final JSON line, a PNG plot of
+images/s vs batch per mode with the floor (--plot). Configurations that cannot fit in free memory are
+refused with a "refused" row (memory.py) instead of crashing.
+
+Examples:
+  python benchmarks/bench_generate.py --preset B --batch 8 --tokens 256 --modes cfg --device cpu
+  python benchmarks/bench_generate.py --preset B XL --batch 1 64 --tokens 256 576 --modes cond cfg fast slow
+
+Random weights of the preset's shapes are used unless --checkpoint is given (a LlamaGen .pt / converted
+dir). fast/slow use `llamagen_core2.weak_model.WeakModel` (untrained W-2) when importable, otherwise a
+random stand-in of the same shape (2 Llama blocks of width 512 + in/out projections + the shared head).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baseline_decoder import BaselineDecoder  # noqa: E402
+
+from llamagen_core2.config import GPTConfig  # noqa: E402
+from llamagen_core2.errors import InvalidArgument  # noqa: E402
+from llamagen_core2.generate import generate, resolve_modes  # noqa: E402
+from llamagen_core2.memory import check_fits, element_size, estimate_generation_bytes, weight_bytes  # noqa: E402
+from llamagen_core2.model import GPT  # noqa: E402
+
+TOKENS_TO_IMAGE = {256: 256, 576: 384, 1024: 512}  # VQ-16 grid: 16x16, 24x24, 32x32
+FIELDS = ["engine", "preset", "device", "dtype", "batch", "tokens", "mode", "status", "seconds", "images_per_s",
+          "tokens_per_s", "ms_per_step", "bytes_per_step", "achieved_GBps", "floor_ms_per_step", "pct_of_floor",
+          "peak_mem_MB", "weak_model", "note"]
+
+
+# ---------------------------------------------------------------------- models
+class RandomWeakStandIn(torch.nn.Module):
+    """Weak-model protocol stand-in with W-2's cost: proj_in d->512, 2 Llama blocks (own KV cache), proj_out,
+    shared base head. Used only when llamagen_core2.weak_model is not importable."""
+
+    def __init__(self, gpt: GPT, width: int = 512, layers: int = 2, heads: int = 8):
+        super().__init__()
+        c = gpt.config
+        self.trunk = GPT(GPTConfig(dim=width, n_layer=layers, n_head=heads, vocab_size=1, model_type="c2i",
+                                   num_classes=c.num_classes, image_size=c.image_size, downsample=c.downsample))
+        self.proj_in = torch.nn.Linear(c.dim, width, bias=False)
+        self.proj_out = torch.nn.Linear(width, c.dim, bias=False)
+        self.base_head = [gpt]  # a list: not a submodule, so its weights are not counted twice
+
+    def start(self, gpt, cond, cond_mask=None):
+        self.trunk.setup_caches(len(cond), gpt.config.max_seq_len)
+        self.trunk.forward_hidden(self.trunk.condition_embeddings(cond), 0)
+
+    def step(self, hidden_cond, index):
+        T = self.trunk.config.cls_token_num
+        h = self.trunk.forward_hidden(self.proj_in(hidden_cond)[:, None], T + index)[:, 0]
+        return self.base_head[0].head(hidden_cond + self.proj_out(h))
+
+
+def make_weak(gpt: GPT, device, dtype):
+    try:
+        from llamagen_core2.weak_model import WeakModel
+
+        return WeakModel.for_base(gpt, "W-2", fingerprint=False).to(device=device, dtype=dtype).eval(), "WeakModel W-2"
+    except ImportError:
+        return RandomWeakStandIn(gpt).to(device=device, dtype=dtype).eval(), "random stand-in (W-2 shape)"
+
+
+def build_gpt(preset: str, tokens: int, device, dtype, checkpoint=None) -> GPT:
+    image_size = TOKENS_TO_IMAGE[tokens]
+    if checkpoint:
+        return GPT.from_pretrained(checkpoint, device=device, dtype=dtype, image_size=image_size)
+    config = GPTConfig.from_preset(f"GPT-{preset}", image_size=image_size)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in GPT(config).parameters())
+    check_fits(params * element_size(dtype), device, f"GPT-{preset} weights")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GPT(config)  # random init (nn defaults) directly on the device
+    return model.to(dtype=dtype).eval()
+
+
+# ---------------------------------------------------------------------- measurement
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device, nbytes: int) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting read + write (best of a few)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def step_bytes(gpt: GPT, weak, batch: int, tokens: int, modes: list[str]) -> float:
+    """Average bytes a step must read: decode weights (not the embedding tables) + filled KV of needed rows."""
+    c = gpt.config
+    decode_weights = weight_bytes(gpt.layers) + weight_bytes(gpt.norm) + weight_bytes(gpt.output)
+    weak_w = weight_bytes(weak) if weak is not None else 0
+    kv_per_pos_row = 2 * c.n_layer * c.dim * gpt.output.weight.element_size()
+    total = 0.0
+    for i, m in enumerate(modes):
+        rows = 2 * batch if m in ("cfg", "slow") else batch
+        total += decode_weights + (weak_w if m in ("fast", "slow") else 0) + rows * (c.cls_token_num + i) * kv_per_pos_row
+    return total / tokens
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS so far (KiB on Linux)
+
+
+def run_one(engine, gpt, weak, cond, tokens, mode, args, device):
+    kw = dict(num_tokens=tokens, mode=mode, cfg_scale=args.cfg_scale, top_k=args.top_k, temperature=1.0,
+              weak_model=weak if mode in ("fast", "slow") else None, w2s_scale=args.w2s_scale)
+    if engine == "ours":
+        def call(n, seed):
+            return generate(gpt, cond, seed=seed, engine=args.engine, **{**kw, "num_tokens": n})
+    else:
+        baseline = BaselineDecoder(gpt)
+
+        def call(n, seed):
+            gpt.release_caches()  # the baseline keeps its own full-length cache
+            return baseline.generate(cond, seed=seed, **{**kw, "num_tokens": n})
+    warm = tokens if args.warmup_tokens is None else min(args.warmup_tokens, tokens)
+    if warm > 0:
+        call(warm, 0)  # CUDA graph capture / kernel selection / allocator warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for r in range(args.repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = call(tokens, 1 + r)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    if engine == "baseline":
+        baseline.k, baseline.v = [], []
+    assert out.shape == (len(cond), tokens)
+    return min(times)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", nargs="+", default=["B", "L", "XL", "XXL"], choices=["B", "L", "XL", "XXL", "3B"])
+    p.add_argument("--checkpoint", default=None, help="real LlamaGen checkpoint (then give one --preset)")
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32, 64, 128])
+    p.add_argument("--tokens", nargs="+", type=int, default=[256], choices=sorted(TOKENS_TO_IMAGE))
+    p.add_argument("--modes", nargs="+", default=["cond", "cfg", "fast", "slow"],
+                   choices=["cond", "cfg", "fast", "slow"])
+    p.add_argument("--engines", nargs="+", default=["ours", "baseline"], choices=["ours", "baseline"])
+    p.add_argument("--engine", default="auto", choices=["auto", "static", "eager"], help="our generate() engine")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--w2s-scale", type=float, default=1.5)
+    p.add_argument("--top-k", type=int, default=2000)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--warmup-tokens", type=int, default=None, help="default: all tokens on CUDA, 4 on CPU")
+    p.add_argument("--baseline-max-batch", type=int, default=None, help="skip the baseline above this batch")
+    p.add_argument("--copy-mb", type=int, default=None, help="copy-bandwidth buffer (default 1024 CUDA, 256 CPU)")
+    p.add_argument("--csv", default=None)
+    p.add_argument("--plot", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if args.warmup_tokens is None and device.type != "cuda":
+        args.warmup_tokens = 4
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"
+    bw = copy_bandwidth(device, (args.copy_mb or (1024 if device.type == "cuda" else 256)) * 2 ** 20)
+    print(f"# device {device_name}, dtype {str(dtype).replace('torch.', '')}, copy bandwidth {bw / 1e9:.1f} GB/s "
+          f"(read+write)", file=sys.stderr)
+    writer = csv.DictWriter(sys.stdout, FIELDS)
+    writer.writeheader()
+    rows = []
+    for preset in args.preset:
+        for tokens in args.tokens:
+            try:
+                gpt = build_gpt(preset, tokens, device, dtype, args.checkpoint)
+            except InvalidArgument as err:
+                print(f"# GPT-{preset} refused: {err}", file=sys.stderr)
+                continue
+            weak, weak_name = make_weak(gpt, device, dtype) if {"fast", "slow"} & set(args.modes) else (None, "")
+            for batch in args.batch:
+                cond = torch.arange(batch, device=device) % gpt.config.num_classes
+                for mode in args.modes:
+                    modes = resolve_modes(tokens, mode, None, args.cfg_scale, -1)
+                    nbytes = step_bytes(gpt, weak if mode in ("fast", "slow") else None, batch, tokens, modes)
+                    floor_ms = nbytes / bw * 1e3
+                    for engine in args.engines:
+                        row = dict(engine=engine, preset=f"GPT-{preset}", device=device_name,
+                                   dtype=str(dtype).replace("torch.", ""), batch=batch, tokens=tokens, mode=mode,
+                                   bytes_per_step=int(nbytes), floor_ms_per_step=round(floor_ms, 4),
+                                   weak_model=weak_name if mode in ("fast", "slow") else "", note="")
+                        if engine == "baseline" and args.baseline_max_batch and batch > args.baseline_max_batch:
+                            continue
+                        try:
+                            gpt.release_caches()
+                            rows_needed = 2 * batch if (mode != "cond" and args.cfg_scale > 1) else batch
+                            check_fits(estimate_generation_bytes(gpt.config, batch=batch, rows=rows_needed,
+                                                                 num_tokens=tokens, dtype=dtype),
+                                       device, f"batch {batch} x {tokens} tokens ({mode})")
+                            seconds = run_one(engine, gpt, weak, cond, tokens, mode, args, device)
+                        except InvalidArgument as err:
+                            row.update(status="refused", note=str(err))
+                            writer.writerow(row)
+                            rows.append(row)
+                            continue
+                        ms_step = seconds / tokens * 1e3
+                        row.update(status="ok", seconds=round(seconds, 4), images_per_s=round(batch / seconds, 4),
+                                   tokens_per_s=round(batch * tokens / seconds, 2), ms_per_step=round(ms_step, 4),
+                                   achieved_GBps=round(nbytes / (ms_step * 1e-3) / 1e9, 2),
+                                   pct_of_floor=round(100 * floor_ms / ms_step, 2),
+                                   peak_mem_MB=round(peak_memory_mb(device), 1))
+                        writer.writerow(row)
+                        sys.stdout.flush()
+                        rows.append(row)
+            gpt.release_caches()
+            del gpt, weak
+    summary = dict(device=device_name, dtype=str(dtype).replace("torch.", ""), copy_GBps=round(bw / 1e9, 2),
+                   torch=torch.__version__, engine_setting=args.engine, speedup_vs_baseline=speedups(rows), rows=rows)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+    if args.plot:
+        plot(rows, args.plot)
+    print(json.dumps(summary))
+
+
+def speedups(rows) -> dict:
+    """ours / baseline images/s for every configuration measured by both."""
+    ours = {(r["preset"], r["tokens"], r["batch"], r["mode"]): r for r in rows if r["engine"] == "ours" and r["status"] == "ok"}
+    out = {}
+    for r in rows:
+        key = (r["preset"], r["tokens"], r["batch"], r["mode"])
+        if r["engine"] == "baseline" and r["status"] == "ok" and key in ours:
+            out["/".join(map(str, key))] = round(ours[key]["images_per_s"] / r["images_per_s"], 3)
+    return out
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    groups = sorted({(r["preset"], r["tokens"]) for r in ok})
+    if not groups:
+        return
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+    for ax, (preset, tokens) in zip(axes[0], groups):
+        sel = [r for r in ok if (r["preset"], r["tokens"]) == (preset, tokens)]
+        for mode in sorted({r["mode"] for r in sel}):
+            for engine, style in (("ours", "-o"), ("baseline", "--x")):
+                pts = sorted((r["batch"], r["images_per_s"]) for r in sel if r["mode"] == mode and r["engine"] == engine)
+                if pts:
+                    ax.plot(*zip(*pts), style, label=f"{engine} {mode}")
+            floor = sorted({(r["batch"], r["batch"] / (r["tokens"] * r["floor_ms_per_step"] * 1e-3))
+                            for r in sel if r["mode"] == mode})
+            ax.plot(*zip(*floor), ":", marker="_", markersize=14, color="gray", label=f"bandwidth floor {mode}")
+        ax.set(xscale="log", yscale="log", xlabel="batch (images)", ylabel="images/s",
+               title=f"{preset}, {tokens} tokens, {sel[0]['dtype']} on {sel[0]['device']}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""Diffusion adapter: CoRe^2 guidance modes for diffusers SDXL / SD3(.5) / FLUX (pins diffusers 0.42.1).
+
+Names are imported lazily so that `llamagen-core2 --help` (which imports diffusion.cli) stays fast.
+"""
+import importlib
+
+_EXPORTS = {
+    "MODES": "guided_denoiser", "GuidanceSettings": "guided_denoiser", "GuidedDenoiser": "guided_denoiser",
+    "expected_rows_per_image": "guided_denoiser", "expert_index": "moe_lora", "NoiseModel": "noise_model",
+    "NoiseModelConfig": "noise_model", "noise_model_preset": "noise_model", "prompt_features": "noise_model",
+    "load_noise_model": "noise_model_io", "save_noise_model": "noise_model_io", "DiffuseResult": "runner",
+    "diffuse": "runner", "collect_diffusion": "collect", "train_noise_model": "reflect",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

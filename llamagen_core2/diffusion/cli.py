@@ -1,0 +1,215 @@
+"""CLI subcommands: `diffuse`, `diffuse-collect`, `diffuse-reflect` (registered by llamagen_core2.cli).
+
+    llamagen-core2 diffuse --pipeline sdxl|sd3|flux --model DIR --mode cfg|fast|slow|zigzag|z-core2 \
+        --prompt "..." [--noise-model PATH --noise-model-preset sdxl|sd35] --steps 50 --out DIR
+writes one PNG per image to --out and prints a final JSON line (rows per image = the NFE).
+`--model tiny` builds a tiny random pipeline (smoke tests only; images are noise).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ..errors import InvalidArgument
+
+PIPELINES = ("sdxl", "sd3", "flux")
+MODES = ("cfg", "fast", "slow", "zigzag", "z-core2")
+DTYPES = ("float32", "bfloat16", "float16")
+# CoRe^2 official defaults (SDXL demo: cfg 5.5, w2s 2.5; SD3.5: cfg 3.5, w2s 1.5)
+DEFAULT_CFG = {"sdxl": 5.5, "sd3": 3.5, "flux": 3.5}
+DEFAULT_W2S = {"sdxl": 2.5, "sd3": 1.5, "flux": 1.5}
+
+
+def _device_dtype(args):
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidArgument(f"--device {device} requested but CUDA is not available")
+    return torch.device(device), getattr(torch, args.dtype)
+
+
+def load_pipeline(kind: str, model: str, device, dtype, *, ddim: bool = False):
+    """diffusers pipeline of `kind` from a local directory (or `tiny`); DDIM on request (SDXL zigzag)."""
+    if kind not in PIPELINES:
+        raise InvalidArgument(f"--pipeline must be one of {PIPELINES}, got {kind!r}")
+    if model == "tiny":
+        from .tiny import TINY
+
+        pipe = TINY[kind]().to(dtype=dtype)
+    else:
+        if not Path(model).is_dir():
+            raise InvalidArgument(f"--model must be a local diffusers pipeline directory, got {model!r}")
+        import diffusers
+
+        cls = {"sdxl": diffusers.StableDiffusionXLPipeline, "sd3": diffusers.StableDiffusion3Pipeline,
+               "flux": diffusers.FluxPipeline}[kind]
+        pipe = cls.from_pretrained(model, torch_dtype=dtype)
+    if ddim and kind == "sdxl":
+        from diffusers import DDIMScheduler
+
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+        print("diffuse: SDXL zigzag modes use DDIMScheduler (as the official CoRe^2 code)", flush=True)
+    return pipe.to(device)
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise InvalidArgument(f"--prompts-file not found: {path}")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise InvalidArgument("give at least one --prompt or a --prompts-file")
+    return prompts
+
+
+def _pipeline_extra(args) -> dict:
+    extra = {}
+    if args.height:
+        extra["height"] = args.height
+    if args.width:
+        extra["width"] = args.width
+    if args.max_sequence_length:
+        extra["max_sequence_length"] = args.max_sequence_length
+    return extra
+
+
+def cmd_diffuse(args) -> int:
+    import torch
+
+    from .guided_denoiser import ZIGZAG_MODES, GuidanceSettings
+    from .noise_model_io import load_noise_model
+    from .runner import diffuse
+
+    prompts = _prompts(args)
+    device, dtype = _device_dtype(args)
+    pipe = load_pipeline(args.pipeline, args.model, device, dtype, ddim=args.mode in ZIGZAG_MODES)
+    pipe.set_progress_bar_config(disable=args.quiet, leave=False)
+    noise_model = None
+    if args.noise_model:
+        noise_model = load_noise_model(args.noise_model, preset=args.noise_model_preset, dtype=dtype, device=device)
+    settings = GuidanceSettings(
+        mode=args.mode, cfg_scale=DEFAULT_CFG[args.pipeline] if args.cfg_scale is None else args.cfg_scale,
+        w2s_scale=DEFAULT_W2S[args.pipeline] if args.w2s_scale is None else args.w2s_scale,
+        end_timesteps=args.end_timesteps, inv_cfg=args.inv_cfg, zigzag_steps=args.zigzag_steps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    batches = [prompts[k:k + args.batch_size] for k in range(0, len(prompts), args.batch_size)]
+    if not args.quiet:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"diffuse {args.pipeline} {args.mode}", unit="batch")
+    start, rows, count = time.perf_counter(), 0.0, 0
+    for b, batch in enumerate(batches):
+        gens = [torch.Generator(device="cpu").manual_seed(args.seed + count + k) for k in range(len(batch))]
+        res = diffuse(pipe, batch, settings=settings, noise_model=noise_model, num_inference_steps=args.steps,
+                      negative_prompt=args.negative_prompt, generator=gens, flux_guidance=args.flux_guidance,
+                      **_pipeline_extra(args))
+        for image in res.images:
+            image.save(out / f"{count:05d}.png")
+            count += 1
+        rows = res.rows_per_image
+    seconds = time.perf_counter() - start
+    print(json.dumps({"pipeline": args.pipeline, "mode": args.mode, "images": count, "steps": args.steps,
+                      "denoiser_rows_per_image": rows, "seconds": round(seconds, 3), "out": str(out)}))
+    return 0
+
+
+def cmd_collect(args) -> int:
+    from .collect import collect_diffusion
+
+    prompts = _prompts(args)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise InvalidArgument(f"--seeds must be integers like '0,1,2', got {args.seeds!r}") from None
+    device, dtype = _device_dtype(args)
+    pipe = load_pipeline(args.pipeline, args.model, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    n = collect_diffusion(pipe, prompts, args.out, seeds=seeds, cfg_scale=args.cfg_scale,
+                          num_inference_steps=args.steps, batch_size=args.batch_size,
+                          negative_prompt=args.negative_prompt or "", svd_rank=args.svd_rank,
+                          flux_guidance=args.flux_guidance, progress=not args.quiet, **_pipeline_extra(args))
+    print(json.dumps({"collected": n, "out": args.out}))
+    return 0
+
+
+def cmd_reflect(args) -> int:
+    from .noise_model import noise_model_preset
+    from .noise_model_io import save_noise_model
+    from .reflect import config_for_shards, load_trajectories, train_noise_model
+
+    meta, _, data = load_trajectories(args.shards)
+    overrides = {k: v for k, v in (("num_layers", args.layers), ("num_experts", args.experts),
+                                   ("lora_rank", args.lora_rank)) if v is not None}
+    if args.preset:
+        config = noise_model_preset(args.preset, add_cond_residual=True, **overrides)
+    else:
+        config = config_for_shards(meta, data, **overrides)
+    model, report = train_noise_model(args.shards, config, iters=args.iters, batch_size=args.batch_size, lr=args.lr,
+                                      holdout=args.holdout, seed=args.seed, log_every=0 if args.quiet else 50)
+    save_noise_model(model, args.out)
+    print(json.dumps({"out": args.out, **report.__dict__}))
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, *, collect: bool) -> None:
+    p.add_argument("--pipeline", required=True, choices=PIPELINES)
+    p.add_argument("--model", required=True, help="local diffusers pipeline directory, or `tiny` (smoke test)")
+    p.add_argument("--prompt", action="append", help="repeatable")
+    p.add_argument("--prompts-file", default=None, help="one prompt per line")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg-scale", type=float, default=5.5 if collect else None)
+    p.add_argument("--flux-guidance", type=float, default=3.5, help="FLUX-dev distilled guidance embedding")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (SD3 default 256, FLUX 512)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--quiet", action="store_true")
+
+
+def add_subcommand(subparsers) -> None:
+    d = subparsers.add_parser("diffuse", help="SDXL / SD3 / FLUX with cfg, CoRe^2 fast/slow, zigzag, z-core2")
+    _common(d, collect=False)
+    d.add_argument("--mode", default="cfg", choices=MODES)
+    d.add_argument("--w2s-scale", type=float, default=None, help="CoRe^2 weak-to-strong scale (slow steps)")
+    d.add_argument("--end-timesteps", type=int, default=None, help="slow/z-core2: slow for steps < N, fast after")
+    d.add_argument("--inv-cfg", type=float, default=1.0, help="zigzag inversion guidance (<= 1: cond only)")
+    d.add_argument("--zigzag-steps", type=int, default=None, help="zigzag at the first N steps (default all but last)")
+    d.add_argument("--noise-model", default=None, help="released .pth or a diffuse-reflect output directory")
+    d.add_argument("--noise-model-preset", default=None, choices=("sd35", "sdxl"),
+                   help="architecture of a released .pth noise model")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", default="diffuse_out")
+    d.set_defaults(func=cmd_diffuse)
+
+    c = subparsers.add_parser("diffuse-collect", help="record cond/CFG predictions along CFG runs into shards")
+    _common(c, collect=True)
+    c.add_argument("--seeds", default="0", help="comma-separated seeds per prompt")
+    c.add_argument("--svd-rank", type=int, default=64)
+    c.add_argument("--out", required=True, help="shard directory (resumable; RANK/WORLD_SIZE split the work)")
+    c.set_defaults(func=cmd_collect)
+
+    r = subparsers.add_parser("diffuse-reflect", help="train a MoE-LoRA noise model on diffuse-collect shards")
+    r.add_argument("--shards", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--preset", default=None, choices=("sd35", "sdxl"), help="full official architecture")
+    r.add_argument("--layers", type=int, default=None)
+    r.add_argument("--experts", type=int, default=None)
+    r.add_argument("--lora-rank", type=int, default=None)
+    r.add_argument("--iters", type=int, default=500)
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--holdout", type=float, default=0.1)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=cmd_reflect)

@@ -1,0 +1,87 @@
+"""diffuse(): run an SDXL / SD3 / FLUX diffusers pipeline under one of our guidance modes.
+
+The pipeline runs unmodified; we install a GuidedDenoiser on its denoiser for the duration of
+the call and pass its `on_step_end` as `callback_on_step_end` (layouts.py, guided_denoiser.py).
+SDXL / SD3 are asked for `guidance_scale = cfg_scale` (or 2.0 when cfg_scale <= 1, only so they
+keep batching [uncond ; cond]; our output does not depend on it). FLUX is run with its distilled
+`guidance_scale` (`flux_guidance`) and WITHOUT its true CFG; the negative prompt is encoded here
+and the wrapper issues the uncond pass itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from ..errors import InvalidArgument
+from .guided_denoiser import GuidanceSettings, GuidedDenoiser
+from .layouts import denoiser_of, layout_for, pipeline_kind
+
+
+@dataclass
+class DiffuseResult:
+    images: object                 # whatever the pipeline returned (PIL list, np array, latents)
+    rows_per_image: float          # denoiser rows evaluated per image (the NFE we report)
+    calls: int                     # real denoiser calls
+    num_steps: int
+    settings: GuidanceSettings = field(default_factory=GuidanceSettings)
+
+
+def _check_prompts(prompts) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InvalidArgument("prompts must be a non-empty string or list of strings")
+    return prompts
+
+
+def diffuse(pipe, prompts: Union[str, Sequence[str]], *, settings: Optional[GuidanceSettings] = None,
+            noise_model: Optional[torch.nn.Module] = None, num_inference_steps: int = 50,
+            negative_prompt: Optional[Union[str, Sequence[str]]] = None,
+            generator: Optional[torch.Generator] = None, flux_guidance: float = 3.5,
+            recorder: Optional[Callable] = None, **pipeline_kwargs) -> DiffuseResult:
+    """Generate with `pipe` (StableDiffusionXLPipeline, StableDiffusion3Pipeline or FluxPipeline)."""
+    settings = settings or GuidanceSettings()
+    prompts = _check_prompts(prompts)
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise InvalidArgument(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+    for reserved in ("guidance_scale", "true_cfg_scale", "callback_on_step_end", "callback_on_step_end_tensor_inputs"):
+        if reserved in pipeline_kwargs:
+            raise InvalidArgument(f"{reserved} is set by diffuse(); use settings / flux_guidance instead")
+    kind = pipeline_kind(pipe)
+    layout = layout_for(kind)
+    gd = GuidedDenoiser(denoiser_of(pipe, kind), layout, settings, noise_model=noise_model, recorder=recorder,
+                        pipe=pipe)
+    negatives = None
+    if negative_prompt is not None:
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise InvalidArgument(f"negative_prompt must be a string or a list of {len(prompts)} strings")
+
+    call = dict(pipeline_kwargs, prompt=prompts, num_inference_steps=num_inference_steps, generator=generator,
+                callback_on_step_end=gd.on_step_end, callback_on_step_end_tensor_inputs=["latents"])
+    if kind == "flux":
+        neg = negatives if negatives is not None else [""] * len(prompts)
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompt=neg, prompt_2=None, device=pipe._execution_device,
+            num_images_per_prompt=pipeline_kwargs.get("num_images_per_prompt", 1),
+            max_sequence_length=pipeline_kwargs.get("max_sequence_length", 512))
+        layout.negative_embeds, layout.negative_pooled = embeds, pooled
+        call["guidance_scale"] = flux_guidance
+    else:
+        call["negative_prompt"] = negatives
+        call["guidance_scale"] = settings.cfg_scale if settings.cfg_scale > 1 else 2.0
+
+    gd.install()
+    try:
+        output = pipe(**call)
+    finally:
+        gd.uninstall()
+    if gd.step != gd.num_steps:
+        raise InvalidArgument(f"the pipeline ran {gd.step} of {gd.num_steps} steps (interrupted?)")
+    n_images = gd.images
+    return DiffuseResult(images=output.images, rows_per_image=gd.rows / n_images, calls=gd.calls,
+                         num_steps=gd.num_steps, settings=settings)
+

@@ -1,0 +1,266 @@
+"""CoRe^2 Reflect: train the weak model on Collect shards to predict the base model's CFG distribution.
+
+Contract (design: shared/DESIGN.md §4):
+  * Data: `collect.load_collected(dir)` images; a deterministic held-out split by global image index (every
+    `round(1 / holdout)`-th image). Target hidden h_cfg = h_u + s (h_c - h_u) with s = the Collect CFG scale
+    (or `cfg_scale`), computed in fp32; target logits = gpt.head(h_cfg).
+  * Loss per token = KL(softmax(cfg logits) || softmax(gpt.head(weak(h_c)))) at temperature 1, averaged over
+    tokens, + `mse_weight` * mean squared error in hidden space. Both terms are always reported.
+  * Baseline = the same KL with the plain conditional output (prediction = h_c, i.e. an untrained weak model).
+    `evaluate()` returns {"kl", "mse", "baseline_kl", "baseline_mse", "kl_ratio"}.
+  * Output directory: the trained weak model (config.json + model.safetensors, recording base facts, base
+    fingerprint and CFG scale), `eval.json` (held-out metrics, written at the end), `train_log.jsonl`, and
+    `checkpoints/step-XXXXXXX/` (weak model + `trainer_state.pt`: optimizer, step) with `checkpoints/latest.json`.
+    Checkpoints are written to a temp directory and renamed, so a killed run resumes from the last complete one.
+  * DDP under torchrun (WORLD_SIZE > 1): gloo on CPU / nccl on CUDA; each rank takes a disjoint slice of every
+    global batch; rank 0 evaluates and writes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write_json
+from .collect import load_collected
+from .errors import CheckpointError, InvalidArgument
+from .weak_model import BASE_FIELDS, WeakModel, base_facts, weights_fingerprint
+
+
+def holdout_mask(sample_index: torch.Tensor, holdout: float) -> torch.Tensor:
+    """[M] bool: True for held-out images (every round(1/holdout)-th global image index)."""
+    if not 0.0 < holdout < 1.0:
+        raise InvalidArgument(f"holdout must be in (0, 1), got {holdout}")
+    period = max(2, round(1.0 / holdout))
+    return (sample_index % period) == period - 1
+
+
+def guidance_losses(gpt, pred_hidden: torch.Tensor, target_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pred, target [M, N, d] -> (KL(target || pred) per token, MSE per token), each [M, N] fp32."""
+    target_logp = F.log_softmax(gpt.head(target_hidden.to(gpt.output.weight.dtype)), dim=-1)
+    pred_logp = F.log_softmax(gpt.head(pred_hidden.to(gpt.output.weight.dtype)), dim=-1)
+    kl = (target_logp.exp() * (target_logp - pred_logp)).sum(-1)
+    mse = (pred_hidden.float() - target_hidden.float()).pow(2).mean(-1)
+    return kl, mse
+
+
+class CollectedData:
+    """Collected images on `device`; `batch(idx)` -> (cond, cond_mask, h_c fp32, h_cfg fp32)."""
+
+    def __init__(self, meta: dict, data: dict, cfg_scale: float, device):
+        self.meta, self.cfg_scale, self.device = meta, float(cfg_scale), device
+        self.data = data
+        self.num_images = data["hidden_cond"].shape[0]
+        self.sample_index = data["sample_index"]
+
+    def batch(self, idx: torch.Tensor):
+        d = self.data
+        h_c = d["hidden_cond"][idx].to(self.device, torch.float32)
+        h_u = d["hidden_uncond"][idx].to(self.device, torch.float32)
+        h_cfg = h_u + self.cfg_scale * (h_c - h_u)
+        if "labels" in d:
+            return d["labels"][idx].to(self.device), None, h_c, h_cfg
+        return (d["captions"][idx].to(self.device, torch.float32), d["caption_mask"][idx].to(self.device), h_c,
+                h_cfg)
+
+
+@torch.no_grad()
+def evaluate(weak: Optional[WeakModel], gpt, data: CollectedData, indices: torch.Tensor,
+             batch_size: int = 16) -> dict:
+    """Held-out metrics of the weak model and of the conditional-output baseline over images `indices`."""
+    sums = dict(kl=0.0, mse=0.0, baseline_kl=0.0, baseline_mse=0.0)
+    count = 0
+    was_training = weak.training if weak is not None else False
+    if weak is not None:
+        weak.eval()
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start:start + batch_size]
+        cond, mask, h_c, h_cfg = data.batch(idx)
+        base_kl, base_mse = guidance_losses(gpt, h_c, h_cfg)
+        sums["baseline_kl"] += float(base_kl.sum())
+        sums["baseline_mse"] += float(base_mse.sum())
+        if weak is not None:
+            kl, mse = guidance_losses(gpt, weak(cond, h_c, cond_mask=mask), h_cfg)
+            sums["kl"] += float(kl.sum())
+            sums["mse"] += float(mse.sum())
+        count += h_c.shape[0] * h_c.shape[1]
+    if weak is not None and was_training:
+        weak.train()
+    out = {k: v / max(count, 1) for k, v in sums.items()}
+    if weak is None:
+        out.pop("kl"), out.pop("mse")
+    else:
+        out["kl_ratio"] = out["kl"] / out["baseline_kl"] if out["baseline_kl"] > 0 else float("nan")
+    out["tokens"] = count
+    return out
+
+
+def _check_base(meta: dict, gpt) -> None:
+    """The shards must come from this base model (shape facts and weights fingerprint)."""
+    have = base_facts(gpt.config)
+    diffs = [f"{k}: shards from {meta['base'].get(k)!r}, base has {have[k]!r}" for k in BASE_FIELDS
+             if meta["base"].get(k) != have[k]]
+    if diffs:
+        raise CheckpointError("the collected shards were produced by a different base model: " + "; ".join(diffs))
+    got = weights_fingerprint(gpt)
+    if meta.get("base_fingerprint") not in (None, got):
+        raise CheckpointError(f"the collected shards were produced by base weights {meta['base_fingerprint']}, "
+                              f"but the given base model has fingerprint {got}; use the same checkpoint")
+
+
+def _latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    latest = out_dir / "checkpoints" / "latest.json"
+    if not latest.is_file():
+        return None
+    with open(latest) as f:
+        path = out_dir / "checkpoints" / json.load(f)["name"]
+    return path if path.is_dir() else None
+
+
+def _save_checkpoint(out_dir: Path, weak: WeakModel, optimizer, step: int, keep: int = 2) -> Path:
+    """Write checkpoints/step-XXXXXXX atomically (temp dir + rename), point latest.json at it, prune old ones."""
+    root = out_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:07d}"
+    tmp = root / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    weak.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp / "trainer_state.pt")
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    atomic_write_json(root / "latest.json", {"name": name, "step": step})
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _lr_at(step: int, total: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def reflect(
+    gpt,
+    shards_dir,
+    out_dir,
+    *,
+    preset: str = "W-2",
+    weak_overrides: Optional[dict] = None,
+    cfg_scale: Optional[float] = None,
+    steps: int = 1000,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    warmup: int = 50,
+    mse_weight: float = 0.0,
+    holdout: float = 0.1,
+    eval_every: int = 200,
+    checkpoint_every: int = 200,
+    seed: int = 0,
+    resume: bool = True,
+    progress: bool = True,
+    device=None,
+) -> dict:
+    """Train a weak model for `gpt` on `shards_dir`; returns the final held-out metrics (also in eval.json)."""
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every),
+                        ("checkpoint_every", checkpoint_every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgument(f"{name} must be an integer >= 1, got {value!r}")
+    if not (lr > 0 and math.isfinite(lr)) or mse_weight < 0 or warmup < 0:
+        raise InvalidArgument(f"need lr > 0, mse_weight >= 0, warmup >= 0; got {lr}, {mse_weight}, {warmup}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = torch.device(device) if device is not None else gpt.output.weight.device
+    distributed = world > 1
+    if distributed and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    gpt.requires_grad_(False)
+    out_dir = Path(out_dir)
+
+    meta, raw = load_collected(shards_dir)
+    _check_base(meta, gpt)
+    scale = float(meta["cfg_scale"] if cfg_scale is None else cfg_scale)
+    data = CollectedData(meta, raw, scale, device)
+    held = holdout_mask(data.sample_index, holdout)
+    train_idx, held_idx = torch.nonzero(~held).flatten(), torch.nonzero(held).flatten()
+    if len(train_idx) == 0 or len(held_idx) == 0:
+        raise InvalidArgument(f"{data.num_images} collected images are too few for a held-out split of {holdout}")
+
+    start_step = 0
+    ckpt = _latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        weak = WeakModel.from_pretrained(ckpt, gpt)
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+        start_step = int(state["step"])
+    else:
+        torch.manual_seed(seed)
+        weak = WeakModel.for_base(gpt, preset, cfg_scale=scale, **(weak_overrides or {}))
+    weak.cfg_scale = scale
+    weak.extra.update(shards=str(shards_dir), shards_fingerprint=meta.get("base_fingerprint"),
+                      num_images=data.num_images, holdout=holdout, mse_weight=mse_weight)
+    weak.to(device).train()
+    model = torch.nn.parallel.DistributedDataParallel(weak) if distributed else weak
+    optimizer = torch.optim.AdamW(weak.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    if ckpt is not None:
+        optimizer.load_state_dict(state["optimizer"])
+
+    global_batch = min(batch_size * world, len(train_idx))
+    steps_per_epoch = max(1, len(train_idx) // global_batch)
+    log_path = out_dir / "train_log.jsonl"
+    is_main = rank == 0
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(range(start_step, steps), desc="reflect", disable=not (progress and is_main), initial=start_step,
+               total=steps)
+    started = time.perf_counter()
+    for step in bar:
+        # The batch is a function of (seed, step) only, so a resumed run sees the same data as an unbroken one.
+        epoch, pos = divmod(step, steps_per_epoch)
+        perm = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        chunk = train_idx[perm[pos * global_batch:(pos + 1) * global_batch]]
+        idx = chunk[rank::world]
+        cond, mask, h_c, h_cfg = data.batch(idx)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, warmup)
+        kl, mse = guidance_losses(gpt, model(cond, h_c, cond_mask=mask), h_cfg)
+        loss = kl.mean() + mse_weight * mse.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(weak.parameters(), 1.0)
+        optimizer.step()
+        done = step + 1
+        if is_main:
+            bar.set_postfix(kl=f"{kl.detach().mean().item():.4f}", mse=f"{mse.detach().mean().item():.4f}")
+            if done % eval_every == 0 or done == steps:
+                metrics = evaluate(weak, gpt, data, held_idx, batch_size)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": done, "train_kl": kl.detach().mean().item(),
+                                        "train_mse": mse.detach().mean().item(),
+                                        **{f"heldout_{k}": v for k, v in metrics.items()}}) + "\n")
+            if done % checkpoint_every == 0 or done == steps:
+                _save_checkpoint(out_dir, weak, optimizer, done)
+    bar.close()
+
+    result = {}
+    if is_main:
+        metrics = evaluate(weak, gpt, data, held_idx, batch_size)
+        result = dict(heldout=metrics, steps=steps, cfg_scale=scale, train_images=len(train_idx),
+                      heldout_images=len(held_idx), preset=weak.config.preset, seconds=time.perf_counter() - started)
+        weak.extra.update(heldout_kl=metrics["kl"], heldout_baseline_kl=metrics["baseline_kl"])
+        weak.save_pretrained(out_dir)
+        atomic_write_json(out_dir / "eval.json", result)
+    if distributed:
+        torch.distributed.barrier()
+    weak.eval()
+    return result

@@ -1,0 +1,184 @@
+"""Evaluation sampling (CoRe^2 Refine at scale): N images per condition as PNG files + one `.npz` batch.
+
+Contract:
+  * Work = `len(conditions) x per_condition` images in condition-major order, cut into groups of `batch_size`;
+    group g is generated as one batch with seed `collect.group_seed(seed, g)` and any mode / schedule of
+    `generate()` (cond, cfg, fast, slow, slow-first-then-fast and the reverse).
+  * Files: `images/{index:06d}.png` (atomic writes) and, once every image exists, `samples.npz` with `arr_0`
+    [M, H, W, 3] uint8 (the layout of the ADM / LlamaGen FID evaluator) and `labels` (class id per image, or
+    caption index for t2i).
+    `settings.json` records the run's settings; rerunning with other settings in the same directory is refused.
+  * Resume: a group whose PNGs all exist is skipped, so a killed run loses at most the groups in flight.
+  * torchrun: RANK / WORLD_SIZE give rank r the groups g with g % WORLD_SIZE == r; with a process group
+    initialised (gloo/nccl), ranks meet at a barrier and rank 0 writes the npz.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write_json
+from .collect import group_seed
+from .errors import InvalidArgument
+from .generate import generate, make_schedule
+from .guidance import MODES
+from .images import save_png, to_uint8
+
+
+def build_schedule(num_tokens: int, *, mode: str = "cfg", slow_first: Optional[float] = None,
+                   fast_first: Optional[float] = None, slow_first_tokens: Optional[int] = None,
+                   fast_first_tokens: Optional[int] = None) -> Optional[list[str]]:
+    """None (one mode for all tokens) or a per-token schedule: slow then fast, or fast then slow.
+
+    slow_first=0.25 means slow for the first 25% of the tokens (rounded) then fast; fast_first is the reverse.
+    """
+    given = [(k, v) for k, v in (("slow_first", slow_first), ("fast_first", fast_first),
+                                 ("slow_first_tokens", slow_first_tokens), ("fast_first_tokens", fast_first_tokens))
+             if v is not None]
+    if mode not in MODES:
+        raise InvalidArgument(f"mode must be one of {MODES}, got {mode!r}")
+    if not given:
+        return None
+    if len(given) > 1:
+        raise InvalidArgument(f"give at most one of --slow-first/--fast-first(-tokens), got {[k for k, _ in given]}")
+    name, value = given[0]
+    first, then = ("slow", "fast") if name.startswith("slow") else ("fast", "slow")
+    if name.endswith("tokens"):
+        return make_schedule(num_tokens, first=first, then=then, first_tokens=int(value))
+    return make_schedule(num_tokens, first=first, then=then, first_fraction=float(value))
+
+
+def _atomic_savez(path: Path, **arrays) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _check_settings(out_dir: Path, settings: dict) -> None:
+    path = out_dir / "settings.json"
+    settings = json.loads(json.dumps(settings))
+    if path.is_file():
+        with open(path) as f:
+            old = json.load(f)
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise InvalidArgument(f"{out_dir} holds samples made with other settings (differing: {diff}); "
+                                  f"use a new --out directory or the same settings to resume")
+    else:
+        atomic_write_json(path, settings)
+
+
+def sample_images(
+    gpt,
+    vq,
+    conditions,
+    out_dir,
+    *,
+    caption_mask: Optional[torch.Tensor] = None,
+    condition_names: Optional[Sequence[str]] = None,
+    per_condition: int = 1,
+    batch_size: int = 16,
+    mode: str = "cfg",
+    schedule: Optional[Sequence[str]] = None,
+    weak_model=None,
+    weak_path: Optional[str] = None,
+    cfg_scale: float = 4.0,
+    w2s_scale: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    progress: bool = True,
+) -> dict:
+    """Generate and save images; returns {"images_written", "groups_run", "npz", "seconds", "base_rows", ...}."""
+    c = gpt.config
+    if vq.config.codebook_size != c.vocab_size or vq.downsample != c.downsample:
+        raise InvalidArgument(f"the VQ model (codebook {vq.config.codebook_size}, downsample {vq.downsample}) does not "
+                              f"match the GPT (vocab {c.vocab_size}, downsample {c.downsample})")
+    for name, value in (("per_condition", per_condition), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgument(f"{name} must be an integer >= 1, got {value!r}")
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise InvalidArgument(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
+    if c.model_type == "c2i":
+        conds = torch.as_tensor(list(conditions) if not isinstance(conditions, torch.Tensor) else conditions).long()
+        gpt.check_condition(conds)
+        cond_meta = conds.tolist()
+    else:
+        conds = conditions
+        gpt.check_condition(conds)
+        if caption_mask is None or tuple(caption_mask.shape) != tuple(conds.shape[:2]):
+            raise InvalidArgument("caption_mask [M, T] is required for text-conditional sampling")
+        cond_meta = list(condition_names) if condition_names is not None else None
+    M = conds.shape[0]
+    total = M * per_condition
+    num_groups = math.ceil(total / batch_size)
+    out_dir = Path(out_dir)
+    image_dir = out_dir / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    settings = dict(conditions=cond_meta, num_conditions=M, per_condition=per_condition, batch_size=batch_size,
+                    mode=mode, schedule=None if schedule is None else list(schedule), weak=weak_path,
+                    cfg_scale=float(cfg_scale), w2s_scale=float(w2s_scale), temperature=float(temperature),
+                    top_k=int(top_k), top_p=float(top_p), seed=int(seed), gpt=c.to_dict())
+    if rank == 0:
+        _check_settings(out_dir, settings)
+
+    def png(i: int) -> Path:
+        return image_dir / f"{i:06d}.png"
+
+    device = gpt.output.weight.device
+    mine = [g for g in range(num_groups) if g % world_size == rank
+            and not all(png(i).is_file() for i in range(g * batch_size, min((g + 1) * batch_size, total)))]
+    started, written, base_rows = time.perf_counter(), 0, 0
+    for g in tqdm(mine, desc=f"sample rank {rank}/{world_size}", disable=not progress, unit="batch"):
+        index = torch.arange(g * batch_size, min((g + 1) * batch_size, total))
+        cond_index = index // per_condition
+        cond = conds[cond_index].to(device)
+        mask = None if caption_mask is None else caption_mask[cond_index].to(device)
+        tokens, stats = generate(gpt, cond, cond_mask=mask, mode=mode, schedule=schedule, weak_model=weak_model,
+                                 cfg_scale=cfg_scale, w2s_scale=w2s_scale, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, seed=group_seed(seed, g), return_stats=True)
+        base_rows += stats["base_rows"]
+        pixels = to_uint8(vq.decode_codes(tokens.to(vq.post_quant_conv.weight.device)).float())
+        for i, image in zip(index.tolist(), pixels):
+            save_png(image, png(i))
+        written += len(index)
+    seconds = time.perf_counter() - started
+
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    npz = None
+    if rank == 0:
+        missing = [i for i in range(total) if not png(i).is_file()]
+        if missing:
+            print(f"{len(missing)} of {total} images are not written yet (other ranks still running?); "
+                  f"rerun to write {out_dir / 'samples.npz'}")
+        else:
+            from PIL import Image
+
+            arr = np.stack([np.asarray(Image.open(png(i)).convert("RGB")) for i in range(total)])
+            npz = out_dir / "samples.npz"
+            cond_index = torch.arange(total) // per_condition
+            labels = conds[cond_index] if c.model_type == "c2i" else cond_index  # class ids, or caption index
+            _atomic_savez(npz, arr_0=arr, labels=labels.numpy())
+    return dict(images_written=written, groups_run=len(mine), total_images=total, npz=None if npz is None else str(npz),
+                seconds=seconds, images_per_second=written / seconds if seconds > 0 and written else None,
+                base_rows=base_rows)

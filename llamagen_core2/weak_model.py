@@ -1,0 +1,318 @@
+"""CoRe^2 weak model for LlamaGen: predicts the CFG hidden state from the conditional one.
+
+Contract (design: shared/DESIGN.md §4):
+  * Hidden-space design. LlamaGen's head is linear without bias, so CFG logits = W_out (h_u + s (h_c - h_u)).
+    The weak model maps the base model's conditional final normed hidden state h_c[i] (plus the same
+    class/caption prefix) to a predicted CFG hidden state h_w[i]; logits = frozen `gpt.head(h_w[i])`.
+  * Architecture: a small causal LlamaGen-style transformer (model.py's TransformerBlock / RMSNorm / KVCache /
+    2D RoPE with zero prefix rows) of its own width. Sequence = [own condition prefix (T positions);
+    proj_in(h_c[0..N-1])] with h_c[i] at position T + i (the grid cell of the token it predicts).
+    Output h_w = h_c * (1 + skip_scale) + proj_out(norm(trunk)); skip_scale and proj_out start at zero, so an
+    untrained weak model predicts exactly the conditional output (residual parametrisation).
+  * generate() protocol: `start(gpt, cond, cond_mask)`, `step(hidden_cond [B, d], index) -> fp32 logits [B, V]`
+    (steps must come in order 0, 1, ...), `check_compatible(gpt)`. `step_hidden` returns the hidden prediction.
+  * Training forward (no cache): `forward(cond, hidden_cond [B, N, d], cond_mask) -> predicted hidden [B, N, d]`.
+  * Checkpoints: safetensors + config.json {"kind": "weak", "config", "base", "cfg_scale", ...}; `base` records
+    the base model's shape facts and a weights fingerprint. Using it with another base raises CheckpointError
+    naming every mismatching field (set `require_same_weights=False` to allow a same-shape base with other weights).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import read_config, read_state_dict, save_pretrained as save_state_pretrained, validate_state_dict
+from .config import GPTConfig
+from .errors import CheckpointError, InvalidArgument
+from .model import KVCache, RMSNorm, TransformerBlock, rope_table_2d
+
+# name -> trunk shape. Width 512 keeps the trunk a few % of a GPT-B step; the shared head dominates the rest.
+WEAK_PRESETS: dict[str, dict] = {
+    "W-1": dict(n_layer=1, n_head=8, dim=512),
+    "W-2": dict(n_layer=2, n_head=8, dim=512),
+    "W-4": dict(n_layer=4, n_head=8, dim=512),
+    "W-2-wide": dict(n_layer=2, n_head=16, dim=1024),
+}
+
+# Base-model facts a weak model depends on; a mismatch in any of them makes it unusable.
+BASE_FIELDS = ("model_type", "dim", "vocab_size", "cls_token_num", "num_classes", "caption_dim", "grid_size")
+
+
+@dataclass
+class WeakConfig:
+    dim: int = 512
+    n_layer: int = 2
+    n_head: int = 8
+    multiple_of: int = 256
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    preset: Optional[str] = None
+
+    def __post_init__(self):
+        for name in ("dim", "n_layer", "n_head", "multiple_of"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise InvalidArgument(f"weak model {name} must be a positive integer, got {value!r}")
+        if self.dim % self.n_head or (self.dim // self.n_head) % 2:
+            raise InvalidArgument(f"weak model dim ({self.dim}) must split into n_head ({self.n_head}) heads of even "
+                                  f"width")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WeakConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InvalidArgument(f"unknown WeakConfig fields {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "WeakConfig":
+        if name not in WEAK_PRESETS:
+            raise InvalidArgument(f"unknown weak-model preset {name!r}; allowed: {sorted(WEAK_PRESETS)}")
+        return cls.from_dict({**WEAK_PRESETS[name], "preset": name, **overrides})
+
+
+def base_facts(gpt_config: GPTConfig) -> dict:
+    """The base-model facts a weak model is built for (see BASE_FIELDS) plus the preset name."""
+    facts = {name: getattr(gpt_config, name) for name in BASE_FIELDS}
+    if gpt_config.model_type == "c2i":
+        facts["caption_dim"] = None  # irrelevant for class-conditional bases
+    else:
+        facts["num_classes"] = None
+    facts["preset"] = gpt_config.preset
+    return facts
+
+
+@torch.no_grad()
+def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 4096) -> str:
+    """A cheap content hash of a model's weights: names, shapes and an evenly strided sample of every tensor.
+
+    Values are hashed after a cast to bf16 so the same checkpoint loaded in fp32 or bf16 gives the same hash.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if not tensor.is_floating_point():
+            continue
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::step][:samples_per_tensor].to("cpu", torch.bfloat16).view(torch.int16)
+        digest.update(f"{name}:{list(tensor.shape)};".encode())
+        digest.update(sample.numpy().tobytes())
+    return "w-" + digest.hexdigest()[:24]
+
+
+class WeakModel(nn.Module):
+    """Small causal transformer: (condition prefix, h_c[0..i]) -> predicted CFG hidden state at token i."""
+
+    def __init__(self, config: WeakConfig, base: dict, *, cfg_scale: Optional[float] = None,
+                 base_fingerprint: Optional[str] = None, extra: Optional[dict] = None):
+        super().__init__()
+        missing = [k for k in BASE_FIELDS if k not in base]
+        if missing:
+            raise InvalidArgument(f"base facts lack {missing}; build them with weak_model.base_facts(gpt.config)")
+        self.config, self.base = config, dict(base)
+        self.cfg_scale, self.base_fingerprint = cfg_scale, base_fingerprint
+        self.extra = dict(extra or {})
+        self.require_same_weights = True
+        w, d = config.dim, base["dim"]
+        # TransformerBlock takes a GPTConfig: describe the trunk as one (vocab unused).
+        self.trunk_config = GPTConfig(dim=w, n_layer=config.n_layer, n_head=config.n_head, vocab_size=1,
+                                      model_type=base["model_type"], cls_token_num=base["cls_token_num"],
+                                      image_size=base["grid_size"], downsample=1, multiple_of=config.multiple_of,
+                                      norm_eps=config.norm_eps, rope_base=config.rope_base)
+        if base["model_type"] == "c2i":
+            self.cond_embedding = nn.Embedding(base["num_classes"] + 1, w)  # +1: the null class, for completeness
+        else:
+            self.cond_embedding = nn.Sequential(nn.Linear(base["caption_dim"], w, bias=False), nn.GELU("tanh"),
+                                                nn.Linear(w, w, bias=False))
+        self.proj_in = nn.Linear(d, w, bias=False)
+        self.layers = nn.ModuleList(TransformerBlock(self.trunk_config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(w, config.norm_eps)
+        self.proj_out = nn.Linear(w, d, bias=False)
+        self.skip_scale = nn.Parameter(torch.zeros(d))
+        self.reset_parameters()
+        tc = self.trunk_config
+        self.register_buffer("rope", rope_table_2d(tc.grid_size, tc.head_dim, tc.cls_token_num, tc.rope_base),
+                             persistent=False)
+        self.caches: list[KVCache] = []
+        self._base_model: tuple = ()  # (gpt,) while started; a tuple so the base is never registered as a submodule
+        self.next_index = 0
+        self.cache_batch = 0
+        self.prefix_valid: Optional[torch.Tensor] = None
+        self._verified: Optional[tuple] = None
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+        nn.init.zeros_(self.proj_out.weight)  # residual start: an untrained model predicts h_c exactly
+        nn.init.zeros_(self.skip_scale)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self.rope.dtype != torch.float32 and self.rope.device.type != "meta":
+            tc = self.trunk_config
+            self.rope = rope_table_2d(tc.grid_size, tc.head_dim, tc.cls_token_num, tc.rope_base).to(self.rope.device)
+        return out
+
+    @classmethod
+    def for_base(cls, gpt, preset: str = "W-2", *, cfg_scale: Optional[float] = None, fingerprint: bool = True,
+                 **overrides) -> "WeakModel":
+        """A fresh (untrained = cond-output) weak model shaped for base model `gpt`."""
+        config = WeakConfig.from_preset(preset, **overrides)
+        return cls(config, base_facts(gpt.config), cfg_scale=cfg_scale,
+                   base_fingerprint=weights_fingerprint(gpt) if fingerprint else None)
+
+    # ------------------------------------------------------------------ compatibility
+    def check_compatible(self, gpt) -> None:
+        """Raise CheckpointError naming every base fact (and the weights fingerprint) that differs from `gpt`."""
+        key = (id(gpt), gpt.output.weight.data_ptr())
+        if self._verified == key:
+            return
+        have = base_facts(gpt.config)
+        diffs = [f"{k}: weak model built for {self.base.get(k)!r}, base has {have[k]!r}"
+                 for k in BASE_FIELDS if self.base.get(k) != have[k]]
+        if diffs:
+            raise CheckpointError(f"this weak model was built for a different base model "
+                                  f"(preset {self.base.get('preset')!r}) than the one given "
+                                  f"(preset {have['preset']!r}): " + "; ".join(diffs))
+        if self.require_same_weights and self.base_fingerprint is not None:
+            got = weights_fingerprint(gpt)
+            if got != self.base_fingerprint:
+                raise CheckpointError(
+                    f"this weak model was trained for base weights {self.base_fingerprint}, but the base model's "
+                    f"weights fingerprint is {got} (same shapes, different checkpoint); retrain it with "
+                    f"`llamagen-core2 collect/reflect` on this base, or set weak.require_same_weights = False")
+        self._verified = key
+
+    # ------------------------------------------------------------------ forward
+    def _mask(self, start: int, length: int, prefix_valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Same masking as the base (GPT.attention_mask): causal, padded prefix keys hidden, diagonal visible."""
+        end = start + length
+        if length == 1 and prefix_valid is None:
+            return None
+        device = self.rope.device
+        q_pos = torch.arange(start, end, device=device)[:, None]
+        k_pos = torch.arange(end, device=device)[None, :]
+        mask = (k_pos <= q_pos)[None, None]
+        if prefix_valid is not None:
+            T = prefix_valid.shape[1]
+            key_ok = torch.ones(prefix_valid.shape[0], end, dtype=torch.bool, device=device)
+            key_ok[:, :min(T, end)] = prefix_valid[:, :min(T, end)].to(device=device, dtype=torch.bool)
+            mask = (mask & key_ok[:, None, None, :]) | (k_pos == q_pos)[None, None]
+        return mask
+
+    def _trunk(self, x: torch.Tensor, start: int, prefix_valid: Optional[torch.Tensor], use_cache: bool):
+        """x [B, L, w] at positions start..start+L-1 -> trunk output [B, L, w] (normed)."""
+        B, L, _ = x.shape
+        rope = self.rope[start:start + L].float()
+        mask = self._mask(start, L, prefix_valid)
+        rows = slice(0, B)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, self.caches[i] if use_cache else None, rows, start)
+        return self.norm(x)
+
+    def _prefix(self, cond: torch.Tensor) -> torch.Tensor:
+        """cond (class ids [B] or caption features [B, T, C]) -> prefix [B, T, w]."""
+        if self.base["model_type"] == "c2i":
+            return self.cond_embedding(cond)[:, None, :]
+        return self.cond_embedding(cond.to(self.proj_in.weight.dtype))
+
+    def _output(self, hidden_cond: torch.Tensor, trunk_out: torch.Tensor) -> torch.Tensor:
+        h = hidden_cond.to(self.proj_out.weight.dtype)
+        return h * (1 + self.skip_scale) + self.proj_out(trunk_out)
+
+    def forward(self, cond: torch.Tensor, hidden_cond: torch.Tensor,
+                cond_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Teacher-forced: hidden_cond [B, N, d] (h_c of tokens 0..N-1) -> predicted CFG hidden [B, N, d]."""
+        B, N, d = hidden_cond.shape
+        T = self.base["cls_token_num"]
+        if d != self.base["dim"] or N > self.base["grid_size"] ** 2:
+            raise InvalidArgument(f"hidden_cond must be [B, N <= {self.base['grid_size'] ** 2}, {self.base['dim']}], "
+                                  f"got {list(hidden_cond.shape)}")
+        x = torch.cat([self._prefix(cond), self.proj_in(hidden_cond.to(self.proj_in.weight.dtype))], dim=1)
+        out = self._trunk(x, 0, cond_mask, use_cache=False)[:, T:]
+        return self._output(hidden_cond, out)
+
+    # ------------------------------------------------------------------ generate() protocol
+    @torch.no_grad()
+    def start(self, gpt, cond: torch.Tensor, cond_mask: Optional[torch.Tensor] = None) -> None:
+        """Prefill the condition prefix for a batch of B conditions; allocates the cache once per size."""
+        self.check_compatible(gpt)
+        self._base_model = (gpt,)
+        B = cond.shape[0]
+        tc = self.trunk_config
+        dtype, device = self.proj_in.weight.dtype, self.proj_in.weight.device
+        if not self.caches or self.caches[0].k.shape[0] < B or self.caches[0].k.dtype != dtype \
+                or self.caches[0].k.device != device:
+            self.caches = [KVCache(B, tc.n_head, tc.max_seq_len, tc.head_dim, dtype, device) for _ in self.layers]
+        self.cache_batch = B
+        self.prefix_valid = None if cond_mask is None else cond_mask.to(device=device, dtype=torch.bool)
+        # Decode steps need the caption padding mask too (padded prefix keys stay hidden), so keep it.
+        self._trunk(self._prefix(cond.to(device)), 0, self.prefix_valid, use_cache=True)
+        self.next_index = 0
+
+    @torch.no_grad()
+    def step_hidden(self, hidden_cond: torch.Tensor, index: int) -> torch.Tensor:
+        """hidden_cond [B, d] for token `index` -> predicted CFG hidden [B, d] (same dtype as the weak model)."""
+        if not self._base_model:
+            raise InvalidArgument("call weak.start(gpt, cond) before step()")
+        if index != self.next_index:
+            raise InvalidArgument(f"weak-model steps must come in order: expected token index {self.next_index}, "
+                                  f"got {index} (its KV cache must not have holes)")
+        B = hidden_cond.shape[0]
+        if B != self.cache_batch or hidden_cond.shape[1] != self.base["dim"]:
+            raise InvalidArgument(f"hidden_cond must be [{self.cache_batch}, {self.base['dim']}], "
+                                  f"got {list(hidden_cond.shape)}")
+        T = self.base["cls_token_num"]
+        x = self.proj_in(hidden_cond.to(self.proj_in.weight.dtype))[:, None]  # [B, 1, w]
+        out = self._trunk(x, T + index, self.prefix_valid, use_cache=True)
+        self.next_index += 1
+        return self._output(hidden_cond, out[:, 0])
+
+    def step(self, hidden_cond: torch.Tensor, index: int) -> torch.Tensor:
+        """hidden_cond [B, d] -> predicted CFG logits [B, V] (fp32) through the frozen base head."""
+        hidden = self.step_hidden(hidden_cond, index)
+        gpt = self._base_model[0]
+        return gpt.head(hidden.to(gpt.output.weight.dtype))
+
+    def release_caches(self) -> None:
+        self.caches, self._base_model = [], ()
+
+    # ------------------------------------------------------------------ checkpoints
+    def describe(self) -> dict:
+        return {"kind": "weak", "config": self.config.to_dict(), "base": self.base,
+                "base_fingerprint": self.base_fingerprint, "cfg_scale": self.cfg_scale, "extra": self.extra}
+
+    def save_pretrained(self, directory: str | os.PathLike):
+        return save_state_pretrained(directory, self.state_dict(), self.describe())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, gpt=None, *, device=None, dtype=None) -> "WeakModel":
+        """Load a directory written by save_pretrained; with `gpt`, check it was built for that base."""
+        directory = Path(directory)
+        saved = read_config(directory)
+        if saved.get("kind") != "weak" or not isinstance(saved.get("config"), dict) \
+                or not isinstance(saved.get("base"), dict):
+            raise CheckpointError(f"{directory}/config.json is not a weak-model config (kind={saved.get('kind')!r}); "
+                                  f"weak models are written by `llamagen-core2 reflect`")
+        model = cls(WeakConfig.from_dict(saved["config"]), saved["base"], cfg_scale=saved.get("cfg_scale"),
+                    base_fingerprint=saved.get("base_fingerprint"), extra=saved.get("extra"))
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        state = validate_state_dict(read_state_dict(directory), expected, what="weak model")
+        model.load_state_dict(state, strict=True)
+        if device is not None or dtype is not None:
+            model.to(device=device, dtype=dtype)
+        if gpt is not None:
+            model.check_compatible(gpt)
+        return model.eval()

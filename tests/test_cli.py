@@ -1,0 +1,92 @@
+"""CLI: convert official-format files, generate a PNG grid end to end on tiny models, errors without tracebacks."""
+import json
+
+import torch
+from PIL import Image
+
+from llamagen_core2.cli import main, parse_classes
+from llamagen_core2.config import VQConfig
+from llamagen_core2.model import GPT
+from llamagen_core2.vq import VQModel
+from tiny_models import tiny_gpt
+
+TINY_VQ = dict(ch=16, z_channels=16, codebook_size=97, codebook_embed_dim=8, norm_groups=8, ch_mult=(1, 1, 1))
+
+
+def _tiny_world(tmp_path):
+    gpt = tiny_gpt(image_size=16, downsample=4)
+    torch.save({"model": gpt.state_dict()}, tmp_path / "c2i_tiny_16.pt")
+    torch.manual_seed(0)
+    vq = VQModel(VQConfig(**TINY_VQ)).eval()
+    torch.save({"model": vq.state_dict()}, tmp_path / "vq_tiny.pt")
+    return gpt, vq
+
+
+def test_parse_classes():
+    assert parse_classes("1,3-5, 9") == [1, 3, 4, 5, 9]
+
+
+def test_convert_gpt_and_vq(tmp_path, capsys):
+    gpt, vq = _tiny_world(tmp_path)
+    assert main(["convert", str(tmp_path / "vq_tiny.pt"), str(tmp_path / "vq_out"), "--kind", "vq"]) == 2
+    assert "preset" in capsys.readouterr().err  # tiny VQ is not VQ-16: a one-line error with a hint, no traceback
+    gpt.save_pretrained(tmp_path / "gpt_dir")
+    assert main(["convert", str(tmp_path / "gpt_dir"), str(tmp_path / "gpt_out"), "--max-shard-mb", "0.05"]) == 0
+    assert (tmp_path / "gpt_out" / "model.safetensors.index.json").exists()
+    again = GPT.from_pretrained(tmp_path / "gpt_out")
+    for k, v in gpt.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v)
+
+
+def test_generate_writes_a_grid(tmp_path, capsys):
+    gpt, vq = _tiny_world(tmp_path)
+    gpt.save_pretrained(tmp_path / "gpt")
+    vq.save_pretrained(tmp_path / "vq")
+    out = tmp_path / "samples"
+    rc = main(["generate", "--gpt", str(tmp_path / "gpt"), "--vq", str(tmp_path / "vq"), "--classes", "0-2",
+               "--nrow", "3", "--top-k", "0", "--out", str(out), "--device", "cpu", "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["num_images"] == 3 and summary["grid"] == str(out / "grid.png")
+    assert captured.err == ""  # --quiet: no progress bar, no chatter
+    with Image.open(out / "grid.png") as im:
+        assert im.size == (3 * 16 + 4 * 2, 16 + 2 * 2)  # torchvision-style grid: 2 px padding
+    singles = sorted(p.name for p in (out / "images").iterdir())
+    assert singles == ["00000_class0.png", "00001_class1.png", "00002_class2.png"]
+    with Image.open(out / "images" / singles[0]) as im:
+        assert im.size == (16, 16)
+
+
+def test_generate_errors_are_one_line(tmp_path, capsys):
+    gpt, vq = _tiny_world(tmp_path)
+    gpt.save_pretrained(tmp_path / "gpt")
+    vq.save_pretrained(tmp_path / "vq")
+    rc = main(["generate", "--gpt", str(tmp_path / "gpt"), "--vq", str(tmp_path / "vq"), "--classes", "42",
+               "--device", "cpu", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "class ids must be in [0, 9]" in err and "Traceback" not in err
+    rc = main(["generate", "--gpt", str(tmp_path / "missing"), "--vq", str(tmp_path / "vq"), "--classes", "1"])
+    assert rc == 2
+
+
+def test_generate_with_weak_model_and_schedule(tmp_path, capsys):
+    from llamagen_core2.weak_model import WeakModel
+
+    gpt, vq = _tiny_world(tmp_path)
+    gpt.save_pretrained(tmp_path / "gpt")
+    vq.save_pretrained(tmp_path / "vq")
+    WeakModel.for_base(gpt, preset="W-1", cfg_scale=4.0).save_pretrained(tmp_path / "weak")
+    rc = main(["generate", "--gpt", str(tmp_path / "gpt"), "--vq", str(tmp_path / "vq"), "--classes", "1,2",
+               "--weak", str(tmp_path / "weak"), "--slow-first", "0.5", "--out", str(tmp_path / "s"),
+               "--device", "cpu", "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["num_images"] == 2
+    other = tiny_gpt(image_size=16, downsample=4, dim=96)
+    WeakModel.for_base(other, preset="W-1").save_pretrained(tmp_path / "weak_other")
+    rc = main(["generate", "--gpt", str(tmp_path / "gpt"), "--vq", str(tmp_path / "vq"), "--classes", "1",
+               "--weak", str(tmp_path / "weak_other"), "--mode", "fast", "--out", str(tmp_path / "t"),
+               "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "dim" in err and "Traceback" not in err
