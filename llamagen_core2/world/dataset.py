@@ -7,7 +7,7 @@ Contract:
     classifier-free guidance fixes. `NUM_CLASSES == len(CLASS_NAMES)`.
   * `render(labels [B] LongTensor, generator) -> images [B, 3, S, S]` float32 in [-1, 1]
     (S = IMAGE_SIZE = 24). Intra-class variation: position, size, rotation, colour jitter,
-    a textured background (random grey level/tint, stripes of random angle/frequency, noise).
+    a smooth background (random grey level, tint and brightness gradient).
   * `make_dataset(num_per_class, seed) -> (images, labels)`; the same arguments give bit-identical
     tensors (CPU). Labels are class-balanced and shuffled.
   * `to_uint8(images [-1, 1]) -> uint8 [B, 3, S, S]` with LlamaGen's pixel mapping.
@@ -76,21 +76,18 @@ def _shape_masks(shape_ids: torch.Tensor, cx, cy, radius, angle, size: int) -> t
 
 
 def _backgrounds(n: int, generator: torch.Generator) -> torch.Tensor:
-    """Textured, desaturated backgrounds [n, 3, S, S] in [0, 1] that never look like a class colour."""
+    """Smooth, desaturated backgrounds [n, 3, S, S] in [0, 1] that never look like a class colour:
+    a random grey level with a slight tint and a linear brightness gradient of random direction."""
     s = IMAGE_SIZE
     grey = _uniform(generator, n, 0.25, 0.65)
     tint = (torch.rand(n, 3, generator=generator) - 0.5) * 0.12
     base = (grey[:, None] + tint).clamp(0, 1)  # [n, 3]
-    angle = _uniform(generator, n, 0, math.pi)
-    freq = _uniform(generator, n, 0.25, 0.9)
-    phase = _uniform(generator, n, 0, 2 * math.pi)
-    amp = _uniform(generator, n, 0.0, 0.12)
-    coords = torch.arange(s, dtype=torch.float32)
+    angle = _uniform(generator, n, 0, 2 * math.pi)
+    amp = _uniform(generator, n, 0.0, 0.15)
+    coords = torch.linspace(-1, 1, s)
     y, x = torch.meshgrid(coords, coords, indexing="ij")
-    proj = torch.cos(angle)[:, None, None] * x + torch.sin(angle)[:, None, None] * y
-    stripes = amp[:, None, None] * torch.sin(freq[:, None, None] * proj + phase[:, None, None])
-    noise = 0.03 * torch.randn(n, 1, s, s, generator=generator)
-    return (base[:, :, None, None] + stripes[:, None] + noise).clamp(0, 1)
+    ramp = amp[:, None, None] * (torch.cos(angle)[:, None, None] * x + torch.sin(angle)[:, None, None] * y)
+    return (base[:, :, None, None] + ramp[:, None]).clamp(0, 1)
 
 
 def render(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -106,7 +103,7 @@ def render(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     colour_table = torch.tensor([COLOURS[c] for _, c in CLASSES])  # [C, 3]
 
     background = _backgrounds(n, generator)
-    radius = _uniform(generator, n, 4.5, 8.0)
+    radius = _uniform(generator, n, 5.5, 8.5)
     margin = radius * 0.9
     cx = margin + torch.rand(n, generator=generator) * (IMAGE_SIZE - 2 * margin)
     cy = margin + torch.rand(n, generator=generator) * (IMAGE_SIZE - 2 * margin)
