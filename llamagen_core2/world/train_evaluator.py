@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     p.add_argument("--heldout-per-class", type=int, default=100)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--min-accuracy", type=float, default=0.95)

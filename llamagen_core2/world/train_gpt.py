@@ -1,4 +1,4 @@
-"""Train the mini-world class-conditional GPT (LlamaGen architecture, tiny widths) on VQ tokens.
+"""Train the mini-world class-conditional GPT (LlamaGen architecture, dim 192, 4 layers) on VQ tokens.
 
     python -m llamagen_core2.world.train_gpt --vq checkpoints/world_vq --out checkpoints/world_gpt
 
@@ -23,7 +23,7 @@ from ..vq import VQModel
 from .dataset import IMAGE_SIZE, NUM_CLASSES, make_dataset
 
 
-def world_gpt_config(vocab_size: int, downsample: int, dim: int = 128, n_layer: int = 4, n_head: int = 4) -> GPTConfig:
+def world_gpt_config(vocab_size: int, downsample: int, dim: int = 192, n_layer: int = 4, n_head: int = 6) -> GPTConfig:
     return GPTConfig.from_preset("GPT-B", dim=dim, n_layer=n_layer, n_head=n_head, vocab_size=vocab_size,
                                  num_classes=NUM_CLASSES, image_size=IMAGE_SIZE, downsample=downsample)
 
@@ -45,10 +45,10 @@ def main(argv=None) -> None:
     p.add_argument("--vq", default="checkpoints/world_vq")
     p.add_argument("--out", default="checkpoints/world_gpt")
     p.add_argument("--per-class", type=int, default=1500, help="training images per class")
-    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--dim", type=int, default=192)
     p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--n-head", type=int, default=6)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--class-dropout", type=float, default=0.1)
