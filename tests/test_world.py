@@ -99,3 +99,17 @@ def test_evaluator_accuracy_on_fresh_heldout_sample():
     evaluator = load_world(with_evaluator=True).evaluator
     images, labels = make_dataset(15, seed=424242)  # a seed no training script uses
     assert class_accuracy(evaluator, images, labels) >= 0.95
+
+
+@needs_checkpoints
+def test_cli_demo_subcommand(tmp_path, capsys):
+    from llamagen_core2.cli import main
+
+    out = tmp_path / "cli_demo.png"
+    status = main(["demo", "--out", str(out), "--classes", "2", "--modes", "cfg", "--samples", "1", "--scale", "1"])
+    assert status == 0
+    assert Image.open(out).size == (84 + 26 + 2, 14 + 26 + 2)
+    assert "wrote" in capsys.readouterr().out
+    # A bad class id is a one-line error naming the allowed range, exit status 2, no traceback.
+    assert main(["demo", "--out", str(out), "--classes", str(NUM_CLASSES)]) == 2
+    assert f"[0, {NUM_CLASSES - 1}]" in capsys.readouterr().err

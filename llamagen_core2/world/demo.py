@@ -94,7 +94,8 @@ def run_demo(out_png, classes: Optional[Sequence[int]] = None, modes: Sequence[s
 
 
 def _main(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     classes = [int(c) for c in args.classes.split(",")] if args.classes else None
     sampling = {k: v for k, v in dict(cfg_scale=args.cfg_scale, w2s_scale=args.w2s_scale,
                                       temperature=args.temperature, top_k=args.top_k).items() if v is not None}
