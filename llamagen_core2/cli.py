@@ -14,6 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from .cli_common import (add_condition_args, add_model_args, add_refine_args, add_sampling_args, load_conditions,
+                         load_gpt, load_refine)
 from .errors import CheckpointError, InvalidArgument
 
 SUBCOMMAND_MODULES = (
@@ -22,125 +26,46 @@ SUBCOMMAND_MODULES = (
     "llamagen_core2.diffusion.cli",  # diffuse (+ diffusion collect/reflect)
 )
 
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def parse_classes(text: str) -> list[int]:
-    """'1,2,3' or '0-9' or '1,5-7' -> [ints]."""
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise InvalidArgument(f"--classes must be ids like '1,2,3' or ranges like '0-9', got {text!r}") from None
-    if not out:
-        raise InvalidArgument("--classes is empty")
-    return out
-
-
-def pick_device(name: str | None):
-    import torch
-
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidArgument(f"--device {name} requested but CUDA is not available")
-    return torch.device(name)
-
-
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    """Sampling knobs shared by generate / sample / collect (LlamaGen c2i demo defaults)."""
-    p.add_argument("--mode", default="cfg", choices=("cond", "cfg", "fast", "slow"))
-    p.add_argument("--slow-first", type=float, default=None, metavar="FRACTION",
-                   help="schedule: slow for the first FRACTION of tokens, then fast (needs --weak)")
-    p.add_argument("--fast-first", type=float, default=None, metavar="FRACTION",
-                   help="schedule: fast for the first FRACTION of tokens, then slow (needs --weak)")
-    p.add_argument("--cfg-scale", type=float, default=4.0)
-    p.add_argument("--cfg-interval", type=int, default=-1, help="CFG for tokens 0..N+1 only (-1 = all)")
-    p.add_argument("--w2s-scale", type=float, default=1.5, help="CoRe^2 slow-mode weak-to-strong scale")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=2000)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
-
-
-def schedule_from_args(args, num_tokens: int):
-    from .generate import make_schedule
-
-    if args.slow_first is not None and args.fast_first is not None:
-        raise InvalidArgument("give at most one of --slow-first and --fast-first")
-    if args.slow_first is not None:
-        return make_schedule(num_tokens, first="slow", then="fast", first_fraction=args.slow_first)
-    if args.fast_first is not None:
-        return make_schedule(num_tokens, first="fast", then="slow", first_fraction=args.fast_first)
-    return None
-
-
-def load_weak(path, gpt, device, dtype):
-    if path is None:
-        return None
-    from .weak_model import WeakModel
-
-    return WeakModel.from_pretrained(path, gpt, device=device, dtype=dtype)  # refuses a weak model of another base
-
 
 def cmd_generate(args) -> int:
     import torch
 
     from .generate import generate
     from .images import make_grid, save_png, to_uint8
-    from .model import GPT
     from .vq import VQModel
 
-    device = pick_device(args.device)
-    dtype = getattr(torch, args.dtype)
-    gpt = GPT.from_pretrained(args.gpt, preset=args.preset, device=device, dtype=dtype,
-                              **({"image_size": args.image_size} if args.image_size else {}))
-    vq = VQModel.from_pretrained(args.vq, preset=args.vq_preset, device=device)
-    if gpt.config.model_type == "c2i":
-        if args.classes is None:
-            raise InvalidArgument("a class-conditional model needs --classes (e.g. --classes 207,360,387)")
-        cond, cond_mask = torch.tensor(parse_classes(args.classes), device=device), None
-    else:
-        if args.prompts is None or args.t5 is None:
-            raise InvalidArgument("a text-conditional model needs --prompts FILE (one caption per line) and --t5 DIR")
-        from .text import CaptionEncoder
-
-        prompts = [l.strip() for l in Path(args.prompts).read_text().splitlines() if l.strip()]
-        cond, cond_mask = CaptionEncoder.from_pretrained(args.t5, device=device).encode(prompts)
-    weak = load_weak(args.weak, gpt, device, dtype)
-    n = gpt.config.num_image_tokens
-    t0 = time.perf_counter()
-    tokens = generate(gpt, cond, cond_mask=cond_mask, mode=args.mode, schedule=schedule_from_args(args, n),
-                      cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, weak_model=weak,
-                      w2s_scale=args.w2s_scale, progress=not args.quiet)
-    seconds = time.perf_counter() - t0
-    with torch.inference_mode():
-        images = vq.decode_codes(tokens)
-    pixels = to_uint8(images)
+    gpt = load_gpt(args)
+    conds, cond_mask, _ = load_conditions(args, gpt)
+    vq = VQModel.from_pretrained(args.vq, preset=args.vq_preset, device=args.device)
+    weak, schedule = load_refine(args, gpt)
+    # --per-class images of every condition, generated in batches of --batch-size (batch k uses seed + k).
+    order = torch.arange(len(conds)).repeat_interleave(args.per_class)
+    pixels, seconds = [], 0.0
+    for k, start in enumerate(range(0, len(order), args.batch_size)):
+        rows = order[start:start + args.batch_size]
+        t0 = time.perf_counter()
+        tokens = generate(gpt, conds[rows].to(args.device),
+                          cond_mask=None if cond_mask is None else cond_mask[rows].to(args.device),
+                          mode=args.mode, schedule=schedule, cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + k,
+                          weak_model=weak, w2s_scale=args.w2s_scale, progress=not args.quiet)
+        seconds += time.perf_counter() - t0
+        with torch.inference_mode():
+            pixels.append(to_uint8(vq.decode_codes(tokens)))
+    pixels = np.concatenate(pixels)
     out = Path(args.out)
     grid = out / "grid.png"
     save_png(make_grid(pixels, nrow=args.nrow), grid)
-    names = [f"{i:05d}_class{int(c)}.png" if gpt.config.model_type == "c2i" else f"{i:05d}.png"
-             for i, c in enumerate(cond if gpt.config.model_type == "c2i" else range(len(pixels)))]
-    for name, image in zip(names, pixels):
-        save_png(image, out / "images" / name)
+    for i, (image, c) in enumerate(zip(pixels, order.tolist())):
+        label = f"class{int(conds[c])}" if gpt.config.model_type == "c2i" else f"caption{c}"
+        save_png(image, out / "images" / f"{i:05d}_{label}.png")
     if not args.quiet:
         print(f"wrote {grid} and {len(pixels)} images under {out / 'images'} "
-              f"({seconds:.2f} s of token generation on {device})", file=sys.stderr)
+              f"({seconds:.2f} s of token generation on {args.device})", file=sys.stderr)
     print(json.dumps({"grid": str(grid), "images_dir": str(out / "images"), "num_images": len(pixels),
-                      "tokens_per_image": n, "mode": args.mode, "seconds": round(seconds, 4),
-                      "images_per_s": round(len(pixels) / seconds, 4), "device": str(device)}))
+                      "tokens_per_image": gpt.config.num_image_tokens, "mode": args.mode,
+                      "seconds": round(seconds, 4), "images_per_s": round(len(pixels) / seconds, 4),
+                      "device": str(args.device)}))
     return 0
 
 
@@ -169,19 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="sample images from a GPT checkpoint + VQ tokenizer into a PNG grid")
-    g.add_argument("--gpt", required=True, help="official .pt, .safetensors, or a converted directory")
-    g.add_argument("--preset", default=None, help="GPT preset (GPT-B ... GPT-3B, '-t2i'); inferred if omitted")
-    g.add_argument("--image-size", type=int, default=None)
+    add_model_args(g)
+    add_condition_args(g)
+    add_sampling_args(g, cfg_default=4.0, top_k_default=2000)
+    add_refine_args(g)
+    g.add_argument("--cfg-interval", type=int, default=-1, help="CFG for tokens 0..N+1 only (-1 = all)")
     g.add_argument("--vq", required=True, help="VQ tokenizer checkpoint (.pt / .safetensors / directory)")
     g.add_argument("--vq-preset", default="VQ-16", choices=("VQ-16", "VQ-8"))
-    g.add_argument("--classes", default=None, help="class ids, e.g. '207,360,387' or '0-7'")
-    g.add_argument("--prompts", default=None, help="t2i: text file with one caption per line")
-    g.add_argument("--t5", default=None, help="t2i: local FLAN-T5 directory")
-    g.add_argument("--weak", default=None, help="CoRe^2 weak model directory (for fast/slow/schedules)")
     g.add_argument("--nrow", type=int, default=8)
     g.add_argument("--out", default="samples", help="output directory: grid.png + images/*.png")
     g.add_argument("--quiet", action="store_true", help="no progress bar; only the final JSON line")
-    add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="official .pt -> safetensors + config.json (sharded past --max-shard-mb)")

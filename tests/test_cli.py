@@ -4,7 +4,7 @@ import json
 import torch
 from PIL import Image
 
-from llamagen_core2.cli import main, parse_classes
+from llamagen_core2.cli import main
 from llamagen_core2.config import VQConfig
 from llamagen_core2.model import GPT
 from llamagen_core2.vq import VQModel
@@ -20,10 +20,6 @@ def _tiny_world(tmp_path):
     vq = VQModel(VQConfig(**TINY_VQ)).eval()
     torch.save({"model": vq.state_dict()}, tmp_path / "vq_tiny.pt")
     return gpt, vq
-
-
-def test_parse_classes():
-    assert parse_classes("1,3-5, 9") == [1, 3, 4, 5, 9]
 
 
 def test_convert_gpt_and_vq(tmp_path, capsys):
@@ -44,16 +40,18 @@ def test_generate_writes_a_grid(tmp_path, capsys):
     vq.save_pretrained(tmp_path / "vq")
     out = tmp_path / "samples"
     rc = main(["generate", "--gpt", str(tmp_path / "gpt"), "--vq", str(tmp_path / "vq"), "--classes", "0-2",
-               "--nrow", "3", "--top-k", "0", "--out", str(out), "--device", "cpu", "--quiet"])
+               "--per-class", "2", "--batch-size", "4", "--nrow", "3", "--top-k", "0", "--out", str(out),
+               "--device", "cpu", "--quiet"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     summary = json.loads(captured.out.strip().splitlines()[-1])
-    assert summary["num_images"] == 3 and summary["grid"] == str(out / "grid.png")
+    assert summary["num_images"] == 6 and summary["grid"] == str(out / "grid.png")
     assert captured.err == ""  # --quiet: no progress bar, no chatter
     with Image.open(out / "grid.png") as im:
-        assert im.size == (3 * 16 + 4 * 2, 16 + 2 * 2)  # torchvision-style grid: 2 px padding
+        assert im.size == (3 * 16 + 4 * 2, 2 * 16 + 3 * 2)  # torchvision-style grid: 2 px padding
     singles = sorted(p.name for p in (out / "images").iterdir())
-    assert singles == ["00000_class0.png", "00001_class1.png", "00002_class2.png"]
+    assert singles == ["00000_class0.png", "00001_class0.png", "00002_class1.png", "00003_class1.png",
+                       "00004_class2.png", "00005_class2.png"]  # 2 per class, in 2 batches (4 + 2)
     with Image.open(out / "images" / singles[0]) as im:
         assert im.size == (16, 16)
 
