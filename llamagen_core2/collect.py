@@ -72,7 +72,7 @@ def storage_per_image(gpt_config, store_dtype: torch.dtype = torch.float16, num_
     return size + gpt_config.cls_token_num * (gpt_config.caption_dim * item + 1)
 
 
-def _check_conditions(gpt, conditions, caption_mask):
+def check_conditions(gpt, conditions, caption_mask):
     """-> (number of conditions, a function taking an index tensor and returning (cond, mask))."""
     c = gpt.config
     if c.model_type == "c2i":
@@ -126,7 +126,7 @@ def collect(
     if not float(cfg_scale) > 1.0 or math.isnan(float(cfg_scale)):
         raise InvalidArgument(f"cfg_scale must be > 1 for Collect (there is no guidance to learn otherwise), "
                               f"got {cfg_scale}")
-    M, pick = _check_conditions(gpt, conditions, caption_mask)
+    M, pick = check_conditions(gpt, conditions, caption_mask)
     c = gpt.config
     N = c.num_image_tokens if num_tokens is None else int(num_tokens)
     dtype = STORE_DTYPES[store_dtype]

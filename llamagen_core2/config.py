@@ -32,8 +32,23 @@ TASK_DEFAULTS: dict[str, dict] = {
 }
 
 
+class DictConfig:
+    """Dict round trip for the config dataclasses (config.json files); unknown fields are refused by name."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InvalidArgument(f"unknown {cls.__name__} fields {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
 @dataclass
-class GPTConfig:
+class GPTConfig(DictConfig):
     dim: int = 768
     n_layer: int = 12
     n_head: int = 12
@@ -88,17 +103,6 @@ class GPTConfig:
         # The last image token is never fed back, but keeping its slot costs nothing.
         return self.cls_token_num + self.num_image_tokens
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InvalidArgument(f"unknown GPTConfig fields {unknown}; allowed: {sorted(known)}")
-        return cls(**d)
-
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
         """`name` is a preset ("GPT-B", ...) optionally suffixed "-t2i"; any field can be overridden."""
@@ -121,7 +125,7 @@ VQ_PRESETS: dict[str, dict] = {
 
 
 @dataclass
-class VQConfig:
+class VQConfig(DictConfig):
     codebook_size: int = 16384
     codebook_embed_dim: int = 8
     ch: int = 128
@@ -154,14 +158,6 @@ class VQConfig:
         d = dataclasses.asdict(self)
         d["ch_mult"] = list(self.ch_mult)
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VQConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InvalidArgument(f"unknown VQConfig fields {unknown}; allowed: {sorted(known)}")
-        return cls(**d)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "VQConfig":

@@ -95,6 +95,13 @@ def rope_table_2d(grid_size: int, head_dim: int, cls_token_num: int, base: float
     return torch.cat([torch.zeros(cls_token_num, half, 2), table])
 
 
+def keep_rope_fp32(module: nn.Module, config: GPTConfig) -> None:
+    """Rebuild `module.rope` in fp32 after .to(bf16)/.half() cast it: LlamaGen rotates with an fp32 table."""
+    if module.rope.dtype != torch.float32 and module.rope.device.type != "meta":
+        c = config
+        module.rope = rope_table_2d(c.grid_size, c.head_dim, c.cls_token_num, c.rope_base).to(module.rope.device)
+
+
 class Attention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -183,11 +190,8 @@ class GPT(nn.Module):
         self.cache_len = 0
 
     def _apply(self, fn, recurse=True):
-        # Keep the RoPE table in fp32 through .to(bf16)/.half(): LlamaGen rotates with an fp32 table.
         out = super()._apply(fn, recurse)
-        if self.rope.dtype != torch.float32 and self.rope.device.type != "meta":
-            c = self.config
-            self.rope = rope_table_2d(c.grid_size, c.head_dim, c.cls_token_num, c.rope_base).to(self.rope.device)
+        keep_rope_fp32(self, self.config)
         return out
 
     # ------------------------------------------------------------------ conditions

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_json
-from .collect import group_seed
+from .collect import check_conditions, group_seed
 from .errors import InvalidArgument
 from .generate import generate, make_schedule
 from .guidance import MODES
@@ -118,17 +118,12 @@ def sample_images(
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     if world_size < 1 or not 0 <= rank < world_size:
         raise InvalidArgument(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
+    M, pick = check_conditions(gpt, conditions, caption_mask)
+    conds, caption_mask = pick(torch.arange(M))
     if c.model_type == "c2i":
-        conds = torch.as_tensor(list(conditions) if not isinstance(conditions, torch.Tensor) else conditions).long()
-        gpt.check_condition(conds)
         cond_meta = conds.tolist()
     else:
-        conds = conditions
-        gpt.check_condition(conds)
-        if caption_mask is None or tuple(caption_mask.shape) != tuple(conds.shape[:2]):
-            raise InvalidArgument("caption_mask [M, T] is required for text-conditional sampling")
         cond_meta = list(condition_names) if condition_names is not None else None
-    M = conds.shape[0]
     total = M * per_condition
     num_groups = math.ceil(total / batch_size)
     out_dir = Path(out_dir)

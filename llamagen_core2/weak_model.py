@@ -18,7 +18,6 @@ Contract (design: shared/DESIGN.md §4):
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -29,9 +28,9 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import read_config, read_state_dict, save_pretrained as save_state_pretrained, validate_state_dict
-from .config import GPTConfig
+from .config import DictConfig, GPTConfig
 from .errors import CheckpointError, InvalidArgument
-from .model import KVCache, RMSNorm, TransformerBlock, rope_table_2d
+from .model import KVCache, RMSNorm, TransformerBlock, keep_rope_fp32, rope_table_2d
 
 # name -> trunk shape. Width 512 keeps the trunk a few % of a GPT-B step; the shared head dominates the rest.
 WEAK_PRESETS: dict[str, dict] = {
@@ -46,7 +45,7 @@ BASE_FIELDS = ("model_type", "dim", "vocab_size", "cls_token_num", "num_classes"
 
 
 @dataclass
-class WeakConfig:
+class WeakConfig(DictConfig):
     dim: int = 512
     n_layer: int = 2
     n_head: int = 8
@@ -63,17 +62,6 @@ class WeakConfig:
         if self.dim % self.n_head or (self.dim // self.n_head) % 2:
             raise InvalidArgument(f"weak model dim ({self.dim}) must split into n_head ({self.n_head}) heads of even "
                                   f"width")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "WeakConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InvalidArgument(f"unknown WeakConfig fields {unknown}; allowed: {sorted(known)}")
-        return cls(**d)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "WeakConfig":
@@ -160,9 +148,7 @@ class WeakModel(nn.Module):
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        if self.rope.dtype != torch.float32 and self.rope.device.type != "meta":
-            tc = self.trunk_config
-            self.rope = rope_table_2d(tc.grid_size, tc.head_dim, tc.cls_token_num, tc.rope_base).to(self.rope.device)
+        keep_rope_fp32(self, self.trunk_config)
         return out
 
     @classmethod

@@ -27,17 +27,17 @@ initialised model of ours (zero proj_out) starts as "CFG ~ cond" and Reflect lea
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..config import DictConfig
 from ..errors import InvalidArgument
 from .moe_lora import expert_index, set_active_expert, wrap_linears_with_moe_lora
 
 
 @dataclass
-class NoiseModelConfig:
+class NoiseModelConfig(DictConfig):
     in_channels: int = 16
     num_layers: int = 8
     num_heads: int = 24
@@ -61,16 +61,6 @@ class NoiseModelConfig:
     def width(self) -> int:
         return self.num_heads * self.head_dim
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "NoiseModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InvalidArgument(f"unknown noise-model config keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
 
 PRESETS = {
