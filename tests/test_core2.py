@@ -29,13 +29,7 @@ WEAK_TINY = dict(dim=32, n_head=4, multiple_of=32)
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny ops on a shared 2-core box: extra intra-op threads only add contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ from llamagen_core2.config import VQConfig
 from llamagen_core2.errors import CheckpointError, InvalidArgument
 from llamagen_core2.vq import AttnBlock, Downsample, Upsample, VQModel
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # These ops are tiny; on a shared 2-core box intra-op threads only add spin/contention (~100x).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: tiny convs are ~100x slower with 2
 
 
 TINY = dict(ch=32, z_channels=16, codebook_size=64, codebook_embed_dim=8, norm_groups=8)
