@@ -35,7 +35,8 @@ from baseline_decoder import BaselineDecoder  # noqa: E402
 
 from llamagen_core2.config import GPTConfig  # noqa: E402
 from llamagen_core2.errors import InvalidArgument  # noqa: E402
-from llamagen_core2.generate import generate, resolve_modes  # noqa: E402
+from llamagen_core2.generate import generate  # noqa: E402
+from llamagen_core2.guidance_config import GuidanceConfig  # noqa: E402
 from llamagen_core2.memory import check_fits, element_size, estimate_generation_bytes, weight_bytes  # noqa: E402
 from llamagen_core2.model import GPT  # noqa: E402
 
@@ -207,7 +208,7 @@ def main(argv=None):
             for batch in args.batch:
                 cond = torch.arange(batch, device=device) % gpt.config.num_classes
                 for mode in args.modes:
-                    modes = resolve_modes(tokens, mode, None, args.cfg_scale, -1)
+                    modes = GuidanceConfig(mode=mode, cfg_scale=args.cfg_scale).token_modes(tokens)
                     nbytes = step_bytes(gpt, weak if mode in ("fast", "slow") else None, batch, tokens, modes)
                     floor_ms = nbytes / bw * 1e3
                     for engine in args.engines:

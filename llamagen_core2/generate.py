@@ -37,12 +37,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import InvalidArgument, check_finite_scale, check_sampling_args
-from .guidance import MODES, guided_sample
+from .guidance import guided_sample
+from .guidance_config import MODE_TABLE, GuidanceConfig, make_schedule, needs_uncond, needs_weak  # noqa: F401
 from .memory import check_fits, estimate_generation_bytes
 from .static_decode import StaticDecoder
 
-NEEDS_UNCOND = ("cfg", "slow")
-NEEDS_WEAK = ("fast", "slow")
 ENGINES = ("auto", "static", "eager")
 
 
@@ -73,43 +72,6 @@ class GenerationStats:
     def as_dict(self) -> dict:
         return dict(step_rows=list(self.step_rows), base_rows=self.base_rows, catchup_rows=self.catchup_rows,
                     catchup_calls=self.catchup_calls, weak_steps=self.weak_steps)
-
-
-def make_schedule(num_tokens: int, *, first: str = "slow", then: str = "fast", first_tokens: Optional[int] = None,
-                  first_fraction: Optional[float] = None) -> list[str]:
-    """`first` for the first K tokens (K given directly or as a fraction of num_tokens, rounded), `then` after."""
-    for name, m in (("first", first), ("then", then)):
-        if m not in MODES:
-            raise InvalidArgument(f"schedule {name} mode must be one of {MODES}, got {m!r}")
-    if (first_tokens is None) == (first_fraction is None):
-        raise InvalidArgument("give exactly one of first_tokens or first_fraction")
-    if first_fraction is not None:
-        if not (0.0 <= float(first_fraction) <= 1.0):
-            raise InvalidArgument(f"first_fraction must be in [0, 1], got {first_fraction}")
-        first_tokens = int(round(float(first_fraction) * num_tokens))
-    if not (0 <= int(first_tokens) <= num_tokens):
-        raise InvalidArgument(f"first_tokens must be in [0, {num_tokens}], got {first_tokens}")
-    return [first] * int(first_tokens) + [then] * (num_tokens - int(first_tokens))
-
-
-def resolve_modes(num_tokens: int, mode: str, schedule: Optional[Sequence[str]], cfg_scale, cfg_interval: int) -> list[str]:
-    """The mode of every token after applying cfg_interval and a cfg_scale <= 1 (which means cond-only)."""
-    if schedule is None:
-        if mode not in MODES:
-            raise InvalidArgument(f"mode must be one of {MODES}, got {mode!r}")
-        modes = [mode] * num_tokens
-    else:
-        modes = list(schedule)
-        if len(modes) != num_tokens:
-            raise InvalidArgument(f"schedule must give one mode per token ({num_tokens}), got {len(modes)}")
-        bad = sorted({m for m in modes if m not in MODES})
-        if bad:
-            raise InvalidArgument(f"schedule contains unknown modes {bad}; allowed: {MODES}")
-    scalar_scale = not isinstance(cfg_scale, torch.Tensor)
-    for i, m in enumerate(modes):
-        if m == "cfg" and ((cfg_interval > -1 and i > cfg_interval + 1) or (scalar_scale and float(cfg_scale) <= 1.0)):
-            modes[i] = "cond"
-    return modes
 
 
 def _check_args(gpt, cond, cond_mask, num_tokens, cfg_scale, cfg_interval, w2s_scale, temperature, top_k, top_p,
@@ -159,17 +121,18 @@ def generate(
     *,
     cond_mask: Optional[torch.Tensor] = None,
     num_tokens: Optional[int] = None,
-    mode: str = "cfg",
-    schedule: Optional[Sequence[str]] = None,
-    cfg_scale=4.0,
-    cfg_interval: int = -1,
-    temperature=1.0,
-    top_k=2000,
-    top_p=1.0,
+    guidance: Optional[GuidanceConfig] = None,
+    mode: Optional[str] = None,
+    schedule=None,
+    cfg_scale=None,
+    cfg_interval: Optional[int] = None,
+    temperature=None,
+    top_k=None,
+    top_p=None,
+    w2s_scale=None,
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     weak_model=None,
-    w2s_scale=1.0,
     progress: bool = False,
     on_step: Optional[Callable[[StepRecord], None]] = None,
     return_stats: bool = False,
@@ -178,17 +141,25 @@ def generate(
 ):
     """Sample image tokens [B, N] for conditions `cond` (class ids [B] or caption features [B, T, C] + cond_mask).
 
-    Defaults follow LlamaGen's c2i demo (cfg 4.0, top_k 2000, temperature 1, top_p 1); top_k larger than the
-    vocabulary means the full vocabulary.
+    Guidance: `guidance` (a GuidanceConfig; default GuidanceConfig(), LlamaGen's c2i demo: cfg 4.0, top_k 2000,
+    temperature 1, top_p 1), with any of the individual knobs (mode, schedule, cfg_scale, ...) given here
+    overriding its fields. top_k larger than the vocabulary means the full vocabulary.
     """
+    overrides = dict(mode=mode, schedule=schedule, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
+                     temperature=temperature, top_k=top_k, top_p=top_p, w2s_scale=w2s_scale)
+    if guidance is not None and not isinstance(guidance, GuidanceConfig):
+        raise InvalidArgument(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
+    guidance = (guidance or GuidanceConfig()).replace(**{k: v for k, v in overrides.items() if v is not None})
+    cfg_scale, cfg_interval, w2s_scale = guidance.cfg_scale, guidance.cfg_interval, guidance.w2s_scale
+    temperature, top_k, top_p = guidance.temperature, guidance.top_k, guidance.top_p
     B, N = _check_args(gpt, cond, cond_mask, num_tokens, cfg_scale, cfg_interval, w2s_scale, temperature, top_k,
                        top_p, seed, generator)
     if engine not in ENGINES:
         raise InvalidArgument(f"engine must be one of {ENGINES}, got {engine!r}")
-    modes = resolve_modes(N, mode, schedule, cfg_scale, cfg_interval)
-    uses_uncond = any(m in NEEDS_UNCOND for m in modes)
+    modes = guidance.token_modes(N)
+    uses_uncond = needs_uncond(modes)
     all_rows_always = uses_uncond and not compact_rows  # LlamaGen: compute the uncond half, discard if unneeded
-    uses_weak = any(m in NEEDS_WEAK for m in modes)
+    uses_weak = needs_weak(modes)
     if uses_weak:
         if weak_model is None:
             raise InvalidArgument("modes 'fast' and 'slow' need a weak_model (train one with `llamagen-core2 reflect`)")
@@ -242,7 +213,7 @@ def generate(
     bar = tqdm(total=N, disable=not progress, desc="tokens", leave=False)
     for i in range(N):
         m = modes[i]
-        need_u = m in NEEDS_UNCOND
+        need_u = MODE_TABLE[m].uncond
         run_u = need_u or all_rows_always  # the uncond rows are computed at this step
         start = 0 if i == 0 else T + i - 1  # first position fed at this step
         if run_u and uncond_filled < start:

@@ -20,17 +20,9 @@ from typing import Optional, Union
 import torch
 
 from .errors import InvalidArgument, check_finite_scale, check_sampling_args
+from .guidance_config import MODE_TABLE, MODES, check_mode
 
-MODES = ("cond", "cfg", "fast", "slow")
 Scale = Union[float, int, torch.Tensor]
-
-
-def modes_needing_uncond() -> tuple[str, ...]:
-    return ("cfg", "slow")
-
-
-def modes_needing_weak() -> tuple[str, ...]:
-    return ("fast", "slow")
 
 
 def _row_scale(scale: Scale, name: str, like: torch.Tensor) -> Scale:
@@ -66,8 +58,7 @@ def mix_guidance(
     Computes in the inputs' dtype with the reference association `u + s * (c - u)` so results
     match LlamaGen and diffusers bit for bit in fp32.
     """
-    if mode not in MODES:
-        raise InvalidArgument(f"mode must be one of {MODES}, got {mode!r}")
+    check_mode(mode)
     if cond.dim() < 1 or cond.shape[0] == 0:
         raise InvalidArgument(f"cond must be a non-empty batch [B, ...], got shape {list(cond.shape)}")
     _check_same_shape("uncond", uncond, cond)
@@ -77,7 +68,7 @@ def mix_guidance(
 
     if mode == "cond":
         return cond
-    if mode in modes_needing_weak() and weak is None:
+    if MODE_TABLE[mode].weak and weak is None:
         raise InvalidArgument(f"mode {mode!r} needs the weak-model prediction `weak`")
     if mode == "fast":
         return weak

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_write_json
 from .collect import check_conditions, group_seed
 from .errors import InvalidArgument
-from .generate import generate, make_schedule
-from .guidance import MODES
+from .generate import generate
+from .guidance_config import Schedule, check_mode
 from .images import save_png, to_uint8
 
 
@@ -44,8 +44,7 @@ def build_schedule(num_tokens: int, *, mode: str = "cfg", slow_first: Optional[f
     given = [(k, v) for k, v in (("slow_first", slow_first), ("fast_first", fast_first),
                                  ("slow_first_tokens", slow_first_tokens), ("fast_first_tokens", fast_first_tokens))
              if v is not None]
-    if mode not in MODES:
-        raise InvalidArgument(f"mode must be one of {MODES}, got {mode!r}")
+    check_mode(mode)
     if not given:
         return None
     if len(given) > 1:
@@ -53,8 +52,8 @@ def build_schedule(num_tokens: int, *, mode: str = "cfg", slow_first: Optional[f
     name, value = given[0]
     first, then = ("slow", "fast") if name.startswith("slow") else ("fast", "slow")
     if name.endswith("tokens"):
-        return make_schedule(num_tokens, first=first, then=then, first_tokens=int(value))
-    return make_schedule(num_tokens, first=first, then=then, first_fraction=float(value))
+        return Schedule(first, then, first_tokens=value).modes(num_tokens)
+    return Schedule(first, then, first_fraction=value).modes(num_tokens)
 
 
 def _atomic_savez(path: Path, **arrays) -> None:

@@ -17,7 +17,8 @@ from llamagen_core2 import core2_cli
 from llamagen_core2.collect import collect, load_collected, storage_per_image
 from llamagen_core2.config import VQConfig
 from llamagen_core2.errors import CheckpointError, InvalidArgument
-from llamagen_core2.generate import generate, make_schedule
+from llamagen_core2.generate import generate
+from llamagen_core2.guidance_config import make_schedule
 from llamagen_core2.reflect import reflect
 from llamagen_core2.sample import build_schedule
 from llamagen_core2.shards import ShardReader

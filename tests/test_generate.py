@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from llamagen_core2.errors import InvalidArgument
-from llamagen_core2.generate import generate, make_schedule
+from llamagen_core2.generate import generate
+from llamagen_core2.guidance_config import make_schedule
 from tiny_models import ScaledCondWeak, captions, tiny_gpt
 
 

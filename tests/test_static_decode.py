@@ -8,7 +8,8 @@ import torch
 
 from llamagen_core2 import memory
 from llamagen_core2.errors import InvalidArgument
-from llamagen_core2.generate import generate, make_schedule
+from llamagen_core2.generate import generate
+from llamagen_core2.guidance_config import make_schedule
 from llamagen_core2.static_decode import StaticDecoder
 from tiny_models import ScaledCondWeak, captions, tiny_gpt
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..errors import InvalidArgument
-from ..guidance import MODES
+from ..guidance_config import MODES
 from ..images import save_png
 from .dataset import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, to_uint8
 from .pipeline import load_world, sample_images
