@@ -1,11 +1,12 @@
 """The seed rule: one Philox key per image, independent of how images are batched.
 
 Contract:
-  * Image `i` of a request with integer seed `s` samples with the 63-bit Philox key `image_key(s, i)`
-    (splitmix64 of (s, i)), so image i is the same whether it is generated alone, in a batch of 8 or as the
+  * A request's randomness has a 63-bit base `b`; image `i` samples with the Philox key `image_key(b, i)`
+    (splitmix64 of (b, i)), so image i is the same whether it is generated alone, in a batch of 8 or as the
     i-th image of a 1000-image CLI run split into batches of any size.
-  * A `torch.Generator` stands for the seed it yields: one 63-bit draw `b` from it, then image j of the
-    generator's images gets `image_key(b, j)`. A list of generators gives image i the first key of generator i.
+  * A `torch.Generator` yields `b` with one 63-bit draw (advancing it). An integer seed `s` is the CPU generator
+    `torch.Generator().manual_seed(s)` (so seed=s and generator=torch.Generator().manual_seed(s) agree, on any
+    device). A list of generators gives image i the key `image_key(b_i, 0)` of its own generator.
   * No seed and no generator: a fresh random seed (non-reproducible, like torch's default).
 The sampler (guidance.guided_sample / the fused kernel) turns key + draw counter into uniforms with Philox, so
 the keys are all the state a generation's randomness has: nothing else is drawn per token.
@@ -61,8 +62,7 @@ def row_keys(batch: int, *, seed: Optional[int] = None,
         if len(generators) != batch:
             raise InvalidArgument(f"a list of generators needs one per image ({batch}), got {len(generators)}")
         return torch.tensor([image_key(generator_seed(g), 0) for g in generators], dtype=torch.int64)
-    if generator is not None:
-        seed = generator_seed(generator)
-    elif seed is None:
-        seed = secrets.randbelow(MAX_KEY)
-    return image_keys(seed, first_index, batch)
+    if generator is None:
+        check_seed(seed if seed is not None else 0)
+        generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbelow(MAX_KEY))
+    return image_keys(generator_seed(generator), first_index, batch)

@@ -78,9 +78,9 @@ def test_slow_and_fast_row_counts_formula():
     counted = []
     forward = model.forward_hidden
 
-    def counting(x, start, rows=None, prefix_valid=None):
-        counted.append(x.shape[0] * x.shape[1] if start > 0 or x.shape[1] == 1 else x.shape[0])
-        return forward(x, start, rows=rows, prefix_valid=prefix_valid)
+    def counting(x, cache=None, **kw):  # a prefill of the T prefix positions counts as one row per sequence
+        counted.append(x.shape[0] * x.shape[1] if kw.get("start", 0) > 0 or x.shape[1] == 1 else x.shape[0])
+        return forward(x, cache, **kw)
 
     model.forward_hidden = counting
     kw = dict(cfg_scale=3.0, top_k=0, seed=0, weak_model=ScaledCondWeak(), return_stats=True)
@@ -101,9 +101,9 @@ def test_cfg_interval_really_drops_uncond_rows():
     seen_rows = []
     forward = model.forward_hidden
 
-    def spy(x, start, rows=None, prefix_valid=None):
+    def spy(x, cache=None, **kw):
         seen_rows.append(x.shape[0])
-        return forward(x, start, rows=rows, prefix_valid=prefix_valid)
+        return forward(x, cache, **kw)
 
     model.forward_hidden = spy
     tokens, stats, records = _recorded(model, cond, cfg_scale=3.0, cfg_interval=4, top_k=0, seed=3)
