@@ -157,9 +157,8 @@ def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
     """Launcher: see the module doc. `max_end` is only validated (the kernel reads the position on the device);
     `num_splits` overrides launch_config's choice (tests, benchmarks)."""
     R, H, S, D = check_decode_attention_args(q, cache_k, cache_v, row_start, position, key_valid, max_end)
-    for name, t in (("q", q), ("cache_k", cache_k), ("cache_v", cache_v)) + \
-            ((("key_valid", key_valid),) if key_valid is not None else ()):
-        if t.stride(-1) != 1:
+    for name, t in (("q", q), ("cache_k", cache_k), ("cache_v", cache_v), ("key_valid", key_valid)):
+        if t is not None and t.stride(-1) != 1:
             raise InvalidArgument(f"{name} must have unit stride along its last dimension, got strides {t.stride()}")
     on_gpu = q.device.type == "cuda" and not INTERPRETED
     splits, block_n, block_d, num_warps = launch_config(R, H, S, D, on_gpu,

@@ -48,9 +48,8 @@ def _check_same_device(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
 
 
 def _check_positions(name: str, t, length: int, like: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32) or t.dim() != 1 \
-            or t.shape[0] != length:
-        raise InvalidArgument(f"{name} must be an integer tensor [{length}] on the device, got "
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 1 or t.shape[0] != length:
+        raise InvalidArgument(f"{name} must be an int64 tensor [{length}] on the device, got "
                               f"{getattr(t, 'dtype', type(t).__name__)} {_shape(t)}")
     _check_same_device(name, t, like)
 
