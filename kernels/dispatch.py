@@ -83,7 +83,8 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
         return None
     if is_interpreted:
         return f"the kernels were built for the CPU interpreter (TRITON_INTERPRET=1) but the tensors are on {device}"
-    return f"the Triton kernels need CUDA tensors (got {device}); set TRITON_INTERPRET=1 before importing triton to run them on CPU"
+    return (f"the Triton kernels need CUDA tensors (got {device}); set TRITON_INTERPRET=1 before importing triton "
+            f"to run them on CPU")
 
 
 def select_backend(device: torch.device) -> str:

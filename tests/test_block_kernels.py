@@ -324,6 +324,70 @@ def test_decode_attention_reference_is_sdpa_with_the_decoders_masks(dtype):
             assert torch.equal(block_ops.decode_attention_reference(q, cache_k, cache_v, 0, pos, valid, bucket), want)
 
 
+# ---------------------------------------------------------------------- one decode step composed of the ops
+
+def decode_step_with_block_ops(gpt, tokens, position: int, key_valid, backend: str, fused_w13: bool):
+    """The block's decode step as the four ops + F.linear (how the engine wires them): tokens [R] fed at
+    `position` -> final normed hidden [R, 1, d]; K/V written into gpt.caches rows 0..R-1."""
+    R, d = tokens.shape[0], gpt.config.dim
+    eps = gpt.config.norm_eps
+    pos = torch.tensor([position], device=tokens.device)
+    x, residual = gpt.embed_tokens(tokens)[:, None], None
+    for layer, cache in zip(gpt.layers, gpt.caches):
+        normed, h = block_ops.add_rmsnorm(x, residual, layer.attention_norm.weight, eps, backend=backend)
+        qkv = F.linear(normed, layer.attention.wqkv.weight)
+        q = block_ops.rope_kv_write(qkv, gpt.rope, pos, cache.k, cache.v, 0, backend=backend)
+        attn = block_ops.decode_attention(q, cache.k, cache.v, 0, pos, key_valid, position + 1, backend=backend)
+        out = F.linear(attn.transpose(1, 2).reshape(R, 1, d), layer.attention.wo.weight)
+        normed, h = block_ops.add_rmsnorm(out, h, layer.ffn_norm.weight, eps, backend=backend)
+        ff = layer.feed_forward
+        if fused_w13:  # one GEMM against [w1; w3]
+            gate_up = F.linear(normed, torch.cat([ff.w1.weight, ff.w3.weight]))
+        else:
+            gate_up = torch.cat([ff.w1(normed), ff.w3(normed)], dim=-1)
+        x, residual = F.linear(block_ops.swiglu(gate_up, backend=backend), ff.w2.weight), h
+    return block_ops.add_rmsnorm(x, residual, gpt.norm.weight, eps, backend=backend)[0]
+
+
+@pytest.mark.parametrize("model_type", ["c2i", "t2i"])
+def test_decode_step_from_block_ops_is_the_models_decode_step(model_type):
+    from tiny_models import captions
+
+    gpt = tiny_gpt(model_type).to(DEVICE)
+    c = gpt.config
+    B, T = 3, c.cls_token_num
+    gpt.setup_caches(B)
+    if model_type == "t2i":
+        feats, prefix_valid = captions(gpt, B, [T, 2, 0])
+        cond, prefix_valid = feats.to(DEVICE), prefix_valid.to(DEVICE)
+        key_valid = torch.ones(B, gpt.cache_len, dtype=torch.bool, device=DEVICE)
+        key_valid[:, :T] = prefix_valid
+    else:
+        cond, prefix_valid, key_valid = torch.tensor([1, 4, 7], device=DEVICE), None, None
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(c.vocab_size, (B, 3), generator=g).to(DEVICE)
+    with torch.no_grad():
+        gpt.forward_hidden(torch.cat([gpt.condition_embeddings(cond), gpt.embed_tokens(tokens[:, :2])], 1), 0,
+                           prefix_valid=prefix_valid)
+        position = T + 2
+        filled = [(cache.k.clone(), cache.v.clone()) for cache in gpt.caches]
+        want = gpt.forward_hidden(gpt.embed_tokens(tokens[:, 2:]), position, prefix_valid=prefix_valid)
+        want_cache = [(cache.k.clone(), cache.v.clone()) for cache in gpt.caches]
+        results = {}
+        for backend, fused_w13 in (("torch", False), ("triton", True)):
+            for cache, (k, v) in zip(gpt.caches, filled):
+                cache.k.copy_(k)
+                cache.v.copy_(v)
+            results[backend] = decode_step_with_block_ops(gpt, tokens[:, 2], position, key_valid, backend, fused_w13)
+            for cache, (k, v) in zip(gpt.caches, want_cache):
+                torch.testing.assert_close(cache.k, k, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(cache.v, v, atol=1e-5, rtol=1e-5)
+    if DEVICE == "cpu":
+        assert torch.equal(results["torch"], want)  # the references are LlamaGen's block, bit for bit
+    # Triton + the [w1; w3] GEMM: every op's rounding differences, carried through 2 layers
+    torch.testing.assert_close(results["triton"], want, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------- dispatch
 
 def test_dispatch_env_forces_torch_and_interpreted_triton_runs_on_cpu(monkeypatch):
