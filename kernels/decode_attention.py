@@ -136,7 +136,8 @@ def launch_config(rows: int, n_heads: int, max_len: int, head_dim: int, on_gpu: 
     """(NUM_SPLITS, BLOCK_N, BLOCK_D, num_warps) from the shapes and the device only (not the position).
 
     BLOCK_D covers the head (100 -> 128, masked); BLOCK_N keeps a K or V tile at 4096 elements (64 keys at
-    D=64: 8 KB of bf16 per load, 32 fp32 per thread at 4 warps). Splits: R*H programs alone leave most of an
+    D=64: 8 KB of bf16 per load, 32 fp32 per thread at 4 warps; ptxas 13.4 for sm_90a: 96-168 registers,
+    no spills, for the GPT-B/XL/3B configs). Splits: R*H programs alone leave most of an
     H100's 132 SMs idle at small batch (GPT-B batch 1 with CFG: 24 programs), so the keys are split until
     there are >= 2 programs per SM, capped by the number of key blocks at the full cache length (a split
     shorter than one block is pure overhead) and by MAX_SPLITS (the combine reads every partial). With >= 2
@@ -149,6 +150,13 @@ def launch_config(rows: int, n_heads: int, max_len: int, head_dim: int, on_gpu: 
     programs = rows * n_heads
     splits = max(1, min(triton.cdiv(2 * sm_count, programs), triton.cdiv(max_len, block_n), MAX_SPLITS))
     return splits, block_n, block_d, 4
+
+
+def combine_launch_config(num_splits: int, block_d: int) -> tuple[int, int]:
+    """(BLOCK_SPLITS, num_warps) of the combine launch: all partials of one (row, head) in one tile; one warp
+    while the tile is <= 2048 fp32 (64 per thread), else 4."""
+    block_splits = triton.next_power_of_2(num_splits)
+    return block_splits, 1 if block_splits * block_d <= 2048 else 4
 
 
 def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, row_start: int,
@@ -188,10 +196,10 @@ def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
         HAS_KEY_VALID=key_valid is not None, NUM_SPLITS=splits, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps)
     if splits > 1:
+        block_splits, combine_warps = combine_launch_config(splits, block_d)
         _decode_attention_combine_kernel[(R * H,)](
             part_acc, part_max, part_sum, out, H, D, out.stride(0), out.stride(1),
-            NUM_SPLITS=splits, BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK_D=block_d,
-            num_warps=1 if splits * block_d <= 2048 else 4)
+            NUM_SPLITS=splits, BLOCK_SPLITS=block_splits, BLOCK_D=block_d, num_warps=combine_warps)
     return out
 
 

@@ -504,9 +504,9 @@ for dtype in ("fp32", "bf16", "fp16"):
                        "position_ptr": "*i64", "out_ptr": act, "qk_scale": "fp32", **parts},
                       {"HAS_KEY_VALID": masked, "NUM_SPLITS": splits, "BLOCK_N": block_n, "BLOCK_D": block_d}, warps)
             if splits > 1:
+                block_splits, warps = decode_attention.combine_launch_config(splits, block_d)
                 build(decode_attention._decode_attention_combine_kernel, {"out_ptr": act, **parts},
-                      {"NUM_SPLITS": splits, "BLOCK_SPLITS": triton.next_power_of_2(splits), "BLOCK_D": block_d},
-                      1 if splits * block_d <= 2048 else 4)
+                      {"NUM_SPLITS": splits, "BLOCK_SPLITS": block_splits, "BLOCK_D": block_d}, warps)
 names = sorted({key[0] for key in built})
 print("compiled", len(built), "specialisations of", " ".join(names))
 """
