@@ -9,8 +9,8 @@ Reference: llamagen_core2.block_ops.decode_attention_reference.
 
 Launch 1, grid (R * H, NUM_SPLITS): the program for (row, head, split) reads `position` from device memory and
 takes its share of the filled keys 0..position: the range is cut into NUM_SPLITS chunks of equal length
-(rounded up to BLOCK_N keys), so every split has work at every position and one CUDA graph serves every
-step. It walks its chunk BLOCK_N keys at a time with an online softmax in fp32 (scores in log2 units, exp2),
+(rounded up to BLOCK_N keys), so the work is spread over the splits at every position (a split whose chunk
+starts beyond `position` has none: short prefixes use fewer splits) and one CUDA graph serves every step. It walks its chunk BLOCK_N keys at a time with an online softmax in fp32 (scores in log2 units, exp2),
 loading only attended keys (masked loads: positions beyond `position`, or masked prefix keys, are never read
 into the result) and writes a partial (max, sum, acc[D]) in fp32 -- (-inf, 0, 0) for an empty chunk.
 Launch 2, grid (R * H): combines the NUM_SPLITS partials with their max-rescaled weights. With one split the
