@@ -1,0 +1,91 @@
+"""How many device operations one decode step dispatches per transformer layer (target: <= 10).
+
+Counted on CPU with the Triton kernels under the interpreter (LLAMAGEN_CORE2_KERNELS=triton): every aten op the
+step dispatches except views and allocations (they launch no kernel on a GPU), plus one per Triton launch (the
+aten ops the interpreter itself uses to move tensors in and out are not counted). The per-layer figure is the
+difference between a 4-layer and a 2-layer model, divided by 2, so per-step work (embedding, head, sampler)
+cancels out. The decode attention is forced to 3 KV splits, so its combine launch is counted as on a GPU at
+small batch.
+"""
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tiny_models import tiny_gpt
+
+interpreter = pytest.importorskip("triton.runtime.interpreter")
+attention_kernel = pytest.importorskip("llamagen_core2.kernels.decode_attention")
+if not attention_kernel.INTERPRETED:
+    pytest.skip("counts interpreted launches; on a GPU use benchmarks/bench_generate.py --count-kernels",
+                allow_module_level=True)
+
+NO_KERNEL = {"aten.empty.memory_format", "aten.empty_like.default", "aten.empty_strided.default",
+             "aten.promote_types.default", "aten.detach_.default"}  # allocations, metadata: no device launch
+
+
+class CountLaunches(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+        self.inside_triton = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.inside_triton and not func.is_view and str(func) not in NO_KERNEL:
+            self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def counter(monkeypatch):
+    mode = CountLaunches()
+    run = interpreter.InterpretedFunction.run
+
+    def counted_run(self, *args, **kwargs):
+        mode.ops["triton:" + self.fn.__name__] += 1
+        mode.inside_triton = True
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            mode.inside_triton = False
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", counted_run)
+    config = attention_kernel.launch_config
+    monkeypatch.setattr(attention_kernel, "launch_config", lambda *a, **k: (3,) + config(*a, **k)[1:])
+    return mode
+
+
+def decode_step_ops(counter, n_layer: int) -> Counter:
+    gpt = tiny_gpt(n_layer=n_layer)
+    cache = gpt.new_cache(4)
+    with torch.inference_mode():
+        gpt.forward_hidden(gpt.condition_embeddings(torch.tensor([1, 2, 3, 4])), cache)
+        x = gpt.embed_tokens(torch.tensor([5, 6, 7, 8]))[:, None]
+        counter.ops.clear()
+        with counter:
+            gpt.forward_hidden(x, cache, position=torch.tensor([1]), max_end=cache.max_len, backend="triton")
+    return Counter(counter.ops)
+
+
+def test_decode_step_is_at_most_ten_launches_per_layer(counter):
+    two, four = decode_step_ops(counter, 2), decode_step_ops(counter, 4)
+    per_layer = {op: (four[op] - two[op]) / 2 for op in four if four[op] != two[op]}
+    assert sum(per_layer.values()) <= 10, per_layer
+    # and it is the fused block: 4 GEMMs and the five/six fused launches, nothing else per layer
+    assert per_layer == {"aten.linear.default": 4, "triton:_add_rmsnorm_kernel": 2, "triton:_rope_kv_write_kernel": 1,
+                         "triton:_decode_attention_split_kernel": 1, "triton:_decode_attention_combine_kernel": 1,
+                         "triton:_swiglu_kernel": 1}, per_layer
+
+
+def test_the_count_sees_the_unfused_reference_path(counter):
+    """The same count on the torch references (what the step was before the kernels) is far above 10."""
+    gpt = tiny_gpt(n_layer=2)
+    cache = gpt.new_cache(4)
+    with torch.inference_mode():
+        gpt.forward_hidden(gpt.condition_embeddings(torch.tensor([1, 2, 3, 4])), cache)
+        x = gpt.embed_tokens(torch.tensor([5, 6, 7, 8]))[:, None]
+        counter.ops.clear()
+        with counter:
+            gpt.forward_hidden(x, cache, position=torch.tensor([1]), max_end=cache.max_len, backend="torch")
+    assert sum(counter.ops.values()) / 2 > 25, counter.ops
