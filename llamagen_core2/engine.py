@@ -182,7 +182,8 @@ class Engine:
             cond, weak, mode = weak, None, "cond"
         knobs = {name: t[:B] for name, t in self.knobs.items()}
         result = guided_sample(cond, uncond, weak, mode=mode, **knobs, seeds=self.keys[:B],
-                               offset=self.counters[3:4], return_mixed=record, check_values=False)
+                               offset=self.counters[3:4], return_mixed=record, check_values=False,
+                               backend=self.backend_now)
         tokens, mixed = result if record else (result, None)
         self.tokens_out[:B].index_copy_(1, self.counters[2:3], tokens[:, None])
         self.tokens_in[:B].copy_(tokens)
