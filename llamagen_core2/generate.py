@@ -10,8 +10,8 @@ Contract:
     before a later step needs them again the uncond rows are caught up by one chunked prefill, so attention never
     reads empty cache entries. `compact_rows=False` reproduces LlamaGen instead (all 2B rows on every step once
     any token needs the uncond half) -- the reference the row compaction is tested against.
-  * Randomness: image i samples with the Philox key `keys[i]` (`seeding.py`: from `seed` / `generator` / a list
-    of generators, or given directly as `keys`); token j draws counters j*V.. . So the same seed gives the same
+  * Randomness: image i samples with the Philox key `seeds[i]` (`seeding.py`: from `seed` / `generator` / a list
+    of generators, or given directly as `seeds`); token j draws counters j*V.. . So the same seed gives the same
     image i at any batch size and under either engine.
   * Engines: "static" decodes through `engine.Engine` (caller-owned state, fixed-shape steps, every mode inside
     CUDA graphs on GPU, eager on CPU); pass an `Engine` instance to keep its buffers and graphs across calls.
@@ -92,7 +92,7 @@ def generate(
     w2s_scale=None,
     seed: Optional[int] = None,
     generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
-    keys: Optional[torch.Tensor] = None,
+    seeds: Optional[torch.Tensor] = None,
     weak_model=None,
     progress: bool = False,
     on_step: Optional[Callable[[StepRecord], None]] = None,
@@ -104,8 +104,8 @@ def generate(
 
     Guidance: `guidance` (default GuidanceConfig(): cfg 4.0, top_k 2000, temperature 1, top_p 1) with any of the
     individual knobs given here overriding its fields; top_k larger than the vocabulary = the full vocabulary.
-    Randomness: `seed`, one `generator` or a list of B generators (one per image), or per-image Philox `keys`
-    [B] directly; none of them = a fresh random seed.
+    Randomness: `seed`, one `generator` or a list of B generators (one per image), or per-image Philox keys
+    `seeds` [B] directly (`seeding.row_keys`); none of them = a fresh random seed.
     """
     overrides = dict(mode=mode, schedule=schedule, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
                      temperature=temperature, top_k=top_k, top_p=top_p, w2s_scale=w2s_scale)
@@ -117,12 +117,14 @@ def generate(
         raise InvalidArgument(f"engine must be one of {ENGINES} or an Engine, got {engine!r}")
     if isinstance(engine, Engine) and engine.gpt is not gpt:
         raise InvalidArgument("this Engine was built for another model; make one with Engine(gpt)")
-    if keys is not None:
+    if seeds is not None:
         if seed is not None or generator is not None:
-            raise InvalidArgument("give keys, seed or generator, not several")
-        if not isinstance(keys, torch.Tensor) or keys.dtype != torch.int64 or tuple(keys.shape) != (B,):
-            raise InvalidArgument(f"keys must be an int64 tensor [B={B}] of per-image Philox keys, got "
-                                  f"{getattr(keys, 'dtype', type(keys).__name__)} {list(getattr(keys, 'shape', []))}")
+            raise InvalidArgument("give seeds, seed or generator, not several")
+        if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or tuple(seeds.shape) != (B,):
+            raise InvalidArgument(f"seeds must be an int64 tensor [B={B}] of per-image Philox keys, got "
+                                  f"{getattr(seeds, 'dtype', type(seeds).__name__)} "
+                                  f"{list(getattr(seeds, 'shape', []))}")
+        keys = seeds
     else:
         keys = row_keys(B, seed=seed, generator=generator)
     modes = guidance.token_modes(N)
