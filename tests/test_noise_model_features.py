@@ -191,3 +191,45 @@ def test_summary_rows_follow_images_per_prompt(pipes):
     model = spy_noise_model("sd3")
     run_fast(pipe, "sd3", model, num_images_per_prompt=2)
     assert all(torch.equal(a, b) for a, b in zip(model.seen[0], two))
+
+
+def test_guided_denoiser_refuses_a_weak_mode_without_the_summary(pipes):
+    from llamagen_core2.diffusion import GuidedDenoiser
+    from llamagen_core2.diffusion.layouts import layout_for
+    from llamagen_core2.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="prompt_summary"):
+        GuidedDenoiser(pipes["sd3"].transformer, layout_for("sd3"), GuidanceSettings(mode="slow"),
+                       noise_model=spy_noise_model("sd3"))
+
+
+def test_noise_model_in_bf16_stays_close_to_fp32():
+    """The official sampler runs the noise model in bf16; ours follows the loader's dtype (default fp32).
+    benchmarks/bench_noise_model_dtype.py measures the gap at the released sizes (docs/diffusion.md)."""
+    model = spy_noise_model("sd3")
+    with torch.no_grad():
+        for p in model.parameters():     # no zero-initialised path, as in trained weights
+            p.add_(torch.randn_like(p) * 0.02)
+    g = torch.Generator().manual_seed(1)
+    T, E, P, C, side = TINY_SHAPES["sd3"]
+    summary = prompt_features(torch.randn(1, T, E, generator=g), torch.randn(1, P, generator=g), RANK)
+    x = torch.randn(1, C, side, side, generator=g)
+    with torch.no_grad():
+        ref = model(x, *summary, step=0, num_steps=2)
+        low = model.to(torch.bfloat16)(x, *summary, step=0, num_steps=2)
+    assert low.dtype == torch.float32                 # returned in the caller's dtype
+    rel = float((low - ref).norm() / ref.norm())
+    assert 0 < rel < 0.03, rel                        # it ran in bf16, and stays within a few percent
+
+
+def test_sdxl_summary_rows_are_null_space_rows(pipes):
+    """SDXL's official summary stacks [zero uncond ; cond]: the rows of U it keeps are rows of zero tokens, so
+    they vanish on every column with a non-zero singular value (docs/diffusion.md says what that implies)."""
+    pipe = pipes["sdxl"]
+    tokens, _ = official_halves(pipe, "sdxl", PROMPTS[0])
+    assert float(tokens[:77].abs().max()) == 0.0                 # force_zeros_for_empty_prompt
+    k = int(torch.linalg.matrix_rank(tokens.double()))
+    s = prompt_summary(pipe, PROMPTS[:1], RANK).s[0]
+    assert 0 < k < tokens.shape[0]
+    assert float(s[:, :k].abs().max()) < 1e-5
+    assert torch.allclose(s @ s.T, torch.eye(RANK), atol=1e-5)   # still orthonormal rows: all in the null space
