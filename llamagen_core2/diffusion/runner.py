@@ -54,8 +54,9 @@ def diffuse(pipe, prompts: Union[str, Sequence[str]], *, settings: Optional[Guid
             raise InvalidArgument(f"{reserved} is set by diffuse(); use settings / flux_guidance instead")
     kind = pipeline_kind(pipe)
     layout = layout_for(kind)
+    settings.validate(noise_model is not None)   # bad settings fail before any encoding work
     summary = None
-    if noise_model is not None and settings.mode in WEAK_MODES:
+    if settings.mode in WEAK_MODES:
         summary = prompt_summary(pipe, prompts, noise_model.config.svd_rank,
                                  num_images_per_prompt=pipeline_kwargs.get("num_images_per_prompt") or 1)
     gd = GuidedDenoiser(denoiser_of(pipe, kind), layout, settings, noise_model=noise_model, prompt_summary=summary,
