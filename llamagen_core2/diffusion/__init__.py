@@ -7,7 +7,8 @@ import importlib
 _EXPORTS = {
     "MODES": "guided_denoiser", "GuidanceSettings": "guided_denoiser", "GuidedDenoiser": "guided_denoiser",
     "expected_rows_per_image": "guided_denoiser", "expert_index": "moe_lora", "NoiseModel": "noise_model",
-    "NoiseModelConfig": "noise_model", "noise_model_preset": "noise_model", "prompt_features": "noise_model",
+    "NoiseModelConfig": "noise_model", "noise_model_preset": "noise_model", "prompt_features": "prompt_summary",
+    "prompt_summary": "prompt_summary", "PromptSummary": "prompt_summary",
     "load_noise_model": "noise_model_io", "save_noise_model": "noise_model_io", "DiffuseResult": "runner",
     "diffuse": "runner", "collect_diffusion": "collect", "train_noise_model": "reflect",
 }

@@ -170,7 +170,8 @@ def _common(p: argparse.ArgumentParser, *, collect: bool) -> None:
     p.add_argument("--flux-guidance", type=float, default=3.5, help="FLUX-dev distilled guidance embedding")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (SD3 default 256, FLUX 512)")
+    p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens of the pipeline's encoding (SD3 default 256, FLUX 512); the noise "
+                   "model's prompt summary uses its own fixed length (docs/diffusion.md)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=DTYPES)

@@ -22,6 +22,8 @@ R_inv = 1 if inv_cfg <= 1 (cond-only inversion) else 2.
 
 `on_step_end` must be passed as the pipeline's `callback_on_step_end` (diffuse() does this): it
 advances the step index (used for the schedule and the noise model's expert) and runs the zigzag.
+The noise model's prompt inputs come in precomputed (`prompt_summary`, one row per image): they
+follow the official recipe of prompt_summary.py, not the embeddings this pipeline call uses.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import torch
 
 from ..errors import InvalidArgument, check_finite_scale
 from ..guidance import mix_guidance
-from .noise_model import prompt_features
+from .prompt_summary import PromptSummary
 
 MODES = ("cfg", "fast", "slow", "zigzag", "z-core2")
 ZIGZAG_MODES = ("zigzag", "z-core2")
@@ -90,11 +92,14 @@ def expected_rows_per_image(settings: GuidanceSettings, num_steps: int) -> int:
 
 class GuidedDenoiser:
     def __init__(self, denoiser: torch.nn.Module, layout, settings: GuidanceSettings, *,
-                 noise_model: Optional[torch.nn.Module] = None,
+                 noise_model: Optional[torch.nn.Module] = None, prompt_summary: Optional[PromptSummary] = None,
                  recorder: Optional[Callable] = None, pipe=None):
         settings.validate(noise_model is not None)
+        if settings.mode in WEAK_MODES and prompt_summary is None:
+            raise InvalidArgument(f"mode {settings.mode!r} needs prompt_summary, the noise model's prompt inputs "
+                                  "(prompt_summary.prompt_summary(pipe, prompts, rank); diffuse() computes it)")
         self.denoiser, self.layout, self.settings, self.pipe = denoiser, layout, settings, pipe
-        self.noise_model, self.recorder = noise_model, recorder
+        self.noise_model, self.prompt_summary, self.recorder = noise_model, prompt_summary, recorder
         self._signature = inspect.signature(type(denoiser).forward)
         self._forward = None
         self.reset()
@@ -106,7 +111,6 @@ class GuidedDenoiser:
         self.rows = 0          # denoiser rows evaluated (sum over calls of the batch size)
         self.calls = 0         # real denoiser calls
         self.images = 0
-        self._features = None
         self._last_args: Optional[dict] = None
         self._stepper = None
 
@@ -141,13 +145,9 @@ class GuidedDenoiser:
         return self.layout.run(counted, args, need_uncond)
 
     def _weak(self, cond: torch.Tensor, args: dict, i: int) -> torch.Tensor:
-        if self._features is None:
-            tu, tc, pu, pc = self.layout.prompt_tokens(args)
-            self._features = prompt_features(torch.cat([tu, tc], 1), torch.cat([pu, pc], -1),
-                                             self.noise_model.config.svd_rank)
         image = self.layout.to_image(cond, args)
         with torch.no_grad():
-            weak = self.noise_model(image, *self._features, step=i, num_steps=self.num_steps)
+            weak = self.noise_model(image, *self.prompt_summary, step=i, num_steps=self.num_steps)
         return self.layout.from_image(weak.to(cond.dtype), args)
 
     def guided_prediction(self, args: dict, i: int, mode: str, cfg_scale: float, *, record: bool = False):

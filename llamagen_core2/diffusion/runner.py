@@ -5,7 +5,8 @@ the call and pass its `on_step_end` as `callback_on_step_end` (layouts.py, guide
 SDXL / SD3 are asked for `guidance_scale = cfg_scale` (or 2.0 when cfg_scale <= 1, only so they
 keep batching [uncond ; cond]; our output does not depend on it). FLUX is run with its distilled
 `guidance_scale` (`flux_guidance`) and WITHOUT its true CFG; the negative prompt is encoded here
-and the wrapper issues the uncond pass itself.
+and the wrapper issues the uncond pass itself. Modes with a noise model get its prompt inputs
+from prompt_summary.py (the official recipe), computed here once per prompt, before the pipeline runs.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ..errors import InvalidArgument
-from .guided_denoiser import GuidanceSettings, GuidedDenoiser
+from .guided_denoiser import WEAK_MODES, GuidanceSettings, GuidedDenoiser
 from .layouts import denoiser_of, layout_for, pipeline_kind
+from .prompt_summary import prompt_summary
 
 
 @dataclass
@@ -52,8 +54,13 @@ def diffuse(pipe, prompts: Union[str, Sequence[str]], *, settings: Optional[Guid
             raise InvalidArgument(f"{reserved} is set by diffuse(); use settings / flux_guidance instead")
     kind = pipeline_kind(pipe)
     layout = layout_for(kind)
-    gd = GuidedDenoiser(denoiser_of(pipe, kind), layout, settings, noise_model=noise_model, recorder=recorder,
-                        pipe=pipe)
+    settings.validate(noise_model is not None)   # bad settings fail before any encoding work
+    summary = None
+    if settings.mode in WEAK_MODES:
+        summary = prompt_summary(pipe, prompts, noise_model.config.svd_rank,
+                                 num_images_per_prompt=pipeline_kwargs.get("num_images_per_prompt") or 1)
+    gd = GuidedDenoiser(denoiser_of(pipe, kind), layout, settings, noise_model=noise_model, prompt_summary=summary,
+                        recorder=recorder, pipe=pipe)
     negatives = None
     if negative_prompt is not None:
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
