@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    logging.basicConfig(format="%(name)s: %(message)s")  # library code logs; warnings (and opted-in info) to stderr
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
