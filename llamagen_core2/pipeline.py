@@ -84,8 +84,9 @@ class LlamaGenPipeline:
     @classmethod
     def from_pretrained(cls, gpt, vq=None, *, gpt_filename: Optional[str] = None, vq_filename: Optional[str] = None,
                         weak_model=None, caption_encoder=None, gpt_preset: Optional[str] = None,
-                        vq_preset: str = "VQ-16", image_size: Optional[int] = None, device=None, dtype=None,
-                        guidance: Optional[GuidanceConfig] = None, revision: Optional[str] = None, cache_dir=None,
+                        vq_preset: str = "VQ-16", gpt_kwargs: Optional[dict] = None, vq_kwargs: Optional[dict] = None,
+                        device=None, dtype=None, guidance: Optional[GuidanceConfig] = None,
+                        revision: Optional[str] = None, cache_dir=None,
                         local_files_only: Optional[bool] = None) -> "LlamaGenPipeline":
         """Load the parts from local paths or Hub ids (hub.py: HF cache, HF_HUB_OFFLINE).
 
@@ -93,6 +94,8 @@ class LlamaGenPipeline:
         `from_pretrained("FoundationVision/LlamaGen", gpt_filename="c2i_B_256.pt", vq_filename="vq_ds16_c2i.pt")`.
         `weak_model` / `caption_encoder`: a path or Hub id (loaded here) or an already built model. `dtype` applies
         to the GPT and the weak model; the VQ decoder stays fp32 as in LlamaGen; T5 runs in bf16 on CUDA.
+        `gpt_kwargs` / `vq_kwargs`: config overrides for GPT.from_pretrained / VQModel.from_pretrained (e.g.
+        {"image_size": 384} for a file whose name does not say it).
         """
         from .hub import resolve
         from .model import GPT
@@ -104,10 +107,10 @@ class LlamaGenPipeline:
                 raise InvalidArgument("vq is required (a path or Hub id), unless vq_filename names a file in the "
                                       "GPT's repo")
             vq = gpt
-        overrides = {} if image_size is None else {"image_size": image_size}
         gpt_model = GPT.from_pretrained(gpt, gpt_preset, device=device, dtype=dtype, filename=gpt_filename, **hub,
-                                        **overrides)
-        vq_model = VQModel.from_pretrained(vq, vq_preset, device=device, filename=vq_filename, **hub)
+                                        **(gpt_kwargs or {}))
+        vq_model = VQModel.from_pretrained(vq, vq_preset, device=device, filename=vq_filename, **hub,
+                                           **(vq_kwargs or {}))
         if weak_model is not None and not isinstance(weak_model, torch.nn.Module):
             from .weak_model import WeakModel
 
