@@ -60,7 +60,8 @@ def load_vq(args):
 def add_condition_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", default=None, help="class ids for c2i, e.g. '0-999' or '1,7,207'")
     p.add_argument("--captions", default=None, help="t2i: text file with one caption per line")
-    p.add_argument("--t5", default=None, help="t2i: local FLAN-T5-XL directory for caption features")
+    p.add_argument("--t5", default=None, help="t2i: FLAN-T5-XL for caption features (local directory or Hub id "
+                                              "google/flan-t5-xl)")
     p.add_argument("--per-class", type=int, default=1, help="images per class id / caption")
     p.add_argument("--batch-size", "--per-proc-batch-size", dest="batch_size", type=int, default=16,
                    help="images per batch (per process under torchrun)")
@@ -124,7 +125,7 @@ def load_conditions(args, gpt):
             raise InvalidArgument("a class-conditional GPT needs --classes (e.g. '0-999'), not --captions")
         return torch.tensor(parse_class_ids(args.classes, c.num_classes)), None, None
     if args.captions is None or args.t5 is None:
-        raise InvalidArgument("a text-conditional GPT needs --captions FILE and --t5 DIR (FLAN-T5-XL)")
+        raise InvalidArgument("a text-conditional GPT needs --captions FILE and --t5 DIR|google/flan-t5-xl")
     from .text import CaptionEncoder
 
     with open(args.captions) as f:

@@ -1,8 +1,8 @@
 """The denoiser wrapper: every guidance mix of a diffusers pipeline goes through `mix_guidance`.
 
 Integration point (diffusers 0.42.1): the classic SDXL / SD3 / FLUX pipelines mix CFG inline and
-do not consume `diffusers.guiders` (only the modular pipelines do), and `callback_on_step_end`
-runs after `scheduler.step`. So we replace the denoiser's `forward` on the instance (keeping any
+do not consume `diffusers.guiders` (only the modular pipelines do; for those see guider.py), and
+`callback_on_step_end` runs after `scheduler.step`. So we replace the denoiser's `forward` on the instance (keeping any
 accelerate offload hook, which lives in the previous `forward`) with a GuidedDenoiser:
 
 * it evaluates only the rows the current step's mode needs (fast: cond rows only),
@@ -10,7 +10,7 @@ accelerate offload hook, which lives in the previous `forward`) with a GuidedDen
 * returns a batch for which the pipeline's own formula yields exactly our output: SDXL / SD3
   get [m ; m] so `m + g * (m - m) == m`; FLUX (run without its true CFG) gets m.
 
-Modes (per step i of N; c, u = cond / uncond predictions, w = noise model(c)):
+Modes (per step i of N; c, u = cond / uncond predictions, w = noise model(c); the table is modes.py):
     cfg      u + s (c - u)                          2 rows / image / step
     fast     w                                      1 row
     slow     w + a (cfg - w) for i < end_timesteps, fast after (CoRe^2; end_timesteps None = all slow)
