@@ -34,7 +34,8 @@ import torch
 from ..errors import InvalidArgument, check_finite_scale
 from ..guidance import mix_guidance
 from ..guidance_config import MODE_TABLE, GuidanceConfig, Schedule
-from .modes import MODES, diffusion_mode, needs_noise_model, rows_for, step_mode, with_zigzag  # noqa: F401
+from .modes import (MODES, diffusion_mode, needs_noise_model, rows_for, scheduled_mode, step_mode,
+                    with_zigzag)
 from .noise_model import prompt_features
 
 
@@ -63,11 +64,10 @@ class GuidanceSettings:
         end_timesteps, mode = None, guidance.mode
         if guidance.schedule is not None:
             sched = guidance.schedule
-            if not (isinstance(sched, Schedule) and (sched.first, sched.then) == ("slow", "fast")
-                    and sched.first_tokens is not None):
-                raise InvalidArgument("a diffusion schedule is Schedule('slow', 'fast', first_tokens=K): W2S for the "
-                                      f"first K denoising steps, fast after; got {sched!r}")
-            mode, end_timesteps = "slow", sched.first_tokens
+            if not (isinstance(sched, Schedule) and sched.first_tokens is not None):
+                raise InvalidArgument("a diffusion schedule is a Schedule(first, then, first_tokens=K) over the "
+                                      f"denoising steps, e.g. Schedule('slow', 'fast', first_tokens=K); got {sched!r}")
+            mode, end_timesteps = scheduled_mode(sched.first, sched.then), sched.first_tokens
         if mode not in MODES:
             raise InvalidArgument(f"guidance.mode must be one of {MODES} for diffusion, got {mode!r}")
         if zigzag:

@@ -41,6 +41,15 @@ def diffusion_mode(mode) -> DiffusionMode:
     return DIFFUSION_MODES[mode]
 
 
+def scheduled_mode(first: str, then: str) -> str:
+    """The diffusion mode whose steps run `first` for the first end_timesteps steps and `then` after."""
+    for name, spec in DIFFUSION_MODES.items():
+        if not spec.zigzag and spec.first != spec.then and (spec.first, spec.then) == (first, then):
+            return name
+    phases = [(s.first, s.then) for s in DIFFUSION_MODES.values() if not s.zigzag and s.first != s.then]
+    raise InvalidArgument(f"no diffusion mode runs {first!r} then {then!r}; two-phase modes: {phases}")
+
+
 def with_zigzag(mode: str) -> str:
     """The zigzag variant of a mode (cfg -> zigzag, slow -> z-core2)."""
     spec = diffusion_mode(mode)
