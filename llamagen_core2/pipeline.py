@@ -179,7 +179,7 @@ class LlamaGenPipeline:
         return prompt_embeds.cpu(), None if prompt_attention_mask is None else prompt_attention_mask.cpu()
 
     # ------------------------------------------------------------------ generation
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: a caller may feed the "pt" images to autograd code
     def __call__(self, class_labels=None, prompt: Union[str, Sequence[str], None] = None, *,
                  prompt_embeds: Optional[torch.Tensor] = None, prompt_attention_mask: Optional[torch.Tensor] = None,
                  num_images_per_prompt: int = 1, guidance: Optional[GuidanceConfig] = None,
