@@ -21,11 +21,13 @@ from .cli_common import (add_condition_args, add_model_args, add_refine_args, ad
                          load_conditions, load_gpt, load_refine, load_vq, print_json)
 from .errors import CheckpointError, InvalidArgument
 
-def _source(path_or_repo: str) -> str:
-    """A checkpoint source for manifests: absolute local path, or the Hub repo id as given."""
+
+def _source(path_or_repo: str, filename=None) -> str:
+    """A checkpoint source for manifests: absolute local path, or the Hub repo id (+ file) as given."""
     from .hub import is_repo_id
 
-    return path_or_repo if is_repo_id(path_or_repo) else os.path.abspath(path_or_repo)
+    source = path_or_repo if is_repo_id(path_or_repo) else os.path.abspath(path_or_repo)
+    return source if filename is None else f"{source}/{filename}"
 
 
 # ---------------------------------------------------------------------- collect
@@ -41,7 +43,7 @@ def run_collect(args) -> dict:
                       batch_size=args.batch_size, cfg_scale=args.cfg_scale, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, num_tokens=args.num_tokens,
                       store_dtype=args.store_dtype, groups_per_shard=args.groups_per_shard,
-                      base_checkpoint=_source(args.gpt), progress=not args.quiet)
+                      base_checkpoint=_source(args.gpt, args.gpt_filename), progress=not args.quiet)
     print_json(summary)
     return summary
 

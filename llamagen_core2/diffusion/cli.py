@@ -104,12 +104,11 @@ def _log_progress(args) -> None:
 def cmd_diffuse(args) -> int:
     import torch
 
-    _log_progress(args)
-
     from .guided_denoiser import GuidanceSettings
     from .noise_model_io import load_noise_model
     from .runner import diffuse
 
+    _log_progress(args)
     prompts = _prompts(args)
     device, dtype = _device_dtype(args)
     pipe = load_pipeline(args.pipeline, args.model, device, dtype, ddim=DIFFUSION_MODES[args.mode].zigzag)
