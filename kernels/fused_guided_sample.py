@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InvalidArgument, check_finite_scale, check_sampling_args
+from ..guidance_config import MODE_TABLE
 
 MAX_VOCAB = 65536  # a whole row lives in registers: 65536 fp32 over 32 warps = 64 per thread
 MODE_IDS = {"cond": 0, "cfg": 1, "fast": 2, "slow": 3}
@@ -249,9 +250,9 @@ def fused_guided_sample(
     weak = _as_logits("weak", weak, cond)
     batch, vocab = cond.shape
     device = cond.device
-    if mode in ("fast", "slow") and weak is None:
+    if MODE_TABLE[mode].weak and weak is None:
         raise InvalidArgument(f"mode {mode!r} needs the weak-model prediction `weak`")
-    if mode in ("cfg", "slow") and uncond is None:
+    if MODE_TABLE[mode].uncond and uncond is None:
         if isinstance(cfg_scale, torch.Tensor) or float(cfg_scale) > 1.0:
             raise InvalidArgument(f"mode {mode!r} with cfg_scale > 1 needs the unconditional output `uncond`")
         uncond = cond  # never read: a scale <= 1 selects cond

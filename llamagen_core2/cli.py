@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from .cli_common import (add_condition_args, add_model_args, add_refine_args, add_sampling_args, load_conditions,
-                         load_gpt, load_refine)
+from .cli_common import (add_condition_args, add_model_args, add_refine_args, add_sampling_args, add_vq_args,
+                         guidance_from_args, load_conditions, load_gpt, load_refine, load_vq)
 from .errors import CheckpointError, InvalidArgument
 
 SUBCOMMAND_MODULES = (
@@ -30,40 +29,35 @@ SUBCOMMAND_MODULES = (
 def cmd_generate(args) -> int:
     import torch
 
-    from .generate import generate
-    from .images import make_grid, save_png, to_uint8
-    from .vq import VQModel
+    from .images import make_grid, save_png
+    from .pipeline import LlamaGenPipeline
 
     gpt = load_gpt(args)
     conds, cond_mask, _ = load_conditions(args, gpt)
-    vq = VQModel.from_pretrained(args.vq, preset=args.vq_preset, device=args.device)
+    vq = load_vq(args)
     weak, schedule = load_refine(args, gpt)
-    # --per-class images of every condition, generated in batches of --batch-size (batch k uses seed + k).
+    pipe = LlamaGenPipeline(gpt, vq, weak_model=weak, guidance=guidance_from_args(args, schedule))
+    condition = dict(class_labels=conds) if gpt.config.model_type == "c2i" else \
+        dict(prompt_embeds=conds, prompt_attention_mask=cond_mask)
+    # --per-class images of every condition, in batches of --batch-size; image n uses image_key(--seed, n).
+    t0 = time.perf_counter()
+    out = pipe(**condition, num_images_per_prompt=args.per_class, seed=args.seed, batch_size=args.batch_size,
+               output_type="np", progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    pixels = out.images
     order = torch.arange(len(conds)).repeat_interleave(args.per_class)
-    pixels, seconds = [], 0.0
-    for k, start in enumerate(range(0, len(order), args.batch_size)):
-        rows = order[start:start + args.batch_size]
-        t0 = time.perf_counter()
-        tokens = generate(gpt, conds[rows].to(args.device),
-                          cond_mask=None if cond_mask is None else cond_mask[rows].to(args.device),
-                          mode=args.mode, schedule=schedule, cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + k,
-                          weak_model=weak, w2s_scale=args.w2s_scale, progress=not args.quiet)
-        seconds += time.perf_counter() - t0
-        with torch.inference_mode():
-            pixels.append(to_uint8(vq.decode_codes(tokens)))
-    pixels = np.concatenate(pixels)
-    out = Path(args.out)
-    grid = out / "grid.png"
+    out_dir = Path(args.out)
+    grid = out_dir / "grid.png"
     save_png(make_grid(pixels, nrow=args.nrow), grid)
     for i, (image, c) in enumerate(zip(pixels, order.tolist())):
         label = f"class{int(conds[c])}" if gpt.config.model_type == "c2i" else f"caption{c}"
-        save_png(image, out / "images" / f"{i:05d}_{label}.png")
+        save_png(image, out_dir / "images" / f"{i:05d}_{label}.png")
     if not args.quiet:
-        print(f"wrote {grid} and {len(pixels)} images under {out / 'images'} "
-              f"({seconds:.2f} s of token generation on {args.device})", file=sys.stderr)
-    print(json.dumps({"grid": str(grid), "images_dir": str(out / "images"), "num_images": len(pixels),
+        print(f"wrote {grid} and {len(pixels)} images under {out_dir / 'images'} "
+              f"({seconds:.2f} s of generation + VQ decode on {args.device})", file=sys.stderr)
+    print(json.dumps({"grid": str(grid), "images_dir": str(out_dir / "images"), "num_images": len(pixels),
                       "tokens_per_image": gpt.config.num_image_tokens, "mode": args.mode,
+                      "cfg_scale": args.cfg_scale, "top_k": args.top_k, "seed": args.seed,
                       "seconds": round(seconds, 4), "images_per_s": round(len(pixels) / seconds, 4),
                       "device": str(args.device)}))
     return 0
@@ -99,8 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(g, cfg_default=4.0, top_k_default=2000)
     add_refine_args(g)
     g.add_argument("--cfg-interval", type=int, default=-1, help="CFG for tokens 0..N+1 only (-1 = all)")
-    g.add_argument("--vq", required=True, help="VQ tokenizer checkpoint (.pt / .safetensors / directory)")
-    g.add_argument("--vq-preset", default="VQ-16", choices=("VQ-16", "VQ-8"))
+    add_vq_args(g)
     g.add_argument("--nrow", type=int, default=8)
     g.add_argument("--out", default="samples", help="output directory: grid.png + images/*.png")
     g.add_argument("--quiet", action="store_true", help="no progress bar; only the final JSON line")
@@ -127,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    logging.basicConfig(format="%(name)s: %(message)s")  # library code logs; warnings (and opted-in info) to stderr
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

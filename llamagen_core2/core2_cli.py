@@ -17,9 +17,18 @@ import os
 
 import torch
 
-from .cli_common import (add_condition_args, add_model_args, add_refine_args, add_sampling_args, load_conditions,
-                         load_gpt, load_refine, print_json)
+from .cli_common import (add_condition_args, add_model_args, add_refine_args, add_sampling_args, add_vq_args,
+                         load_conditions, load_gpt, load_refine, load_vq, print_json)
 from .errors import CheckpointError, InvalidArgument
+
+
+def _source(path_or_repo: str, filename=None) -> str:
+    """A checkpoint source for manifests: absolute local path, or the Hub repo id (+ file) as given."""
+    from .hub import is_repo_id
+
+    source = path_or_repo if is_repo_id(path_or_repo) else os.path.abspath(path_or_repo)
+    return source if filename is None else f"{source}/{filename}"
+
 
 # ---------------------------------------------------------------------- collect
 def run_collect(args) -> dict:
@@ -34,7 +43,7 @@ def run_collect(args) -> dict:
                       batch_size=args.batch_size, cfg_scale=args.cfg_scale, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, num_tokens=args.num_tokens,
                       store_dtype=args.store_dtype, groups_per_shard=args.groups_per_shard,
-                      base_checkpoint=os.path.abspath(args.gpt), progress=not args.quiet)
+                      base_checkpoint=_source(args.gpt, args.gpt_filename), progress=not args.quiet)
     print_json(summary)
     return summary
 
@@ -110,18 +119,17 @@ def add_reflect_subcommand(subparsers):
 # ---------------------------------------------------------------------- sample
 def run_sample(args) -> dict:
     from .sample import sample_images
-    from .vq import VQModel
 
     gpt = load_gpt(args)
     conds, mask, names = load_conditions(args, gpt)
-    vq = VQModel.from_pretrained(args.vq, args.vq_preset).to(args.device)
+    vq = load_vq(args)
     weak, schedule = load_refine(args, gpt)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo")
     result = sample_images(gpt, vq, conds, args.out, caption_mask=mask, condition_names=names,
                            per_condition=args.per_class, batch_size=args.batch_size, mode=args.mode, schedule=schedule,
-                           weak_model=weak, weak_path=None if args.weak is None else os.path.abspath(args.weak),
+                           weak_model=weak, weak_path=None if args.weak is None else _source(args.weak),
                            cfg_scale=args.cfg_scale, w2s_scale=args.w2s_scale, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=not args.quiet)
     print_json(result)
@@ -136,8 +144,7 @@ def add_sample_subcommand(subparsers):
     add_model_args(p)
     add_condition_args(p)
     add_sampling_args(p, cfg_default=4.0)
-    p.add_argument("--vq", required=True, help="VQ tokenizer checkpoint (e.g. vq_ds16_c2i.pt)")
-    p.add_argument("--vq-preset", default="VQ-16", choices=["VQ-16", "VQ-8"])
+    add_vq_args(p)
     p.add_argument("--out", required=True)
     add_refine_args(p)
     p.add_argument("--quiet", action="store_true")

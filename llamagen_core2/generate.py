@@ -110,6 +110,37 @@ def _check_memory(gpt, B: int, rows: int, N: int) -> None:
                                     f"workspace)")
 
 
+# ---- STOPGAP: per-image keys (`seeds=`) until guided_sample draws from Philox with one key per row. -------------
+# Each row samples with its own torch.Generator seeded from seeds[r], one guided_sample call per row, so a row's
+# draws never depend on the other rows. Slow (B calls per token, no graph sampling); the engine replaces these two
+# helpers with `guided_sample(..., seeds=seeds, offset=...)`.
+def _stopgap_row_generators(seeds, batch: int, device, seed, generator) -> Optional[list]:
+    if seeds is None:
+        return None
+    if seed is not None or generator is not None:
+        raise InvalidArgument("give seeds (one key per image) or seed / generator, not both")
+    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or tuple(seeds.shape) != (batch,):
+        raise InvalidArgument(f"seeds must be a LongTensor [{batch}] (one key per image, seeding.row_keys), got "
+                              f"{getattr(seeds, 'dtype', type(seeds).__name__)} {list(getattr(seeds, 'shape', []))}")
+    if bool((seeds < 0).any()):
+        raise InvalidArgument("seeds must be non-negative int64 keys")
+    return [torch.Generator(device=device).manual_seed(int(k)) for k in seeds.tolist()]
+
+
+def _stopgap_sample_rows(row_generators: list):
+    def sample(cond, uncond, weak, *, generator, return_mixed, **knobs):
+        def row(t, r):
+            return t[r:r + 1] if isinstance(t, torch.Tensor) and t.dim() >= 1 else t
+        outs = [guided_sample(row(cond, r), row(uncond, r), row(weak, r), generator=g, return_mixed=return_mixed,
+                              **{k: row(v, r) for k, v in knobs.items() if k != "mode"}, mode=knobs["mode"])
+                for r, g in enumerate(row_generators)]
+        if not return_mixed:
+            return torch.cat(outs)
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+    return sample
+# ---- end STOPGAP -------------------------------------------------------------------------------------------------
+
+
 def _scalar_knobs(*values) -> bool:
     return not any(isinstance(v, torch.Tensor) for v in values)
 
@@ -132,6 +163,7 @@ def generate(
     w2s_scale=None,
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    seeds: Optional[torch.Tensor] = None,
     weak_model=None,
     progress: bool = False,
     on_step: Optional[Callable[[StepRecord], None]] = None,
@@ -144,6 +176,9 @@ def generate(
     Guidance: `guidance` (a GuidanceConfig; default GuidanceConfig(), LlamaGen's c2i demo: cfg 4.0, top_k 2000,
     temperature 1, top_p 1), with any of the individual knobs (mode, schedule, cfg_scale, ...) given here
     overriding its fields. top_k larger than the vocabulary means the full vocabulary.
+
+    Randomness: `seeds` (LongTensor [B], one key per image, see `seeding.row_keys`) makes image r depend on
+    seeds[r] alone, whatever the batch; `seed` / `generator` seed the whole batch.
     """
     overrides = dict(mode=mode, schedule=schedule, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
                      temperature=temperature, top_k=top_k, top_p=top_p, w2s_scale=w2s_scale)
@@ -167,7 +202,8 @@ def generate(
             weak_model.check_compatible(gpt)
 
     device = gpt.output.weight.device
-    if generator is None:
+    row_generators = _stopgap_row_generators(seeds, B, device, seed, generator)
+    if generator is None and row_generators is None:
         generator = torch.Generator(device=device)
         generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2 ** 63)))
     T = gpt.config.cls_token_num
@@ -180,7 +216,7 @@ def generate(
     user_generator = generator
     if decoder is not None:
         decoder.prepare(B, None if cond_mask is None else cond_mask.to(device=device, dtype=torch.bool))
-        graph_sampling = (on_step is None and not uses_weak
+        graph_sampling = (row_generators is None and on_step is None and not uses_weak
                           and _scalar_knobs(cfg_scale, w2s_scale, temperature, top_k, top_p)
                           and decoder.graph_sampling_ok(generator))
         if graph_sampling:
@@ -259,9 +295,10 @@ def generate(
                 logits_c, logits_u, weak_for_mix, mix_mode = weak_logits, None, None, "cond"
             else:
                 weak_for_mix, mix_mode = weak_logits, m
-            result = guided_sample(logits_c, logits_u, weak_for_mix, mode=mix_mode, cfg_scale=cfg_scale,
-                                   w2s_scale=w2s_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   generator=generator, return_mixed=on_step is not None)
+            sample = guided_sample if row_generators is None else _stopgap_sample_rows(row_generators)
+            result = sample(logits_c, logits_u, weak_for_mix, mode=mix_mode, cfg_scale=cfg_scale,
+                            w2s_scale=w2s_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                            generator=generator, return_mixed=on_step is not None)
             next_tokens, mixed = result if on_step is not None else (result, None)
         tokens[:, i] = next_tokens
         if on_step is not None:

@@ -316,15 +316,21 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, preset: Optional[str] = None, *, device=None, dtype=None,
-                        **overrides) -> "GPT":
+                        filename: Optional[str] = None, revision: Optional[str] = None, cache_dir=None,
+                        local_files_only: Optional[bool] = None, **overrides) -> "GPT":
         """Load an official LlamaGen `.pt` (any wrapper), a `.safetensors` file or a converted directory.
 
+        `path` is a local path or a Hub repo id (`org/repo`, + `filename=` for single-file releases such as
+        FoundationVision/LlamaGen's `c2i_B_256.pt`), resolved by `hub.resolve` (HF cache, HF_HUB_OFFLINE).
         A directory with config.json uses it (plus `overrides`). Otherwise the config is
         `GPTConfig.from_preset(preset, **overrides)`, or, with no preset, inferred from the tensor shapes
         (dim, layers, vocab, classes, caption width) with n_head taken from the matching preset and the
         image size from a `_256`-style file-name suffix.
         """
-        path = Path(path)
+        from .hub import resolve
+
+        path = resolve(path, filename=filename, allow_patterns=("*.json", "*.safetensors"), revision=revision,
+                       cache_dir=cache_dir, local_files_only=local_files_only, what="GPT checkpoint")
         state = read_state_dict(path)
         if path.is_dir() and (path / "config.json").is_file():
             saved = read_config(path)

@@ -310,13 +310,18 @@ class VQModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, preset: str = "VQ-16", *,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                        **overrides) -> "VQModel":
+                        filename: str | None = None, revision: str | None = None, cache_dir=None,
+                        local_files_only: bool | None = None, **overrides) -> "VQModel":
         """Load weights strictly (see module docstring); the result is in eval mode.
 
-        A directory with config.json uses its config (plus `overrides`) and ignores `preset`;
-        any other source builds `VQConfig.from_preset(preset, **overrides)`.
+        `path` is a local path or a Hub repo id (+ `filename=`, e.g. FoundationVision/LlamaGen's
+        `vq_ds16_c2i.pt`), resolved by `hub.resolve`. A directory with config.json uses its config (plus
+        `overrides`) and ignores `preset`; any other source builds `VQConfig.from_preset(preset, **overrides)`.
         """
-        path = Path(path)
+        from .hub import resolve
+
+        path = resolve(path, filename=filename, allow_patterns=("*.json", "*.safetensors"), revision=revision,
+                       cache_dir=cache_dir, local_files_only=local_files_only, what="VQ checkpoint")
         if path.is_dir() and (path / "config.json").is_file():
             saved = read_config(path)
             if saved.get("kind") != "vq" or not isinstance(saved.get("config"), dict):

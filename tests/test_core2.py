@@ -364,6 +364,20 @@ def test_sample_subcommand_writes_pngs_and_npz_and_resumes(trained, tmp_path):
         core2_cli.main([*argv[:-3], "--w2s-scale", "2.5", "--out", str(out), "--quiet"])
 
 
+def test_sample_image_n_does_not_depend_on_the_batch_size(trained, tmp_path):
+    """The seed rule of `sample`: image n uses seeding.image_key(--seed, n), so other batch sizes give the same PNGs."""
+    vq_dir = tmp_path / "vq"
+    _tiny_vq().save_pretrained(vq_dir)
+    runs = []
+    for batch in ("2", "3"):
+        out = tmp_path / f"b{batch}"
+        core2_cli.main(["sample", "--gpt", str(trained["gpt_dir"]), "--vq", str(vq_dir), "--classes", "0-2",
+                        "--per-class", "2", "--batch-size", batch, "--seed", "9", "--out", str(out), "--quiet"])
+        runs.append(out)
+    for i in range(6):
+        assert (runs[0] / "images" / f"{i:06d}.png").read_bytes() == (runs[1] / "images" / f"{i:06d}.png").read_bytes()
+
+
 def test_torchrun_two_process_collect_equals_one_process(trained, tmp_path):
     """A real 2-process torchrun (each rank takes g % 2 == rank) writes the same samples as 1 process."""
     gpt_dir = trained["gpt_dir"]

@@ -1,21 +1,25 @@
 """CLI subcommands: `diffuse`, `diffuse-collect`, `diffuse-reflect` (registered by llamagen_core2.cli).
 
-    llamagen-core2 diffuse --pipeline sdxl|sd3|flux --model DIR --mode cfg|fast|slow|zigzag|z-core2 \
+    llamagen-core2 diffuse --pipeline sdxl|sd3|flux --model DIR|ORG/REPO --mode cfg|fast|slow|zigzag|z-core2 \
         --prompt "..." [--noise-model PATH --noise-model-preset sdxl|sd35] --steps 50 --out DIR
 writes one PNG per image to --out and prints a final JSON line (rows per image = the NFE).
-`--model tiny` builds a tiny random pipeline (smoke tests only; images are noise).
+`--model` is a local diffusers pipeline directory or a Hub repo id (diffusers fetches it into the HF cache;
+HF_HUB_OFFLINE=1 reads the cache only, see hub.py); `--model tiny` builds a tiny random pipeline (smoke tests only;
+images are noise). Under torchrun `--device cuda` / `auto` becomes cuda:LOCAL_RANK (cli_common.resolve_device).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
 from ..errors import InvalidArgument
+from .modes import DIFFUSION_MODES, MODES
 
+logger = logging.getLogger(__name__)
 PIPELINES = ("sdxl", "sd3", "flux")
-MODES = ("cfg", "fast", "slow", "zigzag", "z-core2")
 DTYPES = ("float32", "bfloat16", "float16")
 # CoRe^2 official defaults (SDXL demo: cfg 5.5, w2s 2.5; SD3.5: cfg 3.5, w2s 1.5)
 DEFAULT_CFG = {"sdxl": 5.5, "sd3": 3.5, "flux": 3.5}
@@ -25,16 +29,16 @@ DEFAULT_W2S = {"sdxl": 2.5, "sd3": 1.5, "flux": 1.5}
 def _device_dtype(args):
     import torch
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidArgument(f"--device {device} requested but CUDA is not available")
-    return torch.device(device), getattr(torch, args.dtype)
+    from ..cli_common import resolve_device
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(resolve_device(args)), getattr(torch, args.dtype)
 
 
 def load_pipeline(kind: str, model: str, device, dtype, *, ddim: bool = False):
-    """diffusers pipeline of `kind` from a local directory (or `tiny`); DDIM on request (SDXL zigzag)."""
+    """diffusers pipeline of `kind` from a local directory, a Hub repo id (or `tiny`); DDIM on request (SDXL
+    zigzag)."""
     if kind not in PIPELINES:
         raise InvalidArgument(f"--pipeline must be one of {PIPELINES}, got {kind!r}")
     if model == "tiny":
@@ -42,18 +46,29 @@ def load_pipeline(kind: str, model: str, device, dtype, *, ddim: bool = False):
 
         pipe = TINY[kind]().to(dtype=dtype)
     else:
-        if not Path(model).is_dir():
-            raise InvalidArgument(f"--model must be a local diffusers pipeline directory, got {model!r}")
+        from .. import hub
+
+        local = Path(model).expanduser().is_dir()
+        if not local and not hub.is_repo_id(model):
+            raise InvalidArgument(f"--model must be a local diffusers pipeline directory or a Hub repo id "
+                                  f"'org/repo', got {model!r}")
         import diffusers
 
         cls = {"sdxl": diffusers.StableDiffusionXLPipeline, "sd3": diffusers.StableDiffusion3Pipeline,
                "flux": diffusers.FluxPipeline}[kind]
-        pipe = cls.from_pretrained(model, torch_dtype=dtype)
+        options = {} if local else hub.pretrained_kwargs()
+        try:
+            pipe = cls.from_pretrained(model, torch_dtype=dtype, **options)
+        except OSError as e:  # diffusers / huggingface_hub: not cached while offline, unknown repo, missing files
+            if local:
+                raise
+            raise hub.hub_error(model, "--model", e, cache=Path(options["cache_dir"]),
+                                local_files_only=options["local_files_only"]) from None
     if ddim and kind == "sdxl":
         from diffusers import DDIMScheduler
 
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
-        print("diffuse: SDXL zigzag modes use DDIMScheduler (as the official CoRe^2 code)", flush=True)
+        logger.info("diffuse: SDXL zigzag modes use DDIMScheduler (as the official CoRe^2 code)")
     return pipe.to(device)
 
 
@@ -80,16 +95,23 @@ def _pipeline_extra(args) -> dict:
     return extra
 
 
+def _log_progress(args) -> None:
+    """Library progress lines (logging.INFO of llamagen_core2.*) reach stderr unless --quiet."""
+    if not args.quiet:
+        logging.getLogger("llamagen_core2").setLevel(logging.INFO)
+
+
 def cmd_diffuse(args) -> int:
     import torch
 
-    from .guided_denoiser import ZIGZAG_MODES, GuidanceSettings
+    from .guided_denoiser import GuidanceSettings
     from .noise_model_io import load_noise_model
     from .runner import diffuse
 
+    _log_progress(args)
     prompts = _prompts(args)
     device, dtype = _device_dtype(args)
-    pipe = load_pipeline(args.pipeline, args.model, device, dtype, ddim=args.mode in ZIGZAG_MODES)
+    pipe = load_pipeline(args.pipeline, args.model, device, dtype, ddim=DIFFUSION_MODES[args.mode].zigzag)
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
     noise_model = None
     if args.noise_model:
@@ -145,6 +167,7 @@ def cmd_reflect(args) -> int:
     from .noise_model_io import save_noise_model
     from .reflect import config_for_shards, load_trajectories, train_noise_model
 
+    _log_progress(args)
     meta, _, data = load_trajectories(args.shards)
     overrides = {k: v for k, v in (("num_layers", args.layers), ("num_experts", args.experts),
                                    ("lora_rank", args.lora_rank)) if v is not None}

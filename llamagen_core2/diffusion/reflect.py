@@ -8,6 +8,7 @@ assumed. Our default config sets add_cond_residual=True (the model learns the co
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ import torch
 from ..errors import InvalidArgument
 from ..shards import ShardReader
 from .noise_model import NoiseModel, NoiseModelConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,7 +92,7 @@ def train_noise_model(shard_dir, config: NoiseModelConfig = None, *, iters: int 
         loss.backward()
         opt.step()
         if log_every and (it + 1) % log_every == 0:
-            print(f"reflect iter {it + 1}/{iters} train mse {loss.item():.6f}", flush=True)
+            logger.info("reflect iter %d/%d train mse %.6f", it + 1, iters, loss.item())
     model.eval()
     if n_hold:
         heldout = _mse(model, data, held, N)

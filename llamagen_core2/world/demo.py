@@ -3,7 +3,8 @@
 Contract:
   * `run_demo(out_png, classes=None, modes=("cond", "cfg", "fast", "slow"), seed=0, samples_per_mode=2,
     scale=3, checkpoint_dir=None, **sampling) -> dict` loads the shipped models (`pipeline.load_world`),
-    samples `samples_per_mode` images per (class, mode) with the same seed for every mode, and writes the grid:
+    samples `samples_per_mode` images per (class, mode) through `LlamaGenPipeline` (`sampling` overrides fields of
+    `WORLD_GUIDANCE`) with the same seed for every mode, and writes the grid:
     a header row of mode names, then one row per class with its name on the left. Modes "fast"/"slow" need
     the CoRe^2 weak model; without one they are skipped and the returned `notes` (also printed by the CLI) say
     so. Returns {"path", "size": (width, height), "modes", "classes", "skipped", "notes", "seconds", "base_rows"}.
@@ -21,10 +22,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..errors import InvalidArgument
-from ..guidance_config import MODES
+from ..guidance_config import MODE_TABLE, MODES
 from ..images import save_png
-from .dataset import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, to_uint8
-from .pipeline import load_world, sample_images
+from .dataset import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
+from .pipeline import WORLD_GUIDANCE, load_world
 
 PAD = 2
 HEADER_H = 14
@@ -58,21 +59,23 @@ def run_demo(out_png, classes: Optional[Sequence[int]] = None, modes: Sequence[s
     start = time.time()
     classes, modes = _check(classes, modes, samples_per_mode, scale)
     world = load_world(checkpoint_dir)
+    guidance = WORLD_GUIDANCE.replace(**sampling)
     skipped, notes = [], []
-    if world.weak is None and any(m in ("fast", "slow") for m in modes):
-        skipped = [m for m in modes if m in ("fast", "slow")]
+    if world.weak is None and any(MODE_TABLE[m].weak for m in modes):
+        skipped = [m for m in modes if MODE_TABLE[m].weak]
         notes.append(f"skipped {skipped}: no CoRe^2 weak model shipped at {world.checkpoint_dir / 'world_weak'} "
                      f"(train one with `llamagen-core2 collect` + `reflect`)")
         modes = [m for m in modes if m not in skipped]
     if not modes:
         raise InvalidArgument(f"no mode left to draw after skipping {skipped}")
 
-    labels = torch.tensor(classes).repeat_interleave(samples_per_mode)  # [C * k]
+    pipe = world.pipeline(guidance)
     columns, base_rows = [], {}
     for mode in modes:
-        images, stats = sample_images(world, labels, mode=mode, seed=seed, **sampling)
-        columns.append(to_uint8(images).reshape(len(classes), samples_per_mode, 3, IMAGE_SIZE, IMAGE_SIZE))
-        base_rows[mode] = stats["base_rows"] / len(labels)
+        out = pipe(class_labels=classes, num_images_per_prompt=samples_per_mode, guidance=guidance.replace(mode=mode),
+                   seed=seed, output_type="np", progress=False)  # condition-major: [C * k, H, W, 3] uint8
+        columns.append(out.images.reshape(len(classes), samples_per_mode, IMAGE_SIZE, IMAGE_SIZE, 3))
+        base_rows[mode] = out.stats["base_rows"] / out.stats["images"]
 
     n_cols = len(modes) * samples_per_mode
     width, height = grid_size(len(classes), n_cols, scale)
@@ -85,7 +88,7 @@ def run_demo(out_png, classes: Optional[Sequence[int]] = None, modes: Sequence[s
             if j == 0:
                 draw.text((2, HEADER_H + r * cell + cell // 2 - 6), CLASS_NAMES[cls], fill=(0, 0, 0))
             for k in range(samples_per_mode):
-                tile = columns[j][r, k].permute(1, 2, 0).numpy()
+                tile = columns[j][r, k]
                 tile = Image.fromarray(np.ascontiguousarray(tile)).resize((IMAGE_SIZE * scale,) * 2, Image.NEAREST)
                 canvas.paste(tile, (LABEL_W + (j * samples_per_mode + k) * cell + PAD, HEADER_H + r * cell + PAD))
     path = save_png(np.asarray(canvas), out_png)
