@@ -7,7 +7,8 @@ Contract:
   * Files: `images/{index:06d}.png` (atomic writes) and, once every image exists, `samples.npz` with `arr_0`
     [M, H, W, 3] uint8 (the layout of the ADM / LlamaGen FID evaluator) and `labels` (class id per image, or
     caption index for t2i).
-    `settings.json` records the run's settings; rerunning with other settings in the same directory is refused.
+    `settings.json` records the run's settings; rerunning with other settings in the same directory is refused
+    (naming each difference) once it holds an image; every argument is validated before anything is written.
   * Resume: a group whose PNGs all exist is skipped, so a killed run loses at most the groups in flight.
   * torchrun: RANK / WORLD_SIZE give rank r the groups g with g % WORLD_SIZE == r; with a process group
     initialised (gloo/nccl), ranks meet at a barrier and rank 0 writes the npz.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -26,12 +26,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_json
+from .checkpoint import read_json
 from .collect import check_conditions, group_seed
-from .errors import InvalidArgument
+from .errors import InvalidArgument, check_int, describe_differences
+from .files import atomic_write, atomic_write_json
 from .generate import generate
-from .guidance_config import Schedule, check_mode
+from .guidance_config import GuidanceConfig, Schedule, check_mode, needs_weak
 from .images import save_png, to_uint8
+from .seeding import check_seed
 
 
 def build_schedule(num_tokens: int, *, mode: str = "cfg", slow_first: Optional[float] = None,
@@ -57,26 +59,24 @@ def build_schedule(num_tokens: int, *, mode: str = "cfg", slow_first: Optional[f
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare temp name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
 
 
 def _check_settings(out_dir: Path, settings: dict) -> None:
+    """Refuse other settings once the directory holds an image; until then the new settings replace any
+    settings.json a refused or failed run left, so it never blocks the corrected rerun."""
     path = out_dir / "settings.json"
     settings = json.loads(json.dumps(settings))
-    if path.is_file():
-        with open(path) as f:
-            old = json.load(f)
+    if path.is_file() and any((out_dir / "images").glob("*.png")):
+        old = read_json(path, "sample settings.json")
         if old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise InvalidArgument(f"{out_dir} holds samples made with other settings (differing: {diff}); "
-                                  f"use a new --out directory or the same settings to resume")
+            raise InvalidArgument(f"{out_dir} holds samples made with other settings "
+                                  f"({describe_differences(old, settings)}); use a new --out directory or the "
+                                  f"same settings to resume")
     else:
         atomic_write_json(path, settings)
 
@@ -111,8 +111,12 @@ def sample_images(
         raise InvalidArgument(f"the VQ model (codebook {vq.config.codebook_size}, downsample {vq.downsample}) does not "
                               f"match the GPT (vocab {c.vocab_size}, downsample {c.downsample})")
     for name, value in (("per_condition", per_condition), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgument(f"{name} must be an integer >= 1, got {value!r}")
+        check_int(name, value, minimum=1)
+    guidance = GuidanceConfig(mode=mode, schedule=schedule, cfg_scale=cfg_scale, w2s_scale=w2s_scale,
+                              temperature=temperature, top_k=top_k, top_p=top_p)
+    if needs_weak(guidance.token_modes(c.num_image_tokens)) and weak_model is None:
+        raise InvalidArgument("modes 'fast' and 'slow' need a weak_model (train one with `llamagen-core2 reflect`)")
+    check_seed(seed)
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     if world_size < 1 or not 0 <= rank < world_size:

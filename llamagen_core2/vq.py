@@ -1,6 +1,6 @@
 """LlamaGen-compatible VQ image tokenizer: images <-> raster-ordered codebook indices.
 
-Contract (facts: shared/DESIGN.md §3 "VQ tokenizer"; module layout and key names match
+Contract (facts: docs/design.md#vq-tokenizer; module layout and key names match
 LlamaGen's `tokenizer/tokenizer_image/vq_model.py`, so official `vq_ds16_c2i.pt`,
 `vq_ds16_t2i.pt` and `vq_ds8_c2i.pt` load unchanged):
 
@@ -323,7 +323,7 @@ class VQModel(nn.Module):
                 raise CheckpointError(
                     f"{path}/config.json is not a VQ tokenizer config (expected {{'kind': 'vq', 'config': {{...}}}}, "
                     f"got kind={saved.get('kind')!r})")
-            config = VQConfig.from_dict({**saved["config"], **overrides})
+            config = VQConfig.from_saved({**saved["config"], **overrides}, path / "config.json")
         else:
             config = VQConfig.from_preset(preset, **overrides)
         state = read_state_dict(path)

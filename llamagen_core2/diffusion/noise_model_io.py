@@ -38,7 +38,7 @@ def _resolve_config(path: Path, config, preset) -> NoiseModelConfig:
         raw = read_config(path)
         if raw.get("model_type") != MODEL_TYPE:
             raise CheckpointError(f"{path}/{CONFIG_NAME}: model_type must be {MODEL_TYPE!r}, got {raw.get('model_type')!r}")
-        return NoiseModelConfig.from_dict(raw["config"])
+        return NoiseModelConfig.from_saved(raw.get("config"), path / CONFIG_NAME)
     if config is not None:
         return config
     if preset is not None:
