@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_refine_args(g)
     g.add_argument("--cfg-interval", type=int_at_least(-1), default=-1, help="CFG for tokens 0..N+1 only (-1 = all)")
     g.add_argument("--vq", required=True, help="VQ tokenizer checkpoint (.pt / .safetensors / directory)")
-    g.add_argument("--vq-preset", default="VQ-16", choices=("VQ-16", "VQ-8"))
+    g.add_argument("--vq-preset", default="VQ-16", choices=("VQ-16", "VQ-8"), help="VQ preset of a .pt file")
     g.add_argument("--nrow", type=positive_int, default=8, help="images per row of grid.png")
     g.add_argument("--out", default="samples", help="output directory: grid.png + images/*.png")
     g.add_argument("--quiet", action="store_true", help="no progress bar; only the final JSON line")

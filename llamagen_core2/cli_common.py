@@ -30,8 +30,16 @@ DEFAULT_THREADS = 1
 
 
 # ---------------------------------------------------------------------- parser
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """`--help` lists every option's default and keeps the descriptions' line breaks."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`--help` states every option's default (unless its help already does) and keeps description line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default is argparse.SUPPRESS or action.nargs == 0 \
+                or action.required or (not action.option_strings and action.default is None):
+            return text
+        default = "none" if action.default is None else "%(default)s"
+        return f"{text} (default: {default})" if text else f"default: {default}"
 
 
 class Parser(argparse.ArgumentParser):
@@ -66,6 +74,16 @@ def int_at_least(minimum: int):
 
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
+
+
+def int_in(minimum: int, maximum: int):
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{minimum}, {maximum}], got {text!r}")
+        return value
+    parse.__name__ = f"integer in [{minimum}, {maximum}]"
+    return parse
 
 
 def float_in(minimum=None, maximum=None, *, above=None, below=None):
@@ -120,8 +138,8 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 
 def add_threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=non_negative_int, default=DEFAULT_THREADS,
-                   help="torch CPU threads; 1 avoids OpenMP spin-waits on shared/busy CPUs and is all a GPU run "
-                        "needs (docs/cli.md#threads); 0 = torch's default (one per core)")
+                   help="torch CPU threads: 1 avoids OpenMP spin-waits on shared/busy CPUs and is all a GPU run "
+                        "needs (docs/cli.md#threads); 0 = torch's choice (one per core)")
 
 
 def apply_threads(args) -> None:
@@ -156,11 +174,16 @@ def add_condition_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--t5", default=None, help="t2i: local FLAN-T5-XL directory for caption features")
     p.add_argument("--per-class", type=positive_int, default=1, help="images per class id / caption")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per generate() call")
-    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the run (per-batch seeds derive from it)")
 
 
-def add_sampling_args(p: argparse.ArgumentParser, cfg_default: float, top_k_default: int = 0) -> None:
-    p.add_argument("--cfg-scale", type=non_negative_float, default=cfg_default, help="CFG scale (<= 1: cond only)")
+def add_sampling_args(p: argparse.ArgumentParser, cfg_default: float, top_k_default: int = 0,
+                      cfg_above: float | None = None) -> None:
+    if cfg_above is None:
+        p.add_argument("--cfg-scale", type=non_negative_float, default=cfg_default, help="CFG scale (<= 1: cond only)")
+    else:
+        p.add_argument("--cfg-scale", type=float_in(above=cfg_above), default=cfg_default,
+                       help=f"CFG scale (> {cfg_above})")
     p.add_argument("--top-k", type=non_negative_int, default=top_k_default, help="0 = full vocabulary (FID setting)")
     p.add_argument("--top-p", type=float_in(above=0.0, maximum=1.0), default=1.0, help="1 = off")
     p.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 = greedy")

@@ -19,7 +19,7 @@ import torch
 
 from .cli_common import (Parser, add_condition_args, add_model_args, add_refine_args, add_sampling_args,
                          apply_threads, check_refine_args, float_in, load_conditions, load_gpt, load_refine,
-                         non_negative_float, non_negative_int, positive_float, positive_int, print_json, seed_int)
+                         non_negative_float, non_negative_int, positive_int, print_json, seed_int)
 from .errors import user_error_message
 from .files import check_output_dir
 
@@ -49,7 +49,7 @@ def add_collect_subcommand(subparsers):
                                           "safetensors shards. Rerun the same command to resume.")
     add_model_args(p)
     add_condition_args(p)
-    add_sampling_args(p, cfg_default=4.0)
+    add_sampling_args(p, cfg_default=4.0, cfg_above=1.0)  # no guidance to learn at a scale <= 1
     p.add_argument("--out", required=True, help="shard directory (created; resumed if it exists)")
     p.add_argument("--num-tokens", type=positive_int, default=None, help="tokens per image (default: all)")
     p.add_argument("--store-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
@@ -100,7 +100,7 @@ def add_reflect_subcommand(subparsers):
                    help="CFG scale to learn (default: the collected one)")
     p.add_argument("--steps", type=positive_int, default=2000, help="training steps")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per step per process")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak AdamW learning rate")
+    p.add_argument("--lr", type=float_in(above=0.0, maximum=1.0), default=1e-3, help="peak AdamW learning rate")
     p.add_argument("--warmup", type=non_negative_int, default=100, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay")
     p.add_argument("--mse-weight", type=non_negative_float, default=0.0, help="weight of the hidden-space MSE term")
@@ -108,7 +108,7 @@ def add_reflect_subcommand(subparsers):
                    help="held-out fraction of the collected images (exact: floor(M * holdout) images)")
     p.add_argument("--eval-every", type=positive_int, default=500, help="steps between held-out evaluations")
     p.add_argument("--checkpoint-every", type=positive_int, default=500, help="steps between checkpoints")
-    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed")
     p.add_argument("--no-resume", action="store_true",
                    help="start over even if checkpoints exist (also allows other settings in the same --out)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

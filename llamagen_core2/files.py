@@ -4,8 +4,9 @@ Contract:
   * `atomic_write(path, write)` calls `write(tmp_path)` on a hidden temp file `.{name}.{random}.tmp` in the
     target's directory, then renames it over `path`, so a file with its final name is always complete and a
     killed writer leaves at most a hidden temp file (which every reader ignores). The temp file is created with
-    mode 0o666 and the process umask applied, exactly like a plain `open(path, "w")` (tempfile.mkstemp would
-    make every written file 0600 whatever the umask).
+    mode 0o666 and the process umask applied, exactly like a plain `open(path, "w")`, and keeps that mode even
+    when the writer recreates the file (tempfile.mkstemp, and safetensors' own writer, make files 0600 whatever
+    the umask).
   * `atomic_write_json(path, obj)` writes indented, key-sorted JSON and refuses NaN/inf (NonFiniteError
     naming the key), so no JSON file this package writes ever holds a non-finite number.
   * `check_output_dir(path, what)` / `check_output_file(path, what)` refuse, before any work is done, an
@@ -43,8 +44,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_temp(path)
+    mode = os.stat(tmp).st_mode & 0o777  # 0o666 & ~umask, as the OS applied it
     try:
         write(str(tmp))
+        if os.stat(tmp).st_mode & 0o777 != mode:  # a writer that recreates its file (safetensors makes it 0600)
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -52,18 +56,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
-def _nonfinite_key(obj, where: str = "") -> Optional[str]:
+def nonfinite_key(obj, where: str = "") -> Optional[str]:
     """Path ("a.b[3]") of the first NaN/inf float inside a JSON-like object, or None."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return where or "<value>"
     if isinstance(obj, dict):
         for k, v in obj.items():
-            found = _nonfinite_key(v, f"{where}.{k}" if where else str(k))
+            found = nonfinite_key(v, f"{where}.{k}" if where else str(k))
             if found:
                 return found
     if isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            found = _nonfinite_key(v, f"{where}[{i}]")
+            found = nonfinite_key(v, f"{where}[{i}]")
             if found:
                 return found
     return None
@@ -71,7 +75,7 @@ def _nonfinite_key(obj, where: str = "") -> Optional[str]:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     """Indented, key-sorted JSON, written atomically; NaN/inf anywhere in `obj` is refused (NonFiniteError)."""
-    bad = _nonfinite_key(obj)
+    bad = nonfinite_key(obj)
     if bad is not None:
         raise NonFiniteError(f"refusing to write {path}: {bad} is NaN/inf")
     text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from .collect import load_collected
 from .errors import (CheckpointError, InvalidArgument, NonFiniteError, check_all_finite, check_int, check_number,
                      describe_differences)
-from .files import atomic_write_json
+from .files import atomic_write_json, nonfinite_key
 from .seeding import check_seed
 from .weak_model import BASE_FIELDS, WeakConfig, WeakModel, base_facts, weights_fingerprint
 
@@ -149,6 +149,14 @@ def _require_finite(loss_ok: torch.Tensor, weak: WeakModel, step: int, lr: float
                      weak.state_dict())
 
 
+def _require_finite_metrics(metrics: dict, step: int) -> dict:
+    bad = nonfinite_key(metrics)
+    if bad is not None:
+        raise NonFiniteError(f"reflect: held-out metric {bad} is NaN/inf after step {step}; nothing from it was "
+                             f"written. Check the shards and the base model's dtype")
+    return metrics
+
+
 def _check_resume(ckpt: Path, state: dict, weak: WeakModel, settings: dict) -> None:
     """A resumed run must use the settings of the run it resumes; else name every difference."""
     old = state.get("settings")
@@ -223,7 +231,7 @@ def reflect(
     for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every),
                         ("checkpoint_every", checkpoint_every)):
         check_int(name, value, minimum=1)
-    lr = check_number("lr", lr, above=0.0)
+    lr = check_number("lr", lr, above=0.0, maximum=1.0)
     weight_decay = check_number("weight_decay", weight_decay, minimum=0.0)
     mse_weight = check_number("mse_weight", mse_weight, minimum=0.0)
     warmup = check_int("warmup", warmup, minimum=0)
@@ -313,9 +321,10 @@ def reflect(
             if done % eval_every == 0 or done == steps:
                 _require_finite(loss_ok, weak, done, lr)
                 metrics = evaluate(weak, gpt, data, held_idx, batch_size)
-                line = json.dumps({"step": done, "train_kl": kl.detach().mean().item(),
-                                   "train_mse": mse.detach().mean().item(),
-                                   **{f"heldout_{k}": v for k, v in metrics.items()}}, allow_nan=False)
+                record = _require_finite_metrics({"step": done, "train_kl": kl.detach().mean().item(),
+                                                  "train_mse": mse.detach().mean().item(),
+                                                  **{f"heldout_{k}": v for k, v in metrics.items()}}, done)
+                line = json.dumps(record, allow_nan=False)
                 with open(log_path, "a") as f:
                     f.write(line + "\n")
             if done % checkpoint_every == 0 or done == steps:
@@ -326,7 +335,7 @@ def reflect(
     result = {}
     if is_main:
         _require_finite(loss_ok, weak, steps, lr)
-        metrics = evaluate(weak, gpt, data, held_idx, batch_size)
+        metrics = _require_finite_metrics(evaluate(weak, gpt, data, held_idx, batch_size), steps)
         result = dict(heldout=metrics, steps=steps, cfg_scale=scale, train_images=len(train_idx),
                       heldout_images=len(held_idx), preset=weak.config.preset, seconds=time.perf_counter() - started)
         weak.extra.update(heldout_kl=metrics["kl"], heldout_baseline_kl=metrics["baseline_kl"])

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, check_number
 from .guided_denoiser import GuidanceSettings, GuidedDenoiser
 from .layouts import denoiser_of, layout_for, pipeline_kind
 
@@ -50,6 +50,7 @@ def diffuse(pipe, prompts: Union[str, Sequence[str]], *, settings: Optional[Guid
     for reserved in ("guidance_scale", "true_cfg_scale", "callback_on_step_end", "callback_on_step_end_tensor_inputs"):
         if reserved in pipeline_kwargs:
             raise InvalidArgument(f"{reserved} is set by diffuse(); use settings / flux_guidance instead")
+    check_number("flux_guidance", flux_guidance, minimum=0.0)
     kind = pipeline_kind(pipe)
     layout = layout_for(kind)
     gd = GuidedDenoiser(denoiser_of(pipe, kind), layout, settings, noise_model=noise_model, recorder=recorder,
