@@ -2,7 +2,7 @@
 
 CoRe^2's diffusion noise models wrap *every* `nn.Linear` of the network in a module holding the
 frozen-or-trained base Linear plus E low-rank experts; exactly one expert is active per denoising
-step, chosen from the step index alone (no gating network, DESIGN §5):
+step, chosen from the step index alone (no gating network, docs/design.md#diffusion-adapter):
 
     expert k = clamp(floor(E - (N - i) / N * E), 0, E - 1)      step i of N (0-based)
 
@@ -23,7 +23,7 @@ from ..errors import InvalidArgument
 
 
 def expert_index(step: int, num_steps: int, num_experts: int) -> int:
-    """Expert for 0-based step `step` of `num_steps` (DESIGN §5 formula)."""
+    """Expert for 0-based step `step` of `num_steps` (formula: docs/design.md#diffusion-adapter)."""
     if num_steps < 1:
         raise InvalidArgument(f"num_steps must be >= 1, got {num_steps}")
     if num_experts < 1:
