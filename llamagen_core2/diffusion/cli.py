@@ -198,7 +198,8 @@ def add_subcommand(subparsers) -> None:
                    help="CoRe^2 weak-to-strong scale (slow steps; default: 2.5 sdxl, 1.5 sd3/flux)")
     d.add_argument("--end-timesteps", type=non_negative_int, default=None,
                    help="slow/z-core2: slow for steps < N, fast after")
-    d.add_argument("--inv-cfg", type=non_negative_float, default=1.0, help="zigzag inversion guidance (<= 1: cond only)")
+    d.add_argument("--inv-cfg", type=non_negative_float, default=1.0,
+                   help="zigzag inversion guidance (<= 1: cond only)")
     d.add_argument("--zigzag-steps", type=non_negative_int, default=None,
                    help="zigzag at the first N steps (default all but last)")
     d.add_argument("--noise-model", default=None, help="released .pth or a diffuse-reflect output directory")
