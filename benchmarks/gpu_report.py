@@ -28,7 +28,6 @@ import argparse
 import csv
 import datetime as dt
 import io
-import json
 import os
 import re
 import shlex

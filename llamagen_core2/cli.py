@@ -43,6 +43,7 @@ def cmd_generate(args) -> int:
     gpt = load_gpt(args)
     conds, cond_mask, _ = load_conditions(args, gpt)
     vq = VQModel.from_pretrained(args.vq, preset=args.vq_preset, device=args.device)
+    vq.check_matches(gpt.config)
     weak, schedule = load_refine(args, gpt)
     # --per-class images of every condition, generated in batches of --batch-size (batch k uses seed + k).
     order = torch.arange(len(conds)).repeat_interleave(args.per_class)

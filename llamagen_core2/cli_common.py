@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 
 import torch
 
 from .device import DEVICE_FORMS, resolve_device as resolve_device_spec
-from .errors import InvalidArgument
+from .errors import InvalidArgument, rank_and_world
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -235,7 +234,7 @@ def load_conditions(args, gpt):
 
 
 def print_json(obj) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank_and_world()[0] == 0:
         print(json.dumps(obj, indent=2, default=str))
 
 

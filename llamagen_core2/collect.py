@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .errors import CheckpointError, InvalidArgument, check_all_finite, check_int, check_number
+from .errors import CheckpointError, InvalidArgument, check_all_finite, check_int, check_number, check_token_ids
 from .generate import StepRecord, generate
 from .guidance_config import GuidanceConfig
 from .seeding import check_seed
@@ -211,6 +211,38 @@ def check_collect_meta(meta: dict, source) -> None:
         raise CheckpointError(f"{source}: manifest base_fingerprint must be a string, got {meta['base_fingerprint']!r}")
 
 
+def _check_group(where: str, t: dict, meta: dict, names: list) -> None:
+    """One collected group: the tensors Reflect reads, with the shapes, id ranges and finite values the
+    manifest promises (a shard edited or damaged by hand is refused naming the file, never half-used)."""
+    base, n = meta["base"], meta.get("num_tokens")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= base["grid_size"] ** 2:
+        raise CheckpointError(f"{where}: manifest num_tokens must be an integer in [1, {base['grid_size'] ** 2}], "
+                              f"got {n!r}")
+    extra = sorted(set(names) ^ set(t))
+    missing = sorted(set(COLLECTED_TENSORS) - set(t))
+    if missing or extra:
+        raise CheckpointError(f"{where}: tensors {missing or extra} missing or unexpected; delete the file and rerun "
+                              f"collect to redo it")
+    b = t["hidden_cond"].shape[0]
+    want = {"hidden_cond": (b, n, base["dim"]), "hidden_uncond": (b, n, base["dim"]), "tokens": (b, n),
+            "sample_index": (b,), "condition_index": (b,)}
+    if base["model_type"] == "c2i":
+        want["labels"] = (b,)
+    else:
+        want.update(captions=(b, base["cls_token_num"], base["caption_dim"]), caption_mask=(b, base["cls_token_num"]))
+    wrong = [f"{k} {list(t[k].shape)} (expected {list(v)})" for k, v in want.items()
+             if k not in t or tuple(t[k].shape) != v]
+    if wrong:
+        raise CheckpointError(f"{where}: wrong shapes: {'; '.join(wrong)}; delete the file and rerun collect")
+    try:
+        check_token_ids("tokens", t["tokens"], base["vocab_size"])
+        if "labels" in t:
+            check_token_ids("labels", t["labels"], base["num_classes"])
+    except InvalidArgument as e:
+        raise CheckpointError(f"{where}: {e}; delete the file and rerun collect") from None
+    check_all_finite(f"{where} (delete the file and rerun collect to redo it)", t)
+
+
 def load_collected(directory, *, device="cpu") -> tuple[dict, dict[str, torch.Tensor]]:
     """All collected images of a shard directory, in global image order: (meta, tensors with dim 0 = image).
 
@@ -223,12 +255,7 @@ def load_collected(directory, *, device="cpu") -> tuple[dict, dict[str, torch.Te
         raise InvalidArgument(f"{directory} holds no collected samples yet; run `llamagen-core2 collect` first")
     names = sorted(groups[0][1])
     for gid, tensors in groups:
-        where = f"{reader.shard_of[gid]} (group {gid})"
-        missing = sorted(set(COLLECTED_TENSORS) - set(tensors)) or sorted(set(names) ^ set(tensors))
-        if missing:
-            raise CheckpointError(f"{where}: tensors {missing} missing or unexpected; delete the file and rerun "
-                                  f"collect to redo it")
-        check_all_finite(f"{where} (delete the file and rerun collect to redo it)", tensors)
+        _check_group(f"{reader.shard_of[gid]} (group {gid})", tensors, meta, names)
     try:
         data = {name: torch.cat([tensors[name] for _, tensors in groups]).to(device) for name in names}
     except RuntimeError as e:

@@ -20,7 +20,7 @@ import torch
 from .cli_common import (Parser, add_condition_args, add_model_args, add_refine_args, add_sampling_args,
                          apply_threads, check_refine_args, float_in, load_conditions, load_gpt, load_refine,
                          non_negative_float, non_negative_int, positive_int, print_json, seed_int)
-from .errors import user_error_message
+from .errors import rank_and_world, user_error_message
 from .files import check_output_dir
 
 # ---------------------------------------------------------------------- collect
@@ -31,7 +31,7 @@ def run_collect(args) -> dict:
     gpt = load_gpt(args)
     conds, mask, names = load_conditions(args, gpt)
     total = len(conds) * args.per_class
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank_and_world()[0] == 0:
         print(describe_storage(gpt.config, args.store_dtype, total, args.num_tokens))
     summary = collect(gpt, conds, args.out, caption_mask=mask, condition_names=names, per_condition=args.per_class,
                       batch_size=args.batch_size, cfg_scale=args.cfg_scale, temperature=args.temperature,
@@ -127,7 +127,7 @@ def run_sample(args) -> dict:
     conds, mask, names = load_conditions(args, gpt)
     vq = VQModel.from_pretrained(args.vq, args.vq_preset).to(args.device)
     weak, schedule = load_refine(args, gpt)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = rank_and_world()[1] > 1
     if distributed and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo")
     result = sample_images(gpt, vq, conds, args.out, caption_mask=mask, condition_names=names,

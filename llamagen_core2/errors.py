@@ -70,6 +70,27 @@ def _bounds_text(minimum, maximum, above, below) -> str:
     return ""
 
 
+def rank_and_world(rank=None, world_size=None) -> tuple[int, int]:
+    """(rank, world size): the arguments, else torchrun's RANK / WORLD_SIZE (default 0 / 1), checked:
+    integers with 0 <= rank < world size."""
+    import os
+
+    def from_env(name: str, default: int) -> int:
+        value = os.environ.get(name, "")
+        if value == "":
+            return default
+        if not value.strip().isdigit():
+            raise InvalidArgument(f"environment variable {name} must be a non-negative integer, got {value!r}")
+        return int(value)
+
+    rank = from_env("RANK", 0) if rank is None else check_int("rank", rank, minimum=0)
+    world_size = from_env("WORLD_SIZE", 1) if world_size is None else check_int("world_size", world_size, minimum=1)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise InvalidArgument(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank}, "
+                              f"world_size {world_size}")
+    return rank, world_size
+
+
 # ---------------------------------------------------------------------- tensor checks
 def check_token_ids(name: str, ids, vocab_size: int) -> None:
     """An integer tensor whose values all lie in [0, vocab_size): checked on the host before any embedding

@@ -171,6 +171,9 @@ def generate(
     if uses_weak:
         if weak_model is None:
             raise InvalidArgument("modes 'fast' and 'slow' need a weak_model (train one with `llamagen-core2 reflect`)")
+        if not (callable(getattr(weak_model, "start", None)) and callable(getattr(weak_model, "step", None))):
+            raise InvalidArgument(f"weak_model must have start(gpt, cond, cond_mask) and step(hidden, index) "
+                                  f"(e.g. a WeakModel), got {type(weak_model).__name__}")
         if hasattr(weak_model, "check_compatible"):
             weak_model.check_compatible(gpt)
 

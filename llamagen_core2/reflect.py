@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .collect import load_collected
 from .errors import (CheckpointError, InvalidArgument, NonFiniteError, check_all_finite, check_int, check_number,
-                     describe_differences)
+                     describe_differences, rank_and_world)
 from .files import atomic_write_json, nonfinite_key
 from .seeding import check_seed
 from .weak_model import BASE_FIELDS, WeakConfig, WeakModel, base_facts, weights_fingerprint
@@ -144,9 +144,10 @@ def _require_finite(loss_ok: torch.Tensor, weak: WeakModel, step: int, lr: float
     """Before anything from step `step` is written: the loss stayed finite and the weights are finite."""
     if not bool(loss_ok):
         raise NonFiniteError(f"reflect: the training loss became NaN/inf by step {step}; nothing from it was "
-                             f"written (earlier checkpoints are kept). Check the shards, or lower --lr ({lr})")
-    check_all_finite(f"reflect: the weak model's weights after step {step} (nothing written; lower --lr, now {lr})",
-                     weak.state_dict())
+                             f"written (earlier checkpoints are kept). Rerun with a lower --lr (now {lr}) or "
+                             f"--mse-weight and --no-resume, or into a new --out")
+    check_all_finite(f"reflect: the weak model's weights after step {step} (nothing written; rerun with a lower "
+                     f"--lr than {lr} and --no-resume)", weak.state_dict())
 
 
 def _require_finite_metrics(metrics: dict, step: int) -> dict:
@@ -242,8 +243,7 @@ def reflect(
     if not isinstance(weak_overrides or {}, dict):
         raise InvalidArgument(f"weak_overrides must be a dict of WeakConfig fields, got {weak_overrides!r}")
     weak_config = WeakConfig.from_preset(preset, **(weak_overrides or {}))  # validates preset and overrides
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world = rank_and_world()
     device = torch.device(device) if device is not None else gpt.output.weight.device
     distributed = world > 1
     if distributed and not torch.distributed.is_initialized():
@@ -295,6 +295,8 @@ def reflect(
     is_main = rank == 0
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if start_step == 0 and log_path.exists():
+            log_path.unlink()  # a run that starts over logs afresh instead of appending to another run's log
     bar = tqdm(range(start_step, steps), desc="reflect", disable=not (progress and is_main), initial=start_step,
                total=steps)
     started = time.perf_counter()

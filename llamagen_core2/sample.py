@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import read_json
 from .collect import check_conditions, group_seed
-from .errors import InvalidArgument, check_int, describe_differences
+from .errors import InvalidArgument, check_int, describe_differences, rank_and_world
 from .files import atomic_write, atomic_write_json
 from .generate import generate
 from .guidance_config import GuidanceConfig, Schedule, check_mode, needs_weak
@@ -107,9 +106,7 @@ def sample_images(
 ) -> dict:
     """Generate and save images; returns {"images_written", "groups_run", "npz", "seconds", "base_rows", ...}."""
     c = gpt.config
-    if vq.config.codebook_size != c.vocab_size or vq.downsample != c.downsample:
-        raise InvalidArgument(f"the VQ model (codebook {vq.config.codebook_size}, downsample {vq.downsample}) does not "
-                              f"match the GPT (vocab {c.vocab_size}, downsample {c.downsample})")
+    vq.check_matches(c)
     for name, value in (("per_condition", per_condition), ("batch_size", batch_size)):
         check_int(name, value, minimum=1)
     guidance = GuidanceConfig(mode=mode, schedule=schedule, cfg_scale=cfg_scale, w2s_scale=w2s_scale,
@@ -117,10 +114,7 @@ def sample_images(
     if needs_weak(guidance.token_modes(c.num_image_tokens)) and weak_model is None:
         raise InvalidArgument("modes 'fast' and 'slow' need a weak_model (train one with `llamagen-core2 reflect`)")
     check_seed(seed)
-    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise InvalidArgument(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
+    rank, world_size = rank_and_world(rank, world_size)
     M, pick = check_conditions(gpt, conditions, caption_mask)
     conds, caption_mask = pick(torch.arange(M))
     if c.model_type == "c2i":

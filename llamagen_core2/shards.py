@@ -32,29 +32,19 @@ API:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional
 
 import torch
 
 from .checkpoint import read_json
-from .errors import CheckpointError, InvalidArgument, check_all_finite, check_int, describe_differences
+from .errors import (CheckpointError, InvalidArgument, check_all_finite, check_int, describe_differences,
+                     rank_and_world)
 from .files import atomic_write, atomic_write_json
 
 FORMAT = "llamagen_core2.shards"
 VERSION = 1
 MANIFEST = "manifest.json"
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidArgument(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
 def _shard_files(directory: Path) -> list[Path]:
@@ -98,11 +88,7 @@ class ShardWriter:
     def __init__(self, directory, manifest_meta: Mapping, *, rank: Optional[int] = None,
                  world_size: Optional[int] = None, samples_per_shard: int = 64):
         self.directory = Path(directory)
-        self.rank = _env_int("RANK", 0) if rank is None else rank
-        self.world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
-        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise InvalidArgument(f"rank must be in [0, world_size) with world_size >= 1, got rank {self.rank}, "
-                                  f"world_size {self.world_size}")
+        self.rank, self.world_size = rank_and_world(rank, world_size)
         self.samples_per_shard = check_int("samples_per_shard", samples_per_shard, minimum=1)
         self.meta = json.loads(json.dumps(dict(manifest_meta)))  # JSON round trip: what will be compared
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -262,6 +262,13 @@ class VQModel(nn.Module):
         weight = self.post_quant_conv.weight
         return self.decoder(self.post_quant_conv(latents.to(weight.dtype)))
 
+    def check_matches(self, gpt_config) -> None:
+        """This tokenizer can decode the GPT's tokens: codebook = vocabulary, same downsampling factor."""
+        c = gpt_config
+        if self.config.codebook_size != c.vocab_size or self.downsample != c.downsample:
+            raise InvalidArgument(f"the VQ model (codebook {self.config.codebook_size}, downsample {self.downsample}) "
+                                  f"does not match the GPT (vocab {c.vocab_size}, downsample {c.downsample})")
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruction: decode(encode(images)), [B, 3, H, W] -> [B, 3, H, W]."""
         h, w = images.shape[-2] // self.downsample, images.shape[-1] // self.downsample
@@ -279,6 +286,8 @@ class VQModel(nn.Module):
             raise InvalidArgument(
                 f"images height and width must be positive multiples of the downsampling factor {ds}, "
                 f"got {height}x{width}")
+        if not bool(torch.isfinite(images).all()):
+            raise InvalidArgument("images contain NaN/inf values; they have no nearest code")
 
     def _check_codes(self, codes, grid) -> tuple[int, int]:
         k = self.config.codebook_size

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from .checkpoint import read_config, read_state_dict, save_pretrained as save_state_pretrained, validate_state_dict
 from .config import DictConfig, GPTConfig
-from .errors import CheckpointError, InvalidArgument
+from .errors import CheckpointError, InvalidArgument, NonFiniteError, check_all_finite
 from .model import KVCache, RMSNorm, TransformerBlock, keep_rope_fp32, rope_table_2d
 
 # name -> trunk shape. Width 512 keeps the trunk a few % of a GPT-B step; the shared head dominates the rest.
@@ -319,12 +319,20 @@ class WeakModel(nn.Module):
                                       or not math.isfinite(cfg_scale)):
             raise CheckpointError(f"{directory}/config.json: cfg_scale must be a finite number or null, "
                                   f"got {cfg_scale!r}")
+        fingerprint = saved.get("base_fingerprint")
+        if fingerprint is not None and not isinstance(fingerprint, str):
+            raise CheckpointError(f"{directory}/config.json: base_fingerprint must be a string or null, "
+                                  f"got {fingerprint!r}")
         if extra is not None and not isinstance(extra, dict):
             raise CheckpointError(f"{directory}/config.json: extra must be a JSON object, got {extra!r}")
         model = cls(WeakConfig.from_saved(saved["config"], directory / "config.json"), saved["base"],
                     cfg_scale=cfg_scale, base_fingerprint=saved.get("base_fingerprint"), extra=extra)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         state = validate_state_dict(read_state_dict(directory), expected, what="weak model")
+        try:  # a NaN weak model would sample garbage silently: refuse it at the door
+            check_all_finite(f"{directory}: weak model", state)
+        except NonFiniteError as e:
+            raise CheckpointError(f"{e}; retrain it with `llamagen-core2 reflect`") from None
         model.load_state_dict(state, strict=True)
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)

@@ -202,8 +202,8 @@ def test_reflect_rerun_with_other_settings_is_refused_naming_the_difference(worl
             "--batch-size", "4", "--holdout", "0.2", "--weak-preset", "W-1", "--weak-heads", "4", "--quiet",
             "--device", "cpu", "--checkpoint-every", "1"]
     assert main([*base, "--weak-dim", "32"]) == 0
-    err = one_line_error([*base, "--weak-dim", "64"], capsys, contains=["weak.dim: 32 -> 64", "--no-resume"])
-    err = one_line_error([*base, "--weak-dim", "32", "--lr", "0.01"], capsys, contains=["lr: 0.001 -> 0.01"])
+    one_line_error([*base, "--weak-dim", "64"], capsys, contains=["weak.dim: 32 -> 64", "--no-resume"])
+    one_line_error([*base, "--weak-dim", "32", "--lr", "0.01"], capsys, contains=["lr: 0.001 -> 0.01"])
     assert main([*base, "--weak-dim", "32"]) == 0  # the same settings resume
     assert main([*base, "--weak-dim", "64", "--no-resume"]) == 0  # starting over is allowed
     assert json.loads((out / "config.json").read_text())["config"]["dim"] == 64

@@ -174,3 +174,49 @@ def test_diffusion_reflect_refuses_nan_inputs_and_diverged_training(tmp_path, mo
     monkeypatch.setattr(torch.nn.functional, "mse_loss", lambda a, b: real_mse(a, b) * float("nan"))
     with pytest.raises(NonFiniteError, match="loss became NaN/inf"):
         train_noise_model(tmp_path / "ok", iters=3, holdout=0.0)
+
+
+def test_a_weak_or_noise_model_with_nan_weights_is_refused_at_load(tmp_path):
+    from llamagen_core2.diffusion.noise_model import NoiseModel, NoiseModelConfig
+    from llamagen_core2.diffusion.noise_model_io import load_noise_model
+    from llamagen_core2.errors import CheckpointError
+    from llamagen_core2.weak_model import WeakModel
+
+    gpt = tiny_gpt()
+    weak = WeakModel.for_base(gpt, "W-1", **WEAK_TINY)
+    weak.save_pretrained(tmp_path / "weak")
+    tensors = load_file(str(tmp_path / "weak" / "model.safetensors"))
+    tensors["proj_out.weight"][0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / "weak" / "model.safetensors"))  # as an older, unchecked writer would
+    with pytest.raises(CheckpointError, match=r"weak model: proj_out.weight holds 1 NaN/inf"):
+        WeakModel.from_pretrained(tmp_path / "weak", gpt)
+    config = NoiseModelConfig(in_channels=4, num_layers=1, num_heads=2, head_dim=8, sample_size=8,
+                              pos_embed_max_size=4, text_dim=16, text_tokens=6, pooled_dim=8, svd_rank=2,
+                              cond_hidden=8, lora_rank=2, num_experts=2)
+    state = {k: v.clone() for k, v in NoiseModel(config).state_dict().items()}
+    state[next(k for k, v in state.items() if v.is_floating_point())].fill_(float("inf"))
+    save_file(state, str(tmp_path / "noise.safetensors"))
+    with pytest.raises(CheckpointError, match="noise model: .* holds .* NaN/inf"):
+        load_noise_model(tmp_path / "noise.safetensors", config=config)
+
+
+def test_diffuse_never_writes_nan_images(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("diffusers")
+    from llamagen_core2.cli import main
+    from llamagen_core2.diffusion import runner
+
+    real = runner.diffuse
+
+    def nan_images(*args, **kwargs):
+        res = real(*args, **kwargs)
+        res.images = res.images * float("nan")
+        return res
+
+    monkeypatch.setattr(runner, "diffuse", nan_images)
+    rc = main(["diffuse", "--pipeline", "sd3", "--model", "tiny", "--prompt", "x", "--steps", "1", "--height", "32",
+               "--width", "32", "--max-sequence-length", "8", "--device", "cpu", "--quiet", "--out",
+               str(tmp_path / "img")])
+    err = capsys.readouterr().err.strip().splitlines()  # (diffusers' own start-up chatter may come first)
+    assert rc == 2 and err[-1].startswith("llamagen-core2 diffuse: error: batch 0 produced NaN/inf images")
+    assert not any("Traceback" in line for line in err)
+    assert not list((tmp_path / "img").glob("*.png"))

@@ -266,3 +266,57 @@ def test_a_truncated_or_foreign_shard_is_refused_naming_the_file(tmp_path):
     shard.write_bytes(b"not safetensors at all")
     with pytest.raises(CheckpointError, match=rf"{shard.name}: unreadable shard"):
         ShardReader(tmp_path)
+
+
+# ---------------------------------------------------------------------- collected shards edited by hand
+def _edit_shard(directory, edit):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    shard = sorted(directory.glob("rank*.safetensors"))[0]
+    with safe_open(str(shard), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(shard))
+    edit(tensors)
+    save_file(tensors, str(shard), metadata=meta)
+    return shard
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t["0/labels"].fill_(10), r"labels must lie in \[0, 9\]"),
+    (lambda t: t["0/tokens"].fill_(-1), r"tokens must lie in \[0, 96\]"),
+    (lambda t: t.update({"0/hidden_cond": t["0/hidden_cond"][:, :3].contiguous()}),
+     r"hidden_cond \[2, 3, 64\] \(expected \[2, 16, 64\]\)"),
+    (lambda t: t.pop("0/hidden_uncond"), r"\['hidden_uncond'\] missing"),
+])
+def test_collected_shards_edited_by_hand_are_refused_naming_the_file(tmp_path, edit, message):
+    from llamagen_core2.collect import load_collected
+
+    collect(tiny_gpt(), [1, 2], tmp_path, per_condition=1, batch_size=2, cfg_scale=3.0, progress=False)
+    shard = _edit_shard(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_collected(tmp_path)
+    assert shard.name in str(info.value)
+
+
+def test_torchrun_environment_is_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(InvalidArgument, match="environment variable RANK must be a non-negative integer"):
+        collect(tiny_gpt(), [1], tmp_path, cfg_scale=3.0, progress=False)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InvalidArgument, match=r"rank must be in \[0, world_size\)"):
+        ShardWriter(tmp_path / "s", {})
+    with pytest.raises(InvalidArgument, match="rank must be an integer"):
+        ShardWriter(tmp_path / "s", {}, rank=0.5, world_size=1)
+
+
+def test_weak_model_protocol_and_vq_inputs_are_checked():
+    with pytest.raises(InvalidArgument, match="weak_model must have start"):
+        generate(tiny_gpt(), torch.tensor([1]), mode="fast", weak_model=object(), seed=0)
+    torch.manual_seed(0)
+    vq = VQModel(VQConfig(**TINY_VQ)).eval()
+    with pytest.raises(InvalidArgument, match="NaN/inf"):
+        vq.encode(torch.full((1, 3, 16, 16), float("nan")))
+    with pytest.raises(InvalidArgument, match=r"does not match the GPT \(vocab 16384"):
+        vq.check_matches(GPTConfig())

@@ -19,7 +19,7 @@ import numpy as np
 from ..cli_common import (add_device_arg, add_threads_arg, float_in, non_negative_float, non_negative_int,
                           positive_int, seed_int)
 from ..device import resolve_device
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, NonFiniteError
 from ..files import check_output_dir
 
 PIPELINES = ("sdxl", "sd3", "flux")
@@ -115,9 +115,13 @@ def cmd_diffuse(args) -> int:
         gens = [torch.Generator(device="cpu").manual_seed(args.seed + count + k) for k in range(len(batch))]
         res = diffuse(pipe, batch, settings=settings, noise_model=noise_model, num_inference_steps=args.steps,
                       negative_prompt=args.negative_prompt, generator=gens, flux_guidance=args.flux_guidance,
-                      **_pipeline_extra(args))
-        for image in res.images:
-            save_png(np.asarray(image.convert("RGB")), out / f"{count:05d}.png")
+                      output_type="np", **_pipeline_extra(args))
+        images = np.asarray(res.images)  # [b, H, W, 3] in [0, 1]: checked before it becomes pixels
+        if not np.isfinite(images).all():
+            raise NonFiniteError(f"batch {b} produced NaN/inf images (check the noise model, the dtype "
+                                 f"and the scales); nothing of it was written")
+        for image in (images * 255).round().clip(0, 255).astype(np.uint8):  # diffusers' numpy_to_pil rounding
+            save_png(image, out / f"{count:05d}.png")
             count += 1
         rows = res.rows_per_image
     seconds = time.perf_counter() - start
