@@ -90,7 +90,7 @@ def cmd_convert(args) -> int:
         model = GPT.from_pretrained(args.src, preset=args.preset,
                                     **({"image_size": args.image_size} if args.image_size else {}))
     else:
-        model = VQModel.from_pretrained(args.src, preset=args.preset or "VQ-16")
+        model = VQModel.from_pretrained(args.src, preset=args.preset)
     files = model.save_pretrained(args.out, max_shard_bytes=int(args.max_shard_mb * 2 ** 20)) if kind == "gpt" \
         else model.save_pretrained(args.out)
     print(f"converted {args.src} ({kind}) -> {args.out}: {', '.join(Path(f).name for f in files)}")
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_refine_args(g)
     g.add_argument("--cfg-interval", type=int_at_least(-1), default=-1, help="CFG for tokens 0..N+1 only (-1 = all)")
     g.add_argument("--vq", required=True, help="VQ tokenizer checkpoint (.pt / .safetensors / directory)")
-    g.add_argument("--vq-preset", default="VQ-16", choices=("VQ-16", "VQ-8"), help="VQ preset of a .pt file")
+    g.add_argument("--vq-preset", default=None, choices=("VQ-16", "VQ-8"),
+                   help="VQ preset of a .pt file (default: VQ-16; a converted directory uses its config.json)")
     g.add_argument("--nrow", type=positive_int, default=8, help="images per row of grid.png")
     g.add_argument("--out", default="samples", help="output directory: grid.png + images/*.png")
     g.add_argument("--quiet", action="store_true", help="no progress bar; only the final JSON line")

@@ -26,6 +26,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # several times slower than one thread (OpenMP workers spin-waiting for cores other jobs hold); on a GPU the
 # host thread only launches kernels. Raise it for large models on idle CPU cores; 0 = torch's default.
 DEFAULT_THREADS = 1
+MAX_THREADS = 1024  # far beyond any CPU; a typo like 100000 would otherwise ask OpenMP for that many threads
 
 
 # ---------------------------------------------------------------------- parser
@@ -136,7 +137,7 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_threads_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=non_negative_int, default=DEFAULT_THREADS,
+    p.add_argument("--threads", type=int_in(0, MAX_THREADS), default=DEFAULT_THREADS,
                    help="torch CPU threads: 1 avoids OpenMP spin-waits on shared/busy CPUs and is all a GPU run "
                         "needs (docs/cli.md#threads); 0 = torch's choice (one per core)")
 

@@ -148,7 +148,8 @@ def add_sample_subcommand(subparsers):
     add_condition_args(p)
     add_sampling_args(p, cfg_default=4.0)
     p.add_argument("--vq", required=True, help="VQ tokenizer checkpoint (e.g. vq_ds16_c2i.pt)")
-    p.add_argument("--vq-preset", default="VQ-16", choices=["VQ-16", "VQ-8"], help="VQ preset of a .pt file")
+    p.add_argument("--vq-preset", default=None, choices=["VQ-16", "VQ-8"],
+                   help="VQ preset of a .pt file (default: VQ-16; a converted directory uses its config.json)")
     p.add_argument("--out", required=True, help="output directory: images/*.png, samples.npz, settings.json")
     add_refine_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -10,7 +10,7 @@ LlamaGen's `tokenizer/tokenizer_image/vq_model.py`, so official `vq_ds16_c2i.pt`
   * `VQModel.decode_codes(codes [B, N], grid=None) -> images [B, 3, H, W]` (~[-1, 1]): lookup of
     the l2-normalised codebook, reshaped NCHW in raster order -> `post_quant_conv` -> decoder.
     `grid=(h, w)` is needed only when N is not a perfect square.
-  * `VQModel.from_pretrained(path, preset="VQ-16", **overrides)` loads an official `.pt`, a
+  * `VQModel.from_pretrained(path, preset=None (VQ-16), **overrides)` loads an official `.pt`, a
     `.safetensors` file or a `save_pretrained` directory with strict key/shape checks;
     `save_pretrained(directory)` writes safetensors + config.json {"kind": "vq", "config": ...}.
 
@@ -317,15 +317,18 @@ class VQModel(nn.Module):
 
     # ----------------------------------------------------------------- checkpoints
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, preset: str = "VQ-16", *,
+    def from_pretrained(cls, path: str | os.PathLike, preset: str | None = None, *,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         **overrides) -> "VQModel":
         """Load weights strictly (see module docstring); the result is in eval mode.
 
-        A directory with config.json uses its config (plus `overrides`) and ignores `preset`;
-        any other source builds `VQConfig.from_preset(preset, **overrides)`.
+        A directory with config.json uses its config (plus `overrides`); a `preset` given for it must name a
+        known preset with the same levels (ch_mult). Any other source builds
+        `VQConfig.from_preset(preset or "VQ-16", **overrides)`.
         """
         path = Path(path)
+        if preset is not None and preset not in VQ_PRESETS:
+            raise InvalidArgument(f"unknown VQ preset {preset!r}; allowed: {sorted(VQ_PRESETS)}")
         if path.is_dir() and (path / "config.json").is_file():
             saved = read_config(path)
             if saved.get("kind") != "vq" or not isinstance(saved.get("config"), dict):
@@ -333,8 +336,11 @@ class VQModel(nn.Module):
                     f"{path}/config.json is not a VQ tokenizer config (expected {{'kind': 'vq', 'config': {{...}}}}, "
                     f"got kind={saved.get('kind')!r})")
             config = VQConfig.from_saved({**saved["config"], **overrides}, path / "config.json")
+            if preset is not None and tuple(VQ_PRESETS[preset]["ch_mult"]) != config.ch_mult:
+                raise CheckpointError(f"preset {preset!r} does not match {path}/config.json: ch_mult "
+                                      f"{list(config.ch_mult)} vs preset {list(VQ_PRESETS[preset]['ch_mult'])}")
         else:
-            config = VQConfig.from_preset(preset, **overrides)
+            config = VQConfig.from_preset(preset or "VQ-16", **overrides)
         state = read_state_dict(path)
         with torch.device("meta"):
             model = cls(config)

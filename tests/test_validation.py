@@ -233,6 +233,16 @@ def test_unknown_gpt_preset_is_refused_even_for_a_directory_checkpoint(tmp_path)
         GPT.from_pretrained(tmp_path, preset="GPT-XL")
 
 
+def test_vq_preset_given_for_a_directory_must_match_it(tmp_path):
+    torch.manual_seed(0)
+    VQModel(VQConfig(**TINY_VQ)).save_pretrained(tmp_path)  # 3 levels: neither VQ-16 nor VQ-8
+    assert VQModel.from_pretrained(tmp_path).config.ch_mult == (1, 1, 1)
+    with pytest.raises(CheckpointError, match=r"preset 'VQ-8' does not match .*ch_mult \[1, 1, 1\]"):
+        VQModel.from_pretrained(tmp_path, preset="VQ-8")
+    with pytest.raises(InvalidArgument, match="unknown VQ preset 'VQ-32'"):
+        VQModel.from_pretrained(tmp_path, preset="VQ-32")
+
+
 # ---------------------------------------------------------------------- manifests: typed, file named
 def _shard_dir(tmp_path):
     with ShardWriter(tmp_path, {"cfg": 4.0}, rank=0, world_size=1, samples_per_shard=1) as w:

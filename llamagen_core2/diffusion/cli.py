@@ -66,7 +66,10 @@ def _prompts(args) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise InvalidArgument(f"--prompts-file not found: {path}")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"--prompts-file {path} is not a UTF-8 text file") from None
     if not prompts:
         raise InvalidArgument("give at least one --prompt or a --prompts-file")
     return prompts
