@@ -68,7 +68,7 @@ def parse_class_ids(text: str, num_classes: int) -> list[int]:
 
 def storage_per_image(gpt_config, store_dtype: torch.dtype = torch.float16, num_tokens: Optional[int] = None) -> int:
     """Bytes one collected image occupies in the shards (tensor payload; safetensors headers are extra)."""
-    N = gpt_config.num_image_tokens if num_tokens is None else num_tokens
+    N = gpt_config.num_image_tokens if num_tokens is None else check_int("num_tokens", num_tokens, minimum=1)
     item = torch.tensor([], dtype=store_dtype).element_size()
     size = 2 * N * gpt_config.dim * item + 8 * N + 16
     if gpt_config.model_type == "c2i":

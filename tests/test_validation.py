@@ -330,3 +330,18 @@ def test_weak_model_protocol_and_vq_inputs_are_checked():
         vq.encode(torch.full((1, 3, 16, 16), float("nan")))
     with pytest.raises(InvalidArgument, match=r"does not match the GPT \(vocab 16384"):
         vq.check_matches(GPTConfig())
+
+
+def test_numpy_integers_are_integers_and_floats_are_not():
+    import numpy as np
+
+    from llamagen_core2.collect import storage_per_image
+    from llamagen_core2.diffusion.moe_lora import expert_index
+    from llamagen_core2.world.dataset import make_dataset
+
+    tokens = generate(tiny_gpt(), torch.tensor([1]), num_tokens=np.int64(2), seed=np.int64(3), top_k=0)
+    assert tokens.shape == (1, 2)
+    for call in (lambda: storage_per_image(tiny_gpt().config, num_tokens=3.5), lambda: make_dataset(2.5, seed=0),
+                 lambda: expert_index(1.5, 3, 4), lambda: generate(tiny_gpt(), torch.tensor([1]), seed=3.0)):
+        with pytest.raises(InvalidArgument, match="must be an integer"):
+            call()
