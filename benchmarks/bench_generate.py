@@ -1,4 +1,5 @@
-"""Throughput benchmark: our engine vs the LlamaGen-style baseline decoder, in one process (DESIGN §6).
+"""Throughput benchmark: our engine vs the LlamaGen-style baseline decoder, in one process
+(docs/design.md#performance-model).
 
 For every preset x tokens x batch x mode x engine it runs a full generation (prefill + N decode steps) and
 reports images/s, tokens/s, ms/step, the bytes a step must move (weights read once + the filled KV cache of

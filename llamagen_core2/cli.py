@@ -2,8 +2,10 @@
 
 Each feature module that owns a subcommand exposes `add_subcommand(subparsers)`; the modules are listed in
 SUBCOMMAND_MODULES and imported lazily here, so `llamagen-core2 --help` stays fast and a missing optional
-dependency (e.g. diffusers) only affects its own subcommand. Errors the user can fix (InvalidArgument,
-CheckpointError, missing files) are printed as one line and exit with status 2, without a traceback.
+dependency (e.g. diffusers) only affects its own subcommand. `main` is the one place that maps the error
+families a user can fix (errors.user_error_message: bad arguments, unreadable or mismatched files, file system
+errors, NaN refusals, out of memory) to one line and exit status 2; any other exception is a bug and keeps its
+traceback. Usage errors are one line too (cli_common.Parser), and every subcommand's --help shows defaults.
 """
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_common import (add_condition_args, add_model_args, add_refine_args, add_sampling_args, add_vq_args,
-                         guidance_from_args, load_conditions, load_gpt, load_refine, load_vq)
-from .errors import CheckpointError, InvalidArgument
+from .cli_common import (Parser, add_condition_args, add_model_args, add_refine_args, add_sampling_args,
+                         add_threads_arg, add_vq_args, apply_threads, check_refine_args, guidance_from_args,
+                         int_at_least, load_conditions, load_gpt, load_refine, load_vq, positive_float, positive_int)
+from .errors import user_error_message
+from .files import check_output_dir
 
 SUBCOMMAND_MODULES = (
     "llamagen_core2.core2_cli",  # collect, reflect, sample (CoRe^2)
@@ -32,9 +36,12 @@ def cmd_generate(args) -> int:
     from .images import make_grid, save_png
     from .pipeline import LlamaGenPipeline
 
+    check_output_dir(args.out)
+    check_refine_args(args)
     gpt = load_gpt(args)
     conds, cond_mask, _ = load_conditions(args, gpt)
     vq = load_vq(args)
+    vq.check_matches(gpt.config)
     weak, schedule = load_refine(args, gpt)
     pipe = LlamaGenPipeline(gpt, vq, weak_model=weak, guidance=guidance_from_args(args, schedule))
     condition = dict(class_labels=conds) if gpt.config.model_type == "c2i" else \
@@ -68,6 +75,7 @@ def cmd_convert(args) -> int:
     from .model import GPT
     from .vq import VQModel
 
+    check_output_dir(args.out, "output directory")
     kind = args.kind
     if kind == "auto":
         keys = read_state_dict(args.src).keys()
@@ -76,7 +84,7 @@ def cmd_convert(args) -> int:
         model = GPT.from_pretrained(args.src, preset=args.preset,
                                     **({"image_size": args.image_size} if args.image_size else {}))
     else:
-        model = VQModel.from_pretrained(args.src, preset=args.preset or "VQ-16")
+        model = VQModel.from_pretrained(args.src, preset=args.preset)
     files = model.save_pretrained(args.out, max_shard_bytes=int(args.max_shard_mb * 2 ** 20)) if kind == "gpt" \
         else model.save_pretrained(args.out)
     print(f"converted {args.src} ({kind}) -> {args.out}: {', '.join(Path(f).name for f in files)}")
@@ -84,7 +92,7 @@ def cmd_convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llamagen-core2", description="LlamaGen inference with CoRe^2 guidance")
+    parser = Parser(prog="llamagen-core2", description="LlamaGen inference with CoRe^2 guidance")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="sample images from a GPT checkpoint + VQ tokenizer into a PNG grid")
@@ -92,20 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_condition_args(g)
     add_sampling_args(g, cfg_default=4.0, top_k_default=2000)
     add_refine_args(g)
-    g.add_argument("--cfg-interval", type=int, default=-1, help="CFG for tokens 0..N+1 only (-1 = all)")
+    g.add_argument("--cfg-interval", type=int_at_least(-1), default=-1, help="CFG for tokens 0..N+1 only (-1 = all)")
     add_vq_args(g)
-    g.add_argument("--nrow", type=int, default=8)
+    g.add_argument("--nrow", type=positive_int, default=8, help="images per row of grid.png")
     g.add_argument("--out", default="samples", help="output directory: grid.png + images/*.png")
     g.add_argument("--quiet", action="store_true", help="no progress bar; only the final JSON line")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="official .pt -> safetensors + config.json (sharded past --max-shard-mb)")
-    c.add_argument("src")
-    c.add_argument("out")
-    c.add_argument("--kind", default="auto", choices=("auto", "gpt", "vq"))
-    c.add_argument("--preset", default=None)
-    c.add_argument("--image-size", type=int, default=None)
-    c.add_argument("--max-shard-mb", type=float, default=4096)
+    c.add_argument("src", help="checkpoint file (.pt / .safetensors) or directory")
+    c.add_argument("out", help="output directory")
+    c.add_argument("--kind", default="auto", choices=("auto", "gpt", "vq"), help="auto: vq if it has encoder.* keys")
+    c.add_argument("--preset", default=None, help="GPT-* or VQ-* preset; default: inferred (VQ-16 for a VQ)")
+    c.add_argument("--image-size", type=positive_int, default=None, help="GPT image size; default: from the file name")
+    c.add_argument("--max-shard-mb", type=positive_float, default=4096, help="safetensors shard size")
+    add_threads_arg(c)
     c.set_defaults(func=cmd_convert)
 
     for name in SUBCOMMAND_MODULES:
@@ -122,10 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     logging.basicConfig(format="%(name)s: %(message)s")  # library code logs; warnings (and opted-in info) to stderr
     args = build_parser().parse_args(argv)
+    apply_threads(args)
     try:
         return int(args.func(args) or 0)
-    except (InvalidArgument, CheckpointError, FileNotFoundError) as e:
-        print(f"llamagen-core2 {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"llamagen-core2 {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 -- mapped by family below; anything unmapped is re-raised
+        message = user_error_message(e)
+        if message is None:
+            raise
+        print(f"llamagen-core2 {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

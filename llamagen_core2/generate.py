@@ -36,10 +36,11 @@ from typing import Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .errors import InvalidArgument, check_finite_scale, check_sampling_args
+from .errors import InvalidArgument, check_finite_scale, check_int, check_sampling_args
 from .guidance import guided_sample
 from .guidance_config import MODE_TABLE, GuidanceConfig, make_schedule, needs_uncond, needs_weak  # noqa: F401
 from .memory import check_fits, estimate_generation_bytes
+from .seeding import check_seed
 from .static_decode import StaticDecoder
 
 ENGINES = ("auto", "static", "eager")
@@ -78,9 +79,12 @@ def _check_args(gpt, cond, cond_mask, num_tokens, cfg_scale, cfg_interval, w2s_s
                 seed, generator) -> tuple[int, int]:
     B = gpt.check_condition(cond)
     c = gpt.config
-    N = c.num_image_tokens if num_tokens is None else int(num_tokens)
-    if not (1 <= N <= c.num_image_tokens):
-        raise InvalidArgument(f"num_tokens must be in [1, {c.num_image_tokens}], got {num_tokens}")
+    N = c.num_image_tokens if num_tokens is None else check_int("num_tokens", num_tokens, minimum=1,
+                                                                maximum=c.num_image_tokens)
+    if seed is not None:
+        check_seed(seed)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise InvalidArgument(f"generator must be a torch.Generator, got {type(generator).__name__}")
     check_finite_scale("cfg_scale", cfg_scale)
     check_finite_scale("w2s_scale", w2s_scale)
     check_sampling_args(temperature, top_k, top_p)
@@ -91,8 +95,12 @@ def _check_args(gpt, cond, cond_mask, num_tokens, cfg_scale, cfg_interval, w2s_s
     if cond_mask is not None:
         if c.model_type != "t2i":
             raise InvalidArgument("cond_mask is only meaningful for text-conditional (t2i) models")
-        if tuple(cond_mask.shape) != (B, c.cls_token_num):
-            raise InvalidArgument(f"cond_mask must be [B={B}, {c.cls_token_num}], got {list(cond_mask.shape)}")
+        if not isinstance(cond_mask, torch.Tensor) or tuple(cond_mask.shape) != (B, c.cls_token_num):
+            raise InvalidArgument(f"cond_mask must be a tensor [B={B}, {c.cls_token_num}], got "
+                                  f"{list(getattr(cond_mask, 'shape', [])) or type(cond_mask).__name__}")
+        if cond_mask.is_floating_point() or cond_mask.is_complex() or (
+                cond_mask.dtype != torch.bool and not bool(((cond_mask == 0) | (cond_mask == 1)).all())):
+            raise InvalidArgument(f"cond_mask must be bool (or 0/1 integers), got {cond_mask.dtype}")
     return B, N
 
 
@@ -198,6 +206,9 @@ def generate(
     if uses_weak:
         if weak_model is None:
             raise InvalidArgument("modes 'fast' and 'slow' need a weak_model (train one with `llamagen-core2 reflect`)")
+        if not (callable(getattr(weak_model, "start", None)) and callable(getattr(weak_model, "step", None))):
+            raise InvalidArgument(f"weak_model must have start(gpt, cond, cond_mask) and step(hidden, index) "
+                                  f"(e.g. a WeakModel), got {type(weak_model).__name__}")
         if hasattr(weak_model, "check_compatible"):
             weak_model.check_compatible(gpt)
 

@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import read_config, read_state_dict, save_pretrained as save_state_pretrained, validate_state_dict
-from .config import GPT_PRESETS, GPTConfig
-from .errors import CheckpointError, InvalidArgument
+from .config import GPT_PRESETS, GPTConfig, check_gpt_preset
+from .errors import CheckpointError, InvalidArgument, check_token_ids
 
 
 class RMSNorm(nn.Module):
@@ -299,6 +299,7 @@ class GPT(nn.Module):
                cond_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Teacher-forced fp32 logits [B, N, V]; logit i predicts image token i (no KV cache involved)."""
         B = self.check_condition(cond, allow_null=True)
+        check_token_ids("tokens", tokens, self.config.vocab_size)
         if tokens.ndim != 2 or tokens.shape[0] != B:
             raise InvalidArgument(f"tokens must be [B={B}, N], got {list(tokens.shape)}")
         N = tokens.shape[1]
@@ -329,6 +330,8 @@ class GPT(nn.Module):
         """
         from .hub import resolve
 
+        if preset is not None:
+            check_gpt_preset(preset)
         path = resolve(path, filename=filename, allow_patterns=("*.json", "*.safetensors"), revision=revision,
                        cache_dir=cache_dir, local_files_only=local_files_only, what="GPT checkpoint")
         state = read_state_dict(path)
@@ -336,7 +339,10 @@ class GPT(nn.Module):
             saved = read_config(path)
             if saved.get("kind") != "gpt" or not isinstance(saved.get("config"), dict):
                 raise CheckpointError(f"{path}/config.json is not a GPT config (kind={saved.get('kind')!r})")
-            config = GPTConfig.from_dict({**saved["config"], **overrides})
+            config = GPTConfig.from_saved({**saved["config"], **overrides}, path / "config.json")
+            if preset is not None and config.preset_differences(preset):
+                raise CheckpointError(f"preset {preset!r} does not match {path}/config.json: "
+                                      + "; ".join(config.preset_differences(preset)))
         elif preset is not None:
             config = GPTConfig.from_preset(preset, **overrides)
         else:

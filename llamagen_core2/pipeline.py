@@ -84,7 +84,7 @@ class LlamaGenPipeline:
     @classmethod
     def from_pretrained(cls, gpt, vq=None, *, gpt_filename: Optional[str] = None, vq_filename: Optional[str] = None,
                         weak_model=None, caption_encoder=None, gpt_preset: Optional[str] = None,
-                        vq_preset: str = "VQ-16", gpt_kwargs: Optional[dict] = None, vq_kwargs: Optional[dict] = None,
+                        vq_preset: Optional[str] = None, gpt_kwargs: Optional[dict] = None, vq_kwargs: Optional[dict] = None,
                         device=None, dtype=None, guidance: Optional[GuidanceConfig] = None,
                         revision: Optional[str] = None, cache_dir=None,
                         local_files_only: Optional[bool] = None) -> "LlamaGenPipeline":
@@ -94,7 +94,7 @@ class LlamaGenPipeline:
         `from_pretrained("FoundationVision/LlamaGen", gpt_filename="c2i_B_256.pt", vq_filename="vq_ds16_c2i.pt")`.
         `weak_model` / `caption_encoder`: a path or Hub id (loaded here) or an already built model. `dtype` applies
         to the GPT and the weak model; the VQ decoder stays fp32 as in LlamaGen; T5 runs in bf16 on CUDA.
-        `gpt_kwargs` / `vq_kwargs`: config overrides for GPT.from_pretrained / VQModel.from_pretrained (e.g.
+        `vq_preset`: default a directory's config.json, else VQ-16. `gpt_kwargs` / `vq_kwargs`: config overrides for GPT.from_pretrained / VQModel.from_pretrained (e.g.
         {"image_size": 384} for a file whose name does not say it).
         """
         from .hub import resolve

@@ -8,7 +8,8 @@ Contract:
   * Files: `images/{index:06d}.png` (atomic writes) and, once every image exists, `samples.npz` with `arr_0`
     [M, H, W, 3] uint8 (the layout of the ADM / LlamaGen FID evaluator) and `labels` (class id per image, or
     caption index for t2i).
-    `settings.json` records the run's settings; rerunning with other settings in the same directory is refused.
+    `settings.json` records the run's settings; rerunning with other settings in the same directory is refused
+    (naming each difference) once it holds an image; every argument is validated before anything is written.
   * Resume: a group whose PNGs all exist is skipped, so a killed run loses at most the groups in flight.
   * torchrun: RANK / WORLD_SIZE give rank r the groups g with g % WORLD_SIZE == r; with a process group
     initialised (gloo/nccl), ranks meet at a barrier and rank 0 writes the npz.
@@ -18,8 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -28,12 +27,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_json
+from .checkpoint import read_json
 from .collect import check_conditions
-from .errors import InvalidArgument
-from .guidance_config import GuidanceConfig, Schedule, check_mode
+from .errors import InvalidArgument, check_int, describe_differences, rank_and_world
+from .files import atomic_write, atomic_write_json
+from .guidance_config import GuidanceConfig, Schedule, check_mode, needs_weak
 from .images import save_png
 from .pipeline import LlamaGenPipeline
+from .seeding import check_seed
 
 logger = logging.getLogger(__name__)
 SEED_RULE = "image n uses seeding.image_key(seed, n)"
@@ -62,26 +63,24 @@ def build_schedule(num_tokens: int, *, mode: str = "cfg", slow_first: Optional[f
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare temp name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
 
 
 def _check_settings(out_dir: Path, settings: dict) -> None:
+    """Refuse other settings once the directory holds an image; until then the new settings replace any
+    settings.json a refused or failed run left, so it never blocks the corrected rerun."""
     path = out_dir / "settings.json"
     settings = json.loads(json.dumps(settings))
-    if path.is_file():
-        with open(path) as f:
-            old = json.load(f)
+    if path.is_file() and any((out_dir / "images").glob("*.png")):
+        old = read_json(path, "sample settings.json")
         if old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise InvalidArgument(f"{out_dir} holds samples made with other settings (differing: {diff}); "
-                                  f"use a new --out directory or the same settings to resume")
+            raise InvalidArgument(f"{out_dir} holds samples made with other settings "
+                                  f"({describe_differences(old, settings)}); use a new --out directory or the "
+                                  f"same settings to resume")
     else:
         atomic_write_json(path, settings)
 
@@ -112,16 +111,16 @@ def sample_images(
 ) -> dict:
     """Generate and save images; returns {"images_written", "groups_run", "npz", "seconds", "base_rows", ...}."""
     c = gpt.config
+    vq.check_matches(c)
+    for name, value in (("per_condition", per_condition), ("batch_size", batch_size)):
+        check_int(name, value, minimum=1)
     guidance = GuidanceConfig(mode=mode, schedule=schedule, cfg_scale=cfg_scale, w2s_scale=w2s_scale,
                               temperature=temperature, top_k=top_k, top_p=top_p)
-    pipe = LlamaGenPipeline(gpt, vq, weak_model=weak_model, guidance=guidance)  # checks the VQ fits the GPT
-    for name, value in (("per_condition", per_condition), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgument(f"{name} must be an integer >= 1, got {value!r}")
-    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise InvalidArgument(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
+    if needs_weak(guidance.token_modes(c.num_image_tokens)) and weak_model is None:
+        raise InvalidArgument("modes 'fast' and 'slow' need a weak_model (train one with `llamagen-core2 reflect`)")
+    check_seed(seed)
+    rank, world_size = rank_and_world(rank, world_size)
+    pipe = LlamaGenPipeline(gpt, vq, weak_model=weak_model, guidance=guidance)
     M, pick = check_conditions(gpt, conditions, caption_mask)
     conds, caption_mask = pick(torch.arange(M))
     if c.model_type == "c2i":

@@ -12,6 +12,7 @@ the keys are all the state a generation's randomness has: nothing else is drawn 
 """
 from __future__ import annotations
 
+import numbers
 import secrets
 from typing import Optional, Sequence, Union
 
@@ -38,9 +39,10 @@ def image_keys(seed: int, first_index: int, count: int) -> torch.Tensor:
 
 
 def check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed <= MAX_KEY):
+    """An integer (Python or numpy; not bool, not 3.0) in [0, 2**63 - 1], returned as a Python int."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not (0 <= seed <= MAX_KEY):
         raise InvalidArgument(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
-    return seed
+    return int(seed)
 
 
 def generator_seed(generator: torch.Generator) -> int:

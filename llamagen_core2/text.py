@@ -1,4 +1,4 @@
-"""T5 caption encoder for LlamaGen t2i conditioning (DESIGN §3, "t2i conditioning").
+"""T5 caption encoder for LlamaGen t2i conditioning (docs/design.md#t2i-conditioning).
 
 Contract
 --------

@@ -103,7 +103,7 @@ def test_llamagen_flag_names_on_the_shipped_mini_world(tmp_path, capsys):
     for batch in ("4", "3"):
         out = tmp_path / f"b{batch}"
         rc = main(["generate", "--gpt-ckpt", str(root / "world_gpt"), "--vq-ckpt", str(root / "world_vq"),
-                   "--gpt-model", "GPT-B", "--vq-model", "VQ-16", "--precision", "none", "--global-seed", "5",
+                   "--precision", "none", "--global-seed", "5",
                    "--per-proc-batch-size", batch, "--classes", "0,3", "--per-class", "3", "--top-k", "0",
                    "--out", str(out), "--device", "cpu", "--quiet"])
         captured = capsys.readouterr()
@@ -127,6 +127,9 @@ def test_precision_alias_and_t2i_sampling_defaults(tmp_path):
         assert args.dtype == "bfloat16"
         gpt = load_gpt(args)
         assert (args.cfg_scale, args.top_k) == expected and gpt.output.weight.dtype == torch.bfloat16
+        args = parser.parse_args(["generate", "--gpt-ckpt", "g", "--vq-ckpt", "x", "--gpt-model", "GPT-XL",
+                                  "--vq-model", "VQ-8"])
+        assert (args.gpt, args.vq, args.gpt_preset, args.vq_preset) == ("g", "x", "GPT-XL", "VQ-8")
         args = parser.parse_args(["generate", "--gpt", str(tmp_path / model_type), "--vq", "x", "--cfg-scale", "2",
                                   "--top-k", "0", "--device", "cpu"])
         load_gpt(args)

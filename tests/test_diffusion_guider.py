@@ -145,7 +145,9 @@ def test_diffuse_cli_maps_local_rank_to_its_gpu(monkeypatch):
 
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(str(d)))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(str(torch.device("cuda", d))
+                                                                         if isinstance(d, int) else str(d)))
     monkeypatch.setenv("LOCAL_RANK", "1")
     for device in ("auto", "cuda"):
         args = argparse.Namespace(device=device, dtype="float32")

@@ -8,7 +8,8 @@ One sample = one (prompt, seed) trajectory of N steps, written to resumable shar
                                          the official recipe, the same inputs diffuse() gives a noise model)
 The manifest records the pipeline kind, CFG scale, steps, size, negative prompt, SVD rank and the
 summary recipe, so a resumed run with different settings is refused. torchrun: RANK / WORLD_SIZE split the
-(prompt, seed) list; each rank writes its own shard files.
+(prompt, seed) list; each rank writes its own shard files. Every argument is validated before the shard
+directory is touched, and a trajectory holding NaN/inf is refused (ShardWriter.add), never written.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, check_int, check_number
 from ..shards import ShardWriter
 from .guided_denoiser import GuidanceSettings
 from .layouts import pipeline_kind
@@ -44,10 +45,21 @@ def collect_diffusion(pipe, prompts: Sequence[str], out_dir, *, seeds: Sequence[
                       rank: Optional[int] = None, world_size: Optional[int] = None, flux_guidance: float = 3.5,
                       progress: bool = True, **pipeline_kwargs) -> int:
     """Run CFG over this rank's pending (prompt, seed) pairs; returns how many trajectories it wrote."""
-    if cfg_scale <= 1:
-        raise InvalidArgument(f"cfg_scale must be > 1 to collect CFG targets, got {cfg_scale}")
-    if batch_size < 1:
-        raise InvalidArgument(f"batch_size must be >= 1, got {batch_size}")
+    try:
+        check_number("cfg_scale", cfg_scale, above=1.0)
+    except InvalidArgument:
+        raise InvalidArgument(f"cfg_scale must be > 1 (and finite) to collect CFG targets, got {cfg_scale!r}") from None
+    for name, value in (("batch_size", batch_size), ("num_inference_steps", num_inference_steps),
+                        ("svd_rank", svd_rank), ("samples_per_shard", samples_per_shard)):
+        check_int(name, value, minimum=1)
+    check_number("flux_guidance", flux_guidance, minimum=0.0)
+    seeds = list(seeds)
+    if not seeds:
+        raise InvalidArgument("seeds must list at least one seed")
+    for seed in seeds:
+        check_int("seed", seed, minimum=0)
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InvalidArgument("prompts must be a non-empty list of strings")
     kind = pipeline_kind(pipe)
     meta = {"kind": kind, "cfg_scale": float(cfg_scale), "num_inference_steps": num_inference_steps,
             "negative_prompt": negative_prompt, "svd_rank": svd_rank, "flux_guidance": float(flux_guidance),

@@ -1,6 +1,6 @@
 """CoRe^2 diffusion noise (weak) model: predicts the CFG prediction from the conditional one.
 
-Architecture (DESIGN §5; key layout follows the released `sd35_noise_model.pth` /
+Architecture (docs/design.md#diffusion-adapter; key layout follows the released `sd35_noise_model.pth` /
 `sdxl_noise_model.pth`, read from the official `refine_model.py` + `lora.py`):
 
     input   pred_cond [B, C, H, W]      the base model's conditional prediction at step i
@@ -25,12 +25,14 @@ initialised model of ours (zero proj_out) starts as "CFG ~ cond" and Reflect lea
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..config import DictConfig
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, check_int, check_number
 from .moe_lora import expert_index, set_active_expert, wrap_linears_with_moe_lora
 
 
@@ -55,10 +57,17 @@ class NoiseModelConfig(DictConfig):
     base: str = ""                # the base pipeline this model was trained for (informational)
     cfg_scale: float = 0.0        # the CFG scale it was trained to predict (informational)
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int):
+                check_int(f"noise-model {f.name}", value, minimum=1)
+        check_number("noise-model lora_alpha", self.lora_alpha, above=0.0)
+        check_number("noise-model cfg_scale", self.cfg_scale, minimum=0.0)
+
     @property
     def width(self) -> int:
         return self.num_heads * self.head_dim
-
 
 
 PRESETS = {

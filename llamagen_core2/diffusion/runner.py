@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, check_number
 from ..guidance_config import GuidanceConfig
 from .guided_denoiser import GuidanceSettings, GuidedDenoiser
 from .layouts import denoiser_of, layout_for, pipeline_kind
@@ -82,6 +82,7 @@ def diffuse(pipe, prompts: Union[str, Sequence[str]], *,
                        getattr(user_callback, "tensor_inputs", None) or ["latents"])
     if user_callback is not None and not callable(user_callback):
         raise InvalidArgument(f"callback_on_step_end must be callable, got {type(user_callback).__name__}")
+    check_number("flux_guidance", flux_guidance, minimum=0.0)
     kind = pipeline_kind(pipe)
     layout = layout_for(kind)
     settings.validate(noise_model is not None)   # bad settings fail before any encoding work

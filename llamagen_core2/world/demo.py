@@ -21,7 +21,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..errors import InvalidArgument
+from ..cli_common import (add_threads_arg, apply_threads, class_names_help, int_in, non_negative_float,
+                          non_negative_int, seed_int)
+from ..errors import InvalidArgument, check_int
+from ..files import check_output_file
 from ..guidance_config import MODE_TABLE, MODES
 from ..images import save_png
 from .dataset import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
@@ -40,17 +43,16 @@ def grid_size(num_classes: int, num_columns: int, scale: int) -> tuple[int, int]
 
 
 def _check(classes, modes, samples_per_mode, scale) -> tuple[list[int], list[str]]:
-    classes = list(range(NUM_CLASSES)) if classes is None else [int(c) for c in classes]
-    if not classes or any(c < 0 or c >= NUM_CLASSES for c in classes):
+    classes = list(range(NUM_CLASSES)) if classes is None else \
+        [check_int("class id", c, minimum=0, maximum=NUM_CLASSES - 1) for c in classes]
+    if not classes:
         raise InvalidArgument(f"classes must be a non-empty list of ids in [0, {NUM_CLASSES - 1}], got {classes}")
     modes = list(modes)
     bad = [m for m in modes if m not in MODES]
     if not modes or bad:
         raise InvalidArgument(f"modes must be a non-empty subset of {MODES}, got {modes}")
-    if isinstance(samples_per_mode, bool) or int(samples_per_mode) < 1:
-        raise InvalidArgument(f"samples_per_mode must be an integer >= 1, got {samples_per_mode}")
-    if isinstance(scale, bool) or int(scale) < 1 or int(scale) > 16:
-        raise InvalidArgument(f"scale must be an integer in [1, 16], got {scale}")
+    check_int("samples_per_mode", samples_per_mode, minimum=1)
+    check_int("scale", scale, minimum=1, maximum=16)
     return classes, modes
 
 
@@ -96,10 +98,17 @@ def run_demo(out_png, classes: Optional[Sequence[int]] = None, modes: Sequence[s
                 seconds=time.time() - start, base_rows=base_rows)
 
 
+def _class_list(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise InvalidArgument(f"--classes must be comma-separated class ids like '0,3,7', got {text!r}") from None
+
+
 def _main(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    classes = [int(c) for c in args.classes.split(",")] if args.classes else None
+    apply_threads(args)
+    check_output_file(args.out)
+    classes = _class_list(args.classes) if args.classes else None
     sampling = {k: v for k, v in dict(cfg_scale=args.cfg_scale, w2s_scale=args.w2s_scale,
                                       temperature=args.temperature, top_k=args.top_k).items() if v is not None}
     info = run_demo(args.out, classes=classes, modes=args.modes.split(","), seed=args.seed,
@@ -116,17 +125,19 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     """Register `demo` on an argparse subparsers object; the parser's `func` runs it and returns an exit code."""
     p = subparsers.add_parser("demo", help="sample the shipped mini world (cond / cfg / CoRe^2 fast / slow) into a PNG grid",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="demo.png", help="output PNG path (default demo.png)")
-    p.add_argument("--classes", default=None, help=f"comma-separated class ids in [0, {NUM_CLASSES - 1}] (default: all)")
-    p.add_argument("--modes", default=",".join(DEMO_MODES), help="comma-separated modes (default cond,cfg,fast,slow)")
-    p.add_argument("--samples", type=int, default=2, help="images per class and mode (default 2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=int, default=3, help="pixel upscaling of each 24x24 image (default 3)")
-    p.add_argument("--cfg-scale", type=float, default=None)
-    p.add_argument("--w2s-scale", type=float, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--checkpoints", default=None, help="directory holding world_vq/, world_gpt/, world_weak/")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default="demo.png", help="output PNG path")
+    p.add_argument("--classes", default=None,
+                   help=f"comma-separated class ids in [0, {NUM_CLASSES - 1}] (default: all); {class_names_help()}")
+    p.add_argument("--modes", default=",".join(DEMO_MODES), help="comma-separated modes")
+    p.add_argument("--samples", type=int_in(1, 64), default=2, help="images per class and mode")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed")
+    p.add_argument("--scale", type=int_in(1, 16), default=3, help="pixel upscaling of each 24x24 image")
+    p.add_argument("--cfg-scale", type=non_negative_float, default=None, help="default: the mini world's 3.0")
+    p.add_argument("--w2s-scale", type=non_negative_float, default=None, help="default: the mini world's 1.5")
+    p.add_argument("--temperature", type=non_negative_float, default=None, help="default: 1.0")
+    p.add_argument("--top-k", type=non_negative_int, default=None, help="default: 0 (full vocabulary)")
+    p.add_argument("--checkpoints", default=None, help="directory holding world_vq/, world_gpt/, world_weak/ "
+                                                       "(default: $LLAMAGEN_CORE2_CHECKPOINTS or <repo>/checkpoints)")
+    add_threads_arg(p)
     p.set_defaults(func=_main)
     return p
