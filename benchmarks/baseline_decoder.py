@@ -1,7 +1,7 @@
 """A decoder that behaves like the LlamaGen reference, run on the weights of a llamagen_core2 GPT.
 
-It is the "before" of every throughput number (docs/design.md, performance model): benchmarks run it in the same
-process as our engine. What it does, on purpose, the way LlamaGen's `autoregressive/models/generate.py` does:
+It is the "before" of every throughput number (docs/design.md#performance-model): benchmarks run it in the
+same process as our engine. What it does, on purpose, the way LlamaGen's `autoregressive/models/generate.py` does:
   * its own KV cache preallocated at the full length S = T + N, and every step attends over all S keys with a
     causal mask (`causal_mask[:, None, input_pos]` in LlamaGen), not just the filled part;
   * CFG whenever any token needs it: always 2B rows ([cond; uncond]); logits split into halves and mixed with

@@ -3,7 +3,7 @@
 Engines (--engines): "ours" (generate() with one reused Engine, or --engine eager), "baseline" (LlamaGen's
 decode loop on the same weights, benchmarks/baseline_decoder.py) and "baseline-compiled" (the same loop with its
 model step under torch.compile(mode="reduce-overhead", fullgraph=True), what LlamaGen's --compile does: the
-strongest peer). Speedups are reported against both baselines (docs/design.md, performance model).
+strongest peer). Speedups are reported against both baselines (docs/design.md#performance-model).
 
 For every preset x tokens x batch x mode x engine it runs a full generation (prefill + N decode steps) and
 reports images/s, tokens/s, ms/step, the bytes a step must move (weights read once + the filled KV cache of

@@ -31,7 +31,7 @@ import torch
 from llamagen_core2.guidance_config import make_schedule
 from llamagen_core2.world.dataset import NUM_CLASSES, make_dataset
 from llamagen_core2.world.evaluator import extract_features, frechet_distance_from_stats, gaussian_stats
-from llamagen_core2.world.pipeline import WORLD_SAMPLING, load_world, sample_images
+from llamagen_core2.world.pipeline import WORLD_GUIDANCE, load_world
 
 
 def configurations(args, has_weak: bool) -> list[dict]:
@@ -58,14 +58,16 @@ def run_config(world, config: dict, labels: torch.Tensor, seed: int, ref_stats) 
     schedule = None
     if config["mode"] == "schedule":
         schedule = make_schedule(n_tokens, first="slow", then="fast", first_fraction=config["slow_fraction"])
-    knobs = dict(cfg_scale=config["cfg"], w2s_scale=config.get("w2s", WORLD_SAMPLING["w2s_scale"]))
+    guidance = WORLD_GUIDANCE.replace(mode=config["mode"] if schedule is None else "cfg", schedule=schedule,
+                                      cfg_scale=config["cfg"], w2s_scale=config.get("w2s", WORLD_GUIDANCE.w2s_scale))
+    pipe = world.pipeline(guidance)
     # Two runs of the same batch shape (the first also warms up); the faster one is the time reported, because
     # the CPU is shared and a slower run measures other processes, not this sampler. Quality uses the second.
     seconds = []
     for run_seed in (seed + 10_000, seed):
         start = time.perf_counter()
-        images, stats = sample_images(world, labels, mode=config["mode"] if schedule is None else "cfg",
-                                      schedule=schedule, seed=run_seed, **knobs)
+        out = pipe(class_labels=labels, seed=run_seed, output_type="pt", progress=False)
+        images, stats = out.images, out.stats
         seconds.append(time.perf_counter() - start)
     seconds = min(seconds)
     feats, logits = extract_features(world.evaluator, images)
@@ -75,8 +77,7 @@ def run_config(world, config: dict, labels: torch.Tensor, seed: int, ref_stats) 
                 accuracy=float((logits.argmax(1) == labels).float().mean()),
                 fd=frechet_distance_from_stats(*gaussian_stats(feats), *ref_stats),
                 base_rows_per_image=stats["base_rows"] / n,
-                # one weak step advances every image of the batch by one token
-                weak_steps_per_image=stats["weak_steps"],
+                weak_steps_per_image=stats["weak_steps_per_image"],
                 ms_per_image=1000 * seconds / n)
 
 
@@ -166,7 +167,7 @@ def main(argv=None) -> None:
     p.add_argument("--cfg-for-core2", type=float, default=None,
                    help="CFG scale inside fast/slow/schedule runs (default: the scale the weak model was trained for)")
     p.add_argument("--w2s-scales", type=floats, default=floats("1,1.5,2,2.5"))
-    p.add_argument("--schedule-w2s", type=float, default=WORLD_SAMPLING["w2s_scale"])
+    p.add_argument("--schedule-w2s", type=float, default=WORLD_GUIDANCE.w2s_scale)
     p.add_argument("--schedule-fractions", type=floats, default=floats("0,0.25,0.5,0.75,1"))
     p.add_argument("--real-per-class", type=int, default=100, help="real images per class for the FD reference")
     p.add_argument("--checkpoints", default=None)
@@ -180,7 +181,7 @@ def main(argv=None) -> None:
     world = load_world(args.checkpoints, with_evaluator=True)
     if args.cfg_for_core2 is None:
         trained = getattr(world.weak, "cfg_scale", None) if world.weak is not None else None
-        args.cfg_for_core2 = float(trained) if trained else WORLD_SAMPLING["cfg_scale"]
+        args.cfg_for_core2 = float(trained) if trained else WORLD_GUIDANCE.cfg_scale
     notes = [] if world.weak is not None else ["no CoRe^2 weak model shipped: fast / slow / schedule rows skipped"]
     real, _ = make_dataset(args.real_per_class, seed=8000)
     ref_feats, _ = extract_features(world.evaluator, real)

@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InvalidArgument, check_finite_scale, check_sampling_args
+from ..guidance_config import MODE_TABLE
 from ..philox import check_offset, check_seeds, counter_strides
 
 MAX_VOCAB = 65536  # the select kernel holds a row in registers
@@ -520,9 +521,9 @@ def fused_guided_sample(
     weak = _as_logits("weak", weak, cond)
     batch, vocab = cond.shape
     device = cond.device
-    if mode in ("fast", "slow") and weak is None:
+    if MODE_TABLE[mode].weak and weak is None:
         raise InvalidArgument(f"mode {mode!r} needs the weak-model prediction `weak`")
-    if mode in ("cfg", "slow") and uncond is None:
+    if MODE_TABLE[mode].uncond and uncond is None:
         if isinstance(cfg_scale, torch.Tensor) or float(cfg_scale) > 1.0:
             raise InvalidArgument(f"mode {mode!r} with cfg_scale > 1 needs the unconditional output `uncond`")
     seeds = check_seeds(seeds, batch, vocab, device)
@@ -540,7 +541,7 @@ def fused_guided_sample(
         ptrs = dict.fromkeys(knobs, seeds)  # never read
         vals = dict(cfg_scale=float(cfg_scale), w2s_scale=float(w2s_scale), temperature=float(temperature),
                     top_k=min(int(top_k), vocab), top_p=float(top_p))
-    cfg_mix = mode in ("cfg", "slow") and (per_row or vals["cfg_scale"] > 1.0)
+    cfg_mix = MODE_TABLE[mode].uncond and (per_row or vals["cfg_scale"] > 1.0)
     sample = per_row or vals["temperature"] != 0.0
     filters = sample and (per_row or 0 < vals["top_k"] < vocab or vals["top_p"] < 1.0)
 

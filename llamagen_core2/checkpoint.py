@@ -3,25 +3,27 @@
 Reading (`read_state_dict`):
   * `.pt` / `.pth` / `.bin`: `torch.load(weights_only=True)` — a pickle that tries to build
     arbitrary objects is refused with CheckpointError. Wrappers `{"model": sd}`, `{"module": sd}`,
-    `{"state_dict": sd}` and flat (FSDP-consolidated) dicts are accepted (DESIGN §3).
+    `{"state_dict": sd}` and flat (FSDP-consolidated) dicts are accepted (docs/design.md#checkpoints).
   * `.safetensors` files.
   * a directory written by `save_pretrained`: `config.json` + `model.safetensors`, or shards
     listed in `model.safetensors.index.json`.
-Writing (`save_pretrained`) is atomic per file (temp file + os.replace) and shards past a size
-threshold with a HuggingFace-style index json.
+Writing (`save_pretrained`) is atomic per file (files.atomic_write: temp file + os.replace, user's umask),
+refuses NaN/inf weights (NonFiniteError naming the tensor) and shards past a size threshold with a
+HuggingFace-style index json. Every unreadable file (not JSON, truncated safetensors, not a torch.save file)
+raises CheckpointError naming the file.
 """
 from __future__ import annotations
 
 import json
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, check_all_finite
+from .files import atomic_write, atomic_write_json  # noqa: F401  (atomic_write_json: re-exported)
 
 WRAPPER_KEYS = ("model", "module", "state_dict")
 CONFIG_NAME = "config.json"
@@ -47,12 +49,17 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        text = str(e)
+        if "Unsupported global" not in text:  # not a pickle at all (text, JSON, random bytes)
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (not a file written by torch.save)") from None
+        detail = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), "")
         raise CheckpointError(
             f"{path}: refused to unpickle — the file contains objects other than tensors and plain "
             f"containers, and loading it could run arbitrary code (torch.load weights_only=True said: "
-            f"{str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+            f"{detail})") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, IndexError) as e:  # truncated zip, text file ...
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'})") from None
     return _unwrap(obj, path)
 
 
@@ -65,12 +72,24 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
+    """A JSON object from `path`; CheckpointError naming the file when it is not valid JSON or not an object."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a valid {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: a {what} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def read_config(directory: str | os.PathLike) -> dict:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{directory}: no {CONFIG_NAME}; expected a directory written by save_pretrained")
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path, "config.json")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -81,8 +100,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.is_dir():
         index = path / INDEX_NAME
         if index.is_file():
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = read_json(index, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+            files = sorted(set(weight_map.values()))
             state: dict[str, torch.Tensor] = {}
             for name in files:
                 state.update(_load_safetensors(path / name))
@@ -130,27 +151,6 @@ def validate_state_dict(
     return kept
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    _atomic_write(Path(path), write)
-
-
 def save_pretrained(
     directory: str | os.PathLike,
     state: Mapping[str, torch.Tensor],
@@ -158,12 +158,15 @@ def save_pretrained(
     *,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> list[Path]:
-    """Write config.json + safetensors weights (sharded with an index past `max_shard_bytes`)."""
+    """Write config.json + safetensors weights (sharded with an index past `max_shard_bytes`).
+
+    NaN/inf weights are refused (NonFiniteError) before anything is written."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     # clone: tensors may be views of one storage (w1 | w3 of FeedForward.w13), which safetensors refuses to save
     tensors = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in state.items()}
+    check_all_finite(f"refusing to write {directory}", tensors)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key in sorted(tensors):
@@ -179,7 +182,7 @@ def save_pretrained(
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        _atomic_write(directory / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+        atomic_write(directory / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
         written.append(directory / name)
     if len(shards) > 1:
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}

@@ -1,6 +1,6 @@
 """CoRe^2 Collect: run the base model with CFG and store, per image token, what Reflect trains on.
 
-Contract (design: shared/DESIGN.md §4):
+Contract (design: docs/design.md#collect):
   * Work = `len(conditions) x per_condition` images in a fixed global order (condition-major), cut into groups of
     `batch_size` consecutive images. Group g is sampled as one batch with seed `group_seed(seed, g)`, so a group's
     samples do not depend on how many processes run or where a run was interrupted.
@@ -12,6 +12,9 @@ Contract (design: shared/DESIGN.md §4):
         tokens        [b, N]     sampled tokens (int64)
         sample_index  [b]        global image index; condition_index [b]
         labels [b] (c2i) | captions [b, T, C] (store dtype) + caption_mask [b, T] (t2i)
+  * Every argument (counts, sampling knobs, seed, conditions, num_tokens) is validated before the shard
+    directory is touched; a group whose stored hidden states are not finite (NaN/inf from the base model, or
+    values beyond the store dtype's range) is refused (NonFiniteError), so no shard ever holds NaN.
   * Resume: rerunning the same command skips finished groups; a killed run loses at most its unflushed groups.
   * torchrun: RANK / WORLD_SIZE give each rank the groups g with g % WORLD_SIZE == RANK (disjoint).
   * Storage per image = 2 * N * d * itemsize(store dtype) + 8 N (+ caption features for t2i); `storage_per_image`.
@@ -25,10 +28,12 @@ from typing import Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .errors import InvalidArgument
+from .errors import CheckpointError, InvalidArgument, check_all_finite, check_int, check_number, check_token_ids
 from .generate import StepRecord, generate
+from .guidance_config import GuidanceConfig
+from .seeding import check_seed
 from .shards import ShardReader, ShardWriter
-from .weak_model import base_facts, weights_fingerprint
+from .weak_model import base_facts, check_base_facts, weights_fingerprint
 
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 COLLECT_KIND = "llamagen_core2.core2.collect"
@@ -47,24 +52,23 @@ def parse_class_ids(text: str, num_classes: int) -> list[int]:
         if not part:
             continue
         try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                ids.extend(range(lo, hi + 1))
-            else:
-                ids.append(int(part))
+            lo, hi = (int(x) for x in part.split("-", 1)) if "-" in part else (int(part), int(part))
         except ValueError:
             raise InvalidArgument(f"class ids must look like '0-9,15,20', got {text!r}") from None
+        if lo > hi:
+            raise InvalidArgument(f"class id range {part!r} is empty (write it low-high)")
+        bad = [i for i in (lo, hi) if not 0 <= i < num_classes]
+        if bad:  # checked before expanding, so '0-99999999999' never builds a huge list
+            raise InvalidArgument(f"class ids must be in [0, {num_classes - 1}], got {bad}")
+        ids.extend(range(lo, hi + 1))
     if not ids:
         raise InvalidArgument(f"no class ids in {text!r}")
-    bad = [i for i in ids if not 0 <= i < num_classes]
-    if bad:
-        raise InvalidArgument(f"class ids must be in [0, {num_classes - 1}], got {bad[:5]}")
     return ids
 
 
 def storage_per_image(gpt_config, store_dtype: torch.dtype = torch.float16, num_tokens: Optional[int] = None) -> int:
     """Bytes one collected image occupies in the shards (tensor payload; safetensors headers are extra)."""
-    N = gpt_config.num_image_tokens if num_tokens is None else num_tokens
+    N = gpt_config.num_image_tokens if num_tokens is None else check_int("num_tokens", num_tokens, minimum=1)
     item = torch.tensor([], dtype=store_dtype).element_size()
     size = 2 * N * gpt_config.dim * item + 8 * N + 16
     if gpt_config.model_type == "c2i":
@@ -121,14 +125,18 @@ def collect(
         raise InvalidArgument(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
     for name, value in (("per_condition", per_condition), ("batch_size", batch_size),
                         ("groups_per_shard", groups_per_shard)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgument(f"{name} must be an integer >= 1, got {value!r}")
-    if not float(cfg_scale) > 1.0 or math.isnan(float(cfg_scale)):
-        raise InvalidArgument(f"cfg_scale must be > 1 for Collect (there is no guidance to learn otherwise), "
-                              f"got {cfg_scale}")
+        check_int(name, value, minimum=1)
+    try:
+        check_number("cfg_scale", cfg_scale, above=1.0)
+    except InvalidArgument:
+        raise InvalidArgument(f"cfg_scale must be > 1 and finite for Collect (there is no guidance to learn "
+                              f"otherwise), got {cfg_scale!r}") from None
+    GuidanceConfig(mode="cfg", cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    check_seed(seed)
     M, pick = check_conditions(gpt, conditions, caption_mask)
     c = gpt.config
-    N = c.num_image_tokens if num_tokens is None else int(num_tokens)
+    N = c.num_image_tokens if num_tokens is None else check_int("num_tokens", num_tokens, minimum=1,
+                                                                maximum=c.num_image_tokens)
     dtype = STORE_DTYPES[store_dtype]
     total = M * per_condition
     num_groups = math.ceil(total / batch_size)
@@ -168,6 +176,9 @@ def collect(
                               num_tokens=N, mode="cfg", cfg_scale=float(cfg_scale), cfg_interval=-1,
                               temperature=temperature, top_k=top_k, top_p=top_p, seed=group_seed(seed, g),
                               on_step=record)
+            check_all_finite(f"collect: group {gid} not written (the base model's hidden states are NaN/inf, or "
+                             f"beyond the {store_dtype} store dtype's range: try --store-dtype float32)",
+                             {"hidden_cond": h_c, "hidden_uncond": h_u})
             sample = {"hidden_cond": h_c, "hidden_uncond": h_u, "tokens": tokens.to("cpu"),
                       "sample_index": index, "condition_index": cond_index}
             if c.model_type == "c2i":
@@ -185,17 +196,70 @@ def collect(
                 total_bytes_estimate=per_image * total, seconds=elapsed)
 
 
+COLLECTED_TENSORS = ("hidden_cond", "hidden_uncond", "tokens", "sample_index", "condition_index")
+
+
+def check_collect_meta(meta: dict, source) -> None:
+    """The fields of a Collect manifest that Reflect relies on, type-checked (CheckpointError naming them)."""
+    if meta.get("kind") != COLLECT_KIND:
+        raise CheckpointError(f"{source} is not a Collect output (manifest kind {meta.get('kind')!r})")
+    check_base_facts(meta.get("base"), source)
+    scale = meta.get("cfg_scale")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 1:
+        raise CheckpointError(f"{source}: manifest cfg_scale must be a finite number > 1, got {scale!r}")
+    if meta.get("base_fingerprint") is not None and not isinstance(meta["base_fingerprint"], str):
+        raise CheckpointError(f"{source}: manifest base_fingerprint must be a string, got {meta['base_fingerprint']!r}")
+
+
+def _check_group(where: str, t: dict, meta: dict, names: list) -> None:
+    """One collected group: the tensors Reflect reads, with the shapes, id ranges and finite values the
+    manifest promises (a shard edited or damaged by hand is refused naming the file, never half-used)."""
+    base, n = meta["base"], meta.get("num_tokens")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= base["grid_size"] ** 2:
+        raise CheckpointError(f"{where}: manifest num_tokens must be an integer in [1, {base['grid_size'] ** 2}], "
+                              f"got {n!r}")
+    extra = sorted(set(names) ^ set(t))
+    missing = sorted(set(COLLECTED_TENSORS) - set(t))
+    if missing or extra:
+        raise CheckpointError(f"{where}: tensors {missing or extra} missing or unexpected; delete the file and rerun "
+                              f"collect to redo it")
+    b = t["hidden_cond"].shape[0]
+    want = {"hidden_cond": (b, n, base["dim"]), "hidden_uncond": (b, n, base["dim"]), "tokens": (b, n),
+            "sample_index": (b,), "condition_index": (b,)}
+    if base["model_type"] == "c2i":
+        want["labels"] = (b,)
+    else:
+        want.update(captions=(b, base["cls_token_num"], base["caption_dim"]), caption_mask=(b, base["cls_token_num"]))
+    wrong = [f"{k} {list(t[k].shape)} (expected {list(v)})" for k, v in want.items()
+             if k not in t or tuple(t[k].shape) != v]
+    if wrong:
+        raise CheckpointError(f"{where}: wrong shapes: {'; '.join(wrong)}; delete the file and rerun collect")
+    try:
+        check_token_ids("tokens", t["tokens"], base["vocab_size"])
+        if "labels" in t:
+            check_token_ids("labels", t["labels"], base["num_classes"])
+    except InvalidArgument as e:
+        raise CheckpointError(f"{where}: {e}; delete the file and rerun collect") from None
+    check_all_finite(f"{where} (delete the file and rerun collect to redo it)", t)
+
+
 def load_collected(directory, *, device="cpu") -> tuple[dict, dict[str, torch.Tensor]]:
-    """All collected images of a shard directory, in global image order: (meta, tensors with dim 0 = image)."""
+    """All collected images of a shard directory, in global image order: (meta, tensors with dim 0 = image).
+
+    Refuses (naming the shard file) a group with missing tensors, mismatched shapes or NaN/inf values."""
     reader = ShardReader(directory)
     meta = reader.meta
-    if meta.get("kind") != COLLECT_KIND:
-        raise InvalidArgument(f"{directory} is not a Collect output (manifest kind {meta.get('kind')!r})")
+    check_collect_meta(meta, reader.directory / "manifest.json")
     groups = sorted(reader, key=lambda item: item[0])
     if not groups:
         raise InvalidArgument(f"{directory} holds no collected samples yet; run `llamagen-core2 collect` first")
     names = sorted(groups[0][1])
-    data = {name: torch.cat([tensors[name] for _, tensors in groups]).to(device) for name in names}
+    for gid, tensors in groups:
+        _check_group(f"{reader.shard_of[gid]} (group {gid})", tensors, meta, names)
+    try:
+        data = {name: torch.cat([tensors[name] for _, tensors in groups]).to(device) for name in names}
+    except RuntimeError as e:
+        raise CheckpointError(f"{directory}: collected groups disagree in shape ({str(e).splitlines()[0]})") from None
     return meta, data
 
 

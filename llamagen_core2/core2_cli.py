@@ -12,29 +12,41 @@ runs them standalone. Under torchrun the RANK / WORLD_SIZE environment variables
 """
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 
 import torch
 
-from .cli_common import (add_condition_args, add_model_args, add_refine_args, add_sampling_args, load_conditions,
-                         load_gpt, load_refine, print_json)
-from .errors import CheckpointError, InvalidArgument
+from .cli_common import (Parser, add_condition_args, add_model_args, add_refine_args, add_sampling_args, add_vq_args,
+                         apply_threads, check_refine_args, float_in, load_conditions, load_gpt, load_refine, load_vq,
+                         non_negative_float, non_negative_int, positive_int, print_json, seed_int)
+from .errors import rank_and_world, user_error_message
+from .files import check_output_dir
+
+
+def _source(path_or_repo: str, filename=None) -> str:
+    """A checkpoint source for manifests: absolute local path, or the Hub repo id (+ file) as given."""
+    from .hub import is_repo_id
+
+    source = path_or_repo if is_repo_id(path_or_repo) else os.path.abspath(path_or_repo)
+    return source if filename is None else f"{source}/{filename}"
+
 
 # ---------------------------------------------------------------------- collect
 def run_collect(args) -> dict:
     from .collect import collect, describe_storage
 
+    check_output_dir(args.out)
     gpt = load_gpt(args)
     conds, mask, names = load_conditions(args, gpt)
     total = len(conds) * args.per_class
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank_and_world()[0] == 0:
         print(describe_storage(gpt.config, args.store_dtype, total, args.num_tokens))
     summary = collect(gpt, conds, args.out, caption_mask=mask, condition_names=names, per_condition=args.per_class,
                       batch_size=args.batch_size, cfg_scale=args.cfg_scale, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, num_tokens=args.num_tokens,
                       store_dtype=args.store_dtype, groups_per_shard=args.groups_per_shard,
-                      base_checkpoint=os.path.abspath(args.gpt), progress=not args.quiet)
+                      base_checkpoint=_source(args.gpt, args.gpt_filename), progress=not args.quiet)
     print_json(summary)
     return summary
 
@@ -46,12 +58,13 @@ def add_collect_subcommand(subparsers):
                                           "safetensors shards. Rerun the same command to resume.")
     add_model_args(p)
     add_condition_args(p)
-    add_sampling_args(p, cfg_default=4.0)
+    add_sampling_args(p, cfg_default=4.0, cfg_above=1.0)  # no guidance to learn at a scale <= 1
     p.add_argument("--out", required=True, help="shard directory (created; resumed if it exists)")
-    p.add_argument("--num-tokens", type=int, default=None, help="tokens per image (default: all)")
-    p.add_argument("--store-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--groups-per-shard", type=int, default=1, help="batches per shard file")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--num-tokens", type=positive_int, default=None, help="tokens per image (default: all)")
+    p.add_argument("--store-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype of the stored hidden states")
+    p.add_argument("--groups-per-shard", type=positive_int, default=1, help="batches per shard file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_exit_status(run_collect), run=run_collect)
     return p
 
@@ -60,6 +73,7 @@ def add_collect_subcommand(subparsers):
 def run_reflect(args) -> dict:
     from .reflect import reflect
 
+    check_output_dir(args.out)
     gpt = load_gpt(args)
     overrides = {k: v for k, v in (("dim", args.weak_dim), ("n_layer", args.weak_layers), ("n_head", args.weak_heads))
                  if v is not None}
@@ -70,8 +84,9 @@ def run_reflect(args) -> dict:
                      seed=args.seed, resume=not args.no_resume, progress=not args.quiet)
     if result:
         h = result["heldout"]
+        ratio = "n/a" if h["kl_ratio"] is None else f"{h['kl_ratio']:.3f}"
         print(f"held-out KL(cfg || weak) = {h['kl']:.4f}   baseline KL(cfg || cond) = {h['baseline_kl']:.4f}   "
-              f"ratio = {h['kl_ratio']:.3f}   (MSE {h['mse']:.4f} vs {h['baseline_mse']:.4f})")
+              f"ratio = {ratio}   (MSE {h['mse']:.4f} vs {h['baseline_mse']:.4f})")
         print_json(result)
     return result
 
@@ -86,23 +101,26 @@ def add_reflect_subcommand(subparsers):
     add_model_args(p)
     p.add_argument("--shards", required=True, help="directory written by `collect`")
     p.add_argument("--out", required=True, help="output directory for the weak model")
-    p.add_argument("--weak-preset", default="W-2", choices=sorted(WEAK_PRESETS))
-    p.add_argument("--weak-dim", type=int, default=None)
-    p.add_argument("--weak-layers", type=int, default=None)
-    p.add_argument("--weak-heads", type=int, default=None)
-    p.add_argument("--cfg-scale", type=float, default=None, help="CFG scale to learn (default: the collected one)")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=16, help="images per step per process")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--mse-weight", type=float, default=0.0, help="weight of the hidden-space MSE term")
-    p.add_argument("--holdout", type=float, default=0.05, help="held-out fraction of the collected images")
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--weak-preset", default="W-2", choices=sorted(WEAK_PRESETS), help="weak-model trunk shape")
+    p.add_argument("--weak-dim", type=positive_int, default=None, help="override the preset's width")
+    p.add_argument("--weak-layers", type=positive_int, default=None, help="override the preset's layer count")
+    p.add_argument("--weak-heads", type=positive_int, default=None, help="override the preset's head count")
+    p.add_argument("--cfg-scale", type=float_in(above=1.0), default=None,
+                   help="CFG scale to learn (default: the collected one)")
+    p.add_argument("--steps", type=positive_int, default=2000, help="training steps")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per step per process")
+    p.add_argument("--lr", type=float_in(above=0.0, maximum=1.0), default=1e-3, help="peak AdamW learning rate")
+    p.add_argument("--warmup", type=non_negative_int, default=100, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--mse-weight", type=non_negative_float, default=0.0, help="weight of the hidden-space MSE term")
+    p.add_argument("--holdout", type=float_in(above=0.0, below=1.0), default=0.05,
+                   help="held-out fraction of the collected images (exact: floor(M * holdout) images)")
+    p.add_argument("--eval-every", type=positive_int, default=500, help="steps between held-out evaluations")
+    p.add_argument("--checkpoint-every", type=positive_int, default=500, help="steps between checkpoints")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over even if checkpoints exist (also allows other settings in the same --out)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_exit_status(run_reflect), run=run_reflect)
     return p
 
@@ -110,18 +128,19 @@ def add_reflect_subcommand(subparsers):
 # ---------------------------------------------------------------------- sample
 def run_sample(args) -> dict:
     from .sample import sample_images
-    from .vq import VQModel
 
+    check_output_dir(args.out)
+    check_refine_args(args)
     gpt = load_gpt(args)
     conds, mask, names = load_conditions(args, gpt)
-    vq = VQModel.from_pretrained(args.vq, args.vq_preset).to(args.device)
+    vq = load_vq(args)
     weak, schedule = load_refine(args, gpt)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = rank_and_world()[1] > 1
     if distributed and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo")
     result = sample_images(gpt, vq, conds, args.out, caption_mask=mask, condition_names=names,
                            per_condition=args.per_class, batch_size=args.batch_size, mode=args.mode, schedule=schedule,
-                           weak_model=weak, weak_path=None if args.weak is None else os.path.abspath(args.weak),
+                           weak_model=weak, weak_path=None if args.weak is None else _source(args.weak),
                            cfg_scale=args.cfg_scale, w2s_scale=args.w2s_scale, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=not args.quiet)
     print_json(result)
@@ -136,11 +155,10 @@ def add_sample_subcommand(subparsers):
     add_model_args(p)
     add_condition_args(p)
     add_sampling_args(p, cfg_default=4.0)
-    p.add_argument("--vq", required=True, help="VQ tokenizer checkpoint (e.g. vq_ds16_c2i.pt)")
-    p.add_argument("--vq-preset", default="VQ-16", choices=["VQ-16", "VQ-8"])
-    p.add_argument("--out", required=True)
+    add_vq_args(p)
+    p.add_argument("--out", required=True, help="output directory: images/*.png, samples.npz, settings.json")
     add_refine_args(p)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_exit_status(run_sample), run=run_sample)
     return p
 
@@ -163,13 +181,20 @@ add_subcommand = add_subcommands  # the name cli.py looks for in every feature m
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m llamagen_core2.core2_cli")
+    """Standalone entry (torchrun -m llamagen_core2.core2_cli ...): returns the result dict; a user error is
+    one line and SystemExit(2), with the same error families as `llamagen-core2` (errors.user_error_message)."""
+    parser = Parser(prog="python -m llamagen_core2.core2_cli")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
+    apply_threads(args)
     try:
         return args.run(args)
-    except (InvalidArgument, CheckpointError) as e:
-        parser.exit(2, f"error: {e}\n")
+    except Exception as e:  # noqa: BLE001 -- mapped by family; anything unmapped is re-raised
+        message = user_error_message(e)
+        if message is None:
+            raise
+        print(f"{parser.prog} {args.command}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

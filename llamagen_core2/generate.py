@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import Engine, GenerationStats, StepRecord  # noqa: F401  (StepRecord is part of the on_step API)
-from .errors import InvalidArgument
+from .errors import InvalidArgument, check_int
 from .guidance import guided_sample
 from .guidance_config import MODE_TABLE, GuidanceConfig, needs_uncond, needs_weak
 from .memory import check_fits, estimate_generation_bytes
@@ -44,9 +44,8 @@ ENGINES = ("auto", "static", "eager")
 def _check_args(gpt, cond, cond_mask, num_tokens, guidance: GuidanceConfig) -> tuple[int, int]:
     B = gpt.check_condition(cond)
     c = gpt.config
-    N = c.num_image_tokens if num_tokens is None else num_tokens
-    if isinstance(N, bool) or not isinstance(N, int) or not (1 <= N <= c.num_image_tokens):
-        raise InvalidArgument(f"num_tokens must be an integer in [1, {c.num_image_tokens}], got {num_tokens!r}")
+    N = c.num_image_tokens if num_tokens is None else check_int("num_tokens", num_tokens, minimum=1,
+                                                                maximum=c.num_image_tokens)
     for name in ("cfg_scale", "w2s_scale", "temperature", "top_k", "top_p"):
         value = getattr(guidance, name)
         if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] != B:
@@ -55,8 +54,12 @@ def _check_args(gpt, cond, cond_mask, num_tokens, guidance: GuidanceConfig) -> t
     if cond_mask is not None:
         if c.model_type != "t2i":
             raise InvalidArgument("cond_mask is only meaningful for text-conditional (t2i) models")
-        if tuple(cond_mask.shape) != (B, c.cls_token_num):
-            raise InvalidArgument(f"cond_mask must be [B={B}, {c.cls_token_num}], got {list(cond_mask.shape)}")
+        if not isinstance(cond_mask, torch.Tensor) or tuple(cond_mask.shape) != (B, c.cls_token_num):
+            raise InvalidArgument(f"cond_mask must be a tensor [B={B}, {c.cls_token_num}], got "
+                                  f"{list(getattr(cond_mask, 'shape', [])) or type(cond_mask).__name__}")
+        if cond_mask.is_floating_point() or cond_mask.is_complex() or (
+                cond_mask.dtype != torch.bool and not bool(((cond_mask == 0) | (cond_mask == 1)).all())):
+            raise InvalidArgument(f"cond_mask must be bool (or 0/1 integers), got {cond_mask.dtype}")
     return B, N
 
 
@@ -119,11 +122,13 @@ def generate(
         raise InvalidArgument("this Engine was built for another model; make one with Engine(gpt)")
     if seeds is not None:
         if seed is not None or generator is not None:
-            raise InvalidArgument("give seeds, seed or generator, not several")
+            raise InvalidArgument("give seeds (one key per image) or seed / generator, not both")
         if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or tuple(seeds.shape) != (B,):
-            raise InvalidArgument(f"seeds must be an int64 tensor [B={B}] of per-image Philox keys, got "
+            raise InvalidArgument(f"seeds must be a LongTensor [{B}] (one key per image, seeding.row_keys), got "
                                   f"{getattr(seeds, 'dtype', type(seeds).__name__)} "
                                   f"{list(getattr(seeds, 'shape', []))}")
+        if seeds.device.type == "cpu" and bool((seeds < 0).any()):  # device keys are the caller's contract
+            raise InvalidArgument("seeds must be non-negative int64 keys")
         keys = seeds
     else:
         keys = row_keys(B, seed=seed, generator=generator)
@@ -132,6 +137,10 @@ def generate(
     if uses_weak:
         if weak_model is None:
             raise InvalidArgument("modes 'fast' and 'slow' need a weak_model (train one with `llamagen-core2 reflect`)")
+        if not all(callable(getattr(weak_model, name, None)) for name in ("new_cache", "prefill", "step_hidden")):
+            raise InvalidArgument(f"weak_model must have new_cache(rows), prefill(cond, cache, cond_mask) and "
+                                  f"step_hidden(hidden, cache, ...) (e.g. a WeakModel), got "
+                                  f"{type(weak_model).__name__}")
         if hasattr(weak_model, "check_compatible"):
             weak_model.check_compatible(gpt)
 

@@ -3,7 +3,7 @@
 This module is the single home of the guidance math. The AR engine (`generate.py`), CoRe^2
 (Collect / Refine) and the diffusion adapter all call `mix_guidance`; the AR engine samples with
 `guided_sample`. Everything here is pure PyTorch: it is the CPU path and the test oracle for the
-fused Triton kernel `llamagen_core2.kernels.fused_guided_sample` (docs/sampling.md), to which
+fused Triton kernel `llamagen_core2.kernels.fused_guided_sample` (docs/design.md#sampler), to which
 `guided_sample` hands off when `llamagen_core2.kernels.dispatch` selects it.
 
 Modes (per image row; c, u = base cond / uncond outputs, w = weak-model prediction):

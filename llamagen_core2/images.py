@@ -1,6 +1,6 @@
 """Image conversions between the VQ model's float range and uint8 pixels, grids, PNG files.
 
-Contract (facts: shared/DESIGN.md §3 "Images" and LlamaGen's sampling / code-extraction scripts):
+Contract (facts: docs/design.md#images and LlamaGen's sampling / code-extraction scripts):
   * `to_uint8(images [B, 3, H, W] float ~[-1, 1]) -> np.uint8 [B, H, W, 3]`, exactly as LlamaGen:
     clamp(127.5 * x + 128, 0, 255) then a truncating cast to uint8 (so -1 -> 0, 0 -> 128, 1 -> 255).
   * `to_model_range(uint8 [B, H, W, 3] or [H, W, 3]) -> float32 [B, 3, H, W]` in [-1, 1], the
@@ -8,13 +8,13 @@ Contract (facts: shared/DESIGN.md §3 "Images" and LlamaGen's sampling / code-ex
   * `center_crop(pil, size)`: ADM-style resize (box halvings, then bicubic) + centre crop, as
     LlamaGen prepares images before tokenizing; `from_pil(images, size=None)` chains it all.
   * `to_pil_images`, `make_grid(images_uint8 [B, H, W, 3], nrow, padding=2)` (torchvision layout:
-    `nrow` images per row), `save_png(array, path)` written atomically (temp file + os.replace).
+    `nrow` images per row), `save_png(array, path)` written atomically (files.atomic_write: temp file +
+    os.replace, with the user's umask).
 """
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from .errors import InvalidArgument
+from .files import atomic_write
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -88,17 +89,8 @@ def save_png(array, path: str | os.PathLike) -> Path:
             f"save_png needs a uint8 array [H, W], [H, W, 3] or [H, W, 4], got {arr.dtype} {list(arr.shape)}")
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG")
-        os.replace(tmp, path)  # readers never see a half-written file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    image = Image.fromarray(np.ascontiguousarray(arr))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))  # readers never see a half-written file
 
 
 def to_model_range(images) -> torch.Tensor:

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from . import block_ops
 from .checkpoint import read_config, read_state_dict, save_pretrained as save_state_pretrained, validate_state_dict
-from .config import GPT_PRESETS, GPTConfig
-from .errors import CheckpointError, InvalidArgument
+from .config import GPT_PRESETS, GPTConfig, check_gpt_preset
+from .errors import CheckpointError, InvalidArgument, check_token_ids
 
 
 class RMSNorm(nn.Module):
@@ -372,6 +372,7 @@ class GPT(nn.Module):
                cond_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Teacher-forced fp32 logits [B, N, V]; logit i predicts image token i (no KV cache involved)."""
         B = self.check_condition(cond, allow_null=True)
+        check_token_ids("tokens", tokens, self.config.vocab_size)
         if tokens.ndim != 2 or tokens.shape[0] != B:
             raise InvalidArgument(f"tokens must be [B={B}, N], got {list(tokens.shape)}")
         N = tokens.shape[1]
@@ -384,21 +385,32 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, preset: Optional[str] = None, *, device=None, dtype=None,
-                        **overrides) -> "GPT":
+                        filename: Optional[str] = None, revision: Optional[str] = None, cache_dir=None,
+                        local_files_only: Optional[bool] = None, **overrides) -> "GPT":
         """Load an official LlamaGen `.pt` (any wrapper), a `.safetensors` file or a converted directory.
 
+        `path` is a local path or a Hub repo id (`org/repo`, + `filename=` for single-file releases such as
+        FoundationVision/LlamaGen's `c2i_B_256.pt`), resolved by `hub.resolve` (HF cache, HF_HUB_OFFLINE).
         A directory with config.json uses it (plus `overrides`). Otherwise the config is
         `GPTConfig.from_preset(preset, **overrides)`, or, with no preset, inferred from the tensor shapes
         (dim, layers, vocab, classes, caption width) with n_head taken from the matching preset and the
         image size from a `_256`-style file-name suffix.
         """
-        path = Path(path)
+        from .hub import resolve
+
+        if preset is not None:
+            check_gpt_preset(preset)
+        path = resolve(path, filename=filename, allow_patterns=("*.json", "*.safetensors"), revision=revision,
+                       cache_dir=cache_dir, local_files_only=local_files_only, what="GPT checkpoint")
         state = read_state_dict(path)
         if path.is_dir() and (path / "config.json").is_file():
             saved = read_config(path)
             if saved.get("kind") != "gpt" or not isinstance(saved.get("config"), dict):
                 raise CheckpointError(f"{path}/config.json is not a GPT config (kind={saved.get('kind')!r})")
-            config = GPTConfig.from_dict({**saved["config"], **overrides})
+            config = GPTConfig.from_saved({**saved["config"], **overrides}, path / "config.json")
+            if preset is not None and config.preset_differences(preset):
+                raise CheckpointError(f"preset {preset!r} does not match {path}/config.json: "
+                                      + "; ".join(config.preset_differences(preset)))
         elif preset is not None:
             config = GPTConfig.from_preset(preset, **overrides)
         else:

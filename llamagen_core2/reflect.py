@@ -1,8 +1,10 @@
 """CoRe^2 Reflect: train the weak model on Collect shards to predict the base model's CFG distribution.
 
-Contract (design: shared/DESIGN.md §4):
-  * Data: `collect.load_collected(dir)` images; a deterministic held-out split by global image index (every
-    `round(1 / holdout)`-th image). Target hidden h_cfg = h_u + s (h_c - h_u) with s = the Collect CFG scale
+Contract (design: docs/design.md#reflect):
+  * Data: `collect.load_collected(dir)` images (refused, naming the shard, if any value is NaN/inf); a
+    deterministic held-out split by global image index: image i is held out when floor((i + 1) h) > floor(i h)
+    for the exact fraction h = holdout, so exactly floor(M h) of images 0..M-1 are held out, evenly spread
+    (h = 1/n: every n-th image). Target hidden h_cfg = h_u + s (h_c - h_u) with s = the Collect CFG scale
     (or `cfg_scale`), computed in fp32; target logits = gpt.head(h_cfg).
   * Loss per token = KL(softmax(cfg logits) || softmax(gpt.head(weak(h_c)))) at temperature 1, averaged over
     tokens, + `mse_weight` * mean squared error in hidden space. Both terms are always reported.
@@ -12,6 +14,12 @@ Contract (design: shared/DESIGN.md §4):
     fingerprint and CFG scale), `eval.json` (held-out metrics, written at the end), `train_log.jsonl`, and
     `checkpoints/step-XXXXXXX/` (weak model + `trainer_state.pt`: optimizer, step) with `checkpoints/latest.json`.
     Checkpoints are written to a temp directory and renamed, so a killed run resumes from the last complete one.
+  * Every argument is validated before anything is read or written. A resumed run must use the settings of
+    the run it resumes (weak-model architecture, CFG scale, optimiser, steps, batch, hold-out, seed, collected
+    data): anything else is refused naming each difference (`resume=False` starts over instead).
+  * Nothing non-finite is written: the loss is checked (accumulated on the device, read at every log /
+    checkpoint / final write) and the weights before every checkpoint, so a diverging run stops with
+    NonFiniteError and keeps only its earlier, finite checkpoints.
   * DDP under torchrun (WORLD_SIZE > 1): gloo on CPU / nccl on CUDA; each rank takes a disjoint slice of every
     global batch; rank 0 evaluates and writes.
 """
@@ -22,6 +30,7 @@ import math
 import os
 import shutil
 import time
+from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
@@ -29,18 +38,20 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_json
 from .collect import load_collected
-from .errors import CheckpointError, InvalidArgument
-from .weak_model import BASE_FIELDS, WeakModel, base_facts, weights_fingerprint
+from .errors import (CheckpointError, InvalidArgument, NonFiniteError, check_all_finite, check_int, check_number,
+                     describe_differences, rank_and_world)
+from .files import atomic_write_json, nonfinite_key
+from .seeding import check_seed
+from .weak_model import BASE_FIELDS, WeakConfig, WeakModel, base_facts, weights_fingerprint
 
 
 def holdout_mask(sample_index: torch.Tensor, holdout: float) -> torch.Tensor:
-    """[M] bool: True for held-out images (every round(1/holdout)-th global image index)."""
-    if not 0.0 < holdout < 1.0:
-        raise InvalidArgument(f"holdout must be in (0, 1), got {holdout}")
-    period = max(2, round(1.0 / holdout))
-    return (sample_index % period) == period - 1
+    """[M] bool: True for held-out images: i with floor((i + 1) h) > floor(i h), h = holdout as an exact
+    fraction (so 0.05 holds out every 20th image and 0.9 holds out 9 of every 10, not a rounded period)."""
+    h = Fraction(check_number("holdout", holdout, above=0.0, below=1.0)).limit_denominator(1_000_000)
+    i = sample_index.long()
+    return ((i + 1) * h.numerator) // h.denominator > (i * h.numerator) // h.denominator
 
 
 def guidance_losses(gpt, pred_hidden: torch.Tensor, target_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,8 +108,8 @@ def evaluate(weak: Optional[WeakModel], gpt, data: CollectedData, indices: torch
     out = {k: v / max(count, 1) for k, v in sums.items()}
     if weak is None:
         out.pop("kl"), out.pop("mse")
-    else:
-        out["kl_ratio"] = out["kl"] / out["baseline_kl"] if out["baseline_kl"] > 0 else float("nan")
+    else:  # None (not NaN) when CFG equals cond on these images: there is no guidance to compare against
+        out["kl_ratio"] = out["kl"] / out["baseline_kl"] if out["baseline_kl"] > 0 else None
     out["tokens"] = count
     return out
 
@@ -117,15 +128,60 @@ def _check_base(meta: dict, gpt) -> None:
 
 
 def _latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    from .checkpoint import read_json
+
     latest = out_dir / "checkpoints" / "latest.json"
     if not latest.is_file():
         return None
-    with open(latest) as f:
-        path = out_dir / "checkpoints" / json.load(f)["name"]
+    name = read_json(latest, "checkpoint pointer").get("name")
+    if not isinstance(name, str) or "/" in name or name.startswith("."):
+        raise CheckpointError(f"{latest}: name must be a checkpoint directory name, got {name!r}")
+    path = out_dir / "checkpoints" / name
     return path if path.is_dir() else None
 
 
-def _save_checkpoint(out_dir: Path, weak: WeakModel, optimizer, step: int, keep: int = 2) -> Path:
+def _require_finite(loss_ok: torch.Tensor, weak: WeakModel, step: int, lr: float) -> None:
+    """Before anything from step `step` is written: the loss stayed finite and the weights are finite."""
+    if not bool(loss_ok):
+        raise NonFiniteError(f"reflect: the training loss became NaN/inf by step {step}; nothing from it was "
+                             f"written (earlier checkpoints are kept). Rerun with a lower --lr (now {lr}) or "
+                             f"--mse-weight and --no-resume, or into a new --out")
+    check_all_finite(f"reflect: the weak model's weights after step {step} (nothing written; rerun with a lower "
+                     f"--lr than {lr} and --no-resume)", weak.state_dict())
+
+
+def _require_finite_metrics(metrics: dict, step: int) -> dict:
+    bad = nonfinite_key(metrics)
+    if bad is not None:
+        raise NonFiniteError(f"reflect: held-out metric {bad} is NaN/inf after step {step}; nothing from it was "
+                             f"written. Check the shards and the base model's dtype")
+    return metrics
+
+
+def _check_resume(ckpt: Path, state: dict, weak: WeakModel, settings: dict) -> None:
+    """A resumed run must use the settings of the run it resumes; else name every difference."""
+    old = state.get("settings")
+    if not isinstance(old, dict):  # a checkpoint from before settings were recorded: compare the architecture
+        old = {**settings, "weak": weak.config.to_dict()}
+    old = json.loads(json.dumps(old))
+    if old != settings:
+        raise InvalidArgument(f"{ckpt.parent.parent} holds a reflect run with other settings "
+                              f"({describe_differences(_flat(old), _flat(settings))}); rerun with the same settings "
+                              f"to resume it, or use --no-resume (resume=False) or a new --out to start over")
+
+
+def _flat(settings: dict) -> dict:
+    """{"weak": {"dim": 64}} -> {"weak.dim": 64}, so a difference names the field."""
+    out = {}
+    for k, v in settings.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def _save_checkpoint(out_dir: Path, weak: WeakModel, optimizer, step: int, settings: dict, keep: int = 2) -> Path:
     """Write checkpoints/step-XXXXXXX atomically (temp dir + rename), point latest.json at it, prune old ones."""
     root = out_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -133,7 +189,7 @@ def _save_checkpoint(out_dir: Path, weak: WeakModel, optimizer, step: int, keep:
     tmp = root / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     weak.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp / "trainer_state.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "settings": settings}, tmp / "trainer_state.pt")
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -175,12 +231,19 @@ def reflect(
     """Train a weak model for `gpt` on `shards_dir`; returns the final held-out metrics (also in eval.json)."""
     for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every),
                         ("checkpoint_every", checkpoint_every)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgument(f"{name} must be an integer >= 1, got {value!r}")
-    if not (lr > 0 and math.isfinite(lr)) or mse_weight < 0 or warmup < 0:
-        raise InvalidArgument(f"need lr > 0, mse_weight >= 0, warmup >= 0; got {lr}, {mse_weight}, {warmup}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+        check_int(name, value, minimum=1)
+    lr = check_number("lr", lr, above=0.0, maximum=1.0)
+    weight_decay = check_number("weight_decay", weight_decay, minimum=0.0)
+    mse_weight = check_number("mse_weight", mse_weight, minimum=0.0)
+    warmup = check_int("warmup", warmup, minimum=0)
+    holdout = check_number("holdout", holdout, above=0.0, below=1.0)
+    if cfg_scale is not None:
+        cfg_scale = check_number("cfg_scale", cfg_scale, above=1.0)
+    check_seed(seed)
+    if not isinstance(weak_overrides or {}, dict):
+        raise InvalidArgument(f"weak_overrides must be a dict of WeakConfig fields, got {weak_overrides!r}")
+    weak_config = WeakConfig.from_preset(preset, **(weak_overrides or {}))  # validates preset and overrides
+    rank, world = rank_and_world()
     device = torch.device(device) if device is not None else gpt.output.weight.device
     distributed = world > 1
     if distributed and not torch.distributed.is_initialized():
@@ -197,11 +260,22 @@ def reflect(
     if len(train_idx) == 0 or len(held_idx) == 0:
         raise InvalidArgument(f"{data.num_images} collected images are too few for a held-out split of {holdout}")
 
+    # What makes two runs the same run: a resumed run must match these exactly.
+    settings = json.loads(json.dumps(dict(
+        weak=weak_config.to_dict(), cfg_scale=scale, steps=steps, batch_size=batch_size, world_size=world, lr=lr,
+        warmup=warmup, weight_decay=weight_decay, mse_weight=mse_weight, holdout=holdout, seed=seed,
+        collected=dict(base_fingerprint=meta.get("base_fingerprint"), num_images=data.num_images,
+                       seed=meta.get("seed"), cfg_scale=meta.get("cfg_scale")))))
     start_step = 0
     ckpt = _latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
         weak = WeakModel.from_pretrained(ckpt, gpt)
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 -- any unreadable trainer state is the same user-facing problem
+            raise CheckpointError(f"{ckpt / 'trainer_state.pt'}: unreadable ({type(e).__name__}); delete {ckpt} "
+                                  f"to resume from an earlier checkpoint, or use --no-resume") from None
+        _check_resume(ckpt, state, weak, settings)
         start_step = int(state["step"])
     else:
         torch.manual_seed(seed)
@@ -221,9 +295,12 @@ def reflect(
     is_main = rank == 0
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if start_step == 0 and log_path.exists():
+            log_path.unlink()  # a run that starts over logs afresh instead of appending to another run's log
     bar = tqdm(range(start_step, steps), desc="reflect", disable=not (progress and is_main), initial=start_step,
                total=steps)
     started = time.perf_counter()
+    loss_ok = torch.ones((), dtype=torch.bool, device=device)  # read only at write points: no per-step sync
     for step in bar:
         # The batch is a function of (seed, step) only, so a resumed run sees the same data as an unbroken one.
         epoch, pos = divmod(step, steps_per_epoch)
@@ -235,6 +312,7 @@ def reflect(
             group["lr"] = _lr_at(step, steps, lr, warmup)
         kl, mse = guidance_losses(gpt, model(cond, h_c, cond_mask=mask), h_cfg)
         loss = kl.mean() + mse_weight * mse.mean()
+        loss_ok &= torch.isfinite(loss.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(weak.parameters(), 1.0)
@@ -243,18 +321,23 @@ def reflect(
         if is_main:
             bar.set_postfix(kl=f"{kl.detach().mean().item():.4f}", mse=f"{mse.detach().mean().item():.4f}")
             if done % eval_every == 0 or done == steps:
+                _require_finite(loss_ok, weak, done, lr)
                 metrics = evaluate(weak, gpt, data, held_idx, batch_size)
+                record = _require_finite_metrics({"step": done, "train_kl": kl.detach().mean().item(),
+                                                  "train_mse": mse.detach().mean().item(),
+                                                  **{f"heldout_{k}": v for k, v in metrics.items()}}, done)
+                line = json.dumps(record, allow_nan=False)
                 with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": done, "train_kl": kl.detach().mean().item(),
-                                        "train_mse": mse.detach().mean().item(),
-                                        **{f"heldout_{k}": v for k, v in metrics.items()}}) + "\n")
+                    f.write(line + "\n")
             if done % checkpoint_every == 0 or done == steps:
-                _save_checkpoint(out_dir, weak, optimizer, done)
+                _require_finite(loss_ok, weak, done, lr)
+                _save_checkpoint(out_dir, weak, optimizer, done, settings)
     bar.close()
 
     result = {}
     if is_main:
-        metrics = evaluate(weak, gpt, data, held_idx, batch_size)
+        _require_finite(loss_ok, weak, steps, lr)
+        metrics = _require_finite_metrics(evaluate(weak, gpt, data, held_idx, batch_size), steps)
         result = dict(heldout=metrics, steps=steps, cfg_scale=scale, train_images=len(train_idx),
                       heldout_images=len(held_idx), preset=weak.config.preset, seconds=time.perf_counter() - started)
         weak.extra.update(heldout_kl=metrics["kl"], heldout_baseline_kl=metrics["baseline_kl"])

@@ -2,12 +2,14 @@
 
 Contract:
   * Work = `len(conditions) x per_condition` images in condition-major order, cut into groups of `batch_size`;
-    group g is generated as one batch with seed `collect.group_seed(seed, g)` and any mode / schedule of
-    `generate()` (cond, cfg, fast, slow, slow-first-then-fast and the reverse).
+    each group is one `LlamaGenPipeline` call with any mode / schedule of `generate()` (cond, cfg, fast, slow,
+    slow-first-then-fast and the reverse). Image n of the run uses the Philox key `seeding.image_key(seed, n)`
+    (the pipeline's seed rule), so an image does not depend on batch_size, the number of ranks or resuming.
   * Files: `images/{index:06d}.png` (atomic writes) and, once every image exists, `samples.npz` with `arr_0`
     [M, H, W, 3] uint8 (the layout of the ADM / LlamaGen FID evaluator) and `labels` (class id per image, or
     caption index for t2i).
-    `settings.json` records the run's settings; rerunning with other settings in the same directory is refused.
+    `settings.json` records the run's settings; rerunning with other settings in the same directory is refused
+    (naming each difference) once it holds an image; every argument is validated before anything is written.
   * Resume: a group whose PNGs all exist is skipped, so a killed run loses at most the groups in flight.
   * torchrun: RANK / WORLD_SIZE give rank r the groups g with g % WORLD_SIZE == r; with a process group
     initialised (gloo/nccl), ranks meet at a barrier and rank 0 writes the npz.
@@ -15,9 +17,8 @@ Contract:
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -26,12 +27,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_json
-from .collect import check_conditions, group_seed
-from .errors import InvalidArgument
-from .generate import generate
-from .guidance_config import Schedule, check_mode
-from .images import save_png, to_uint8
+from .checkpoint import read_json
+from .collect import check_conditions
+from .errors import InvalidArgument, check_int, describe_differences, rank_and_world
+from .files import atomic_write, atomic_write_json
+from .guidance_config import GuidanceConfig, Schedule, check_mode, needs_weak
+from .images import save_png
+from .pipeline import LlamaGenPipeline
+from .seeding import check_seed
+
+logger = logging.getLogger(__name__)
+SEED_RULE = "image n uses seeding.image_key(seed, n)"
 
 
 def build_schedule(num_tokens: int, *, mode: str = "cfg", slow_first: Optional[float] = None,
@@ -57,26 +63,24 @@ def build_schedule(num_tokens: int, *, mode: str = "cfg", slow_first: Optional[f
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare temp name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
 
 
 def _check_settings(out_dir: Path, settings: dict) -> None:
+    """Refuse other settings once the directory holds an image; until then the new settings replace any
+    settings.json a refused or failed run left, so it never blocks the corrected rerun."""
     path = out_dir / "settings.json"
     settings = json.loads(json.dumps(settings))
-    if path.is_file():
-        with open(path) as f:
-            old = json.load(f)
+    if path.is_file() and any((out_dir / "images").glob("*.png")):
+        old = read_json(path, "sample settings.json")
         if old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise InvalidArgument(f"{out_dir} holds samples made with other settings (differing: {diff}); "
-                                  f"use a new --out directory or the same settings to resume")
+            raise InvalidArgument(f"{out_dir} holds samples made with other settings "
+                                  f"({describe_differences(old, settings)}); use a new --out directory or the "
+                                  f"same settings to resume")
     else:
         atomic_write_json(path, settings)
 
@@ -107,16 +111,16 @@ def sample_images(
 ) -> dict:
     """Generate and save images; returns {"images_written", "groups_run", "npz", "seconds", "base_rows", ...}."""
     c = gpt.config
-    if vq.config.codebook_size != c.vocab_size or vq.downsample != c.downsample:
-        raise InvalidArgument(f"the VQ model (codebook {vq.config.codebook_size}, downsample {vq.downsample}) does not "
-                              f"match the GPT (vocab {c.vocab_size}, downsample {c.downsample})")
+    vq.check_matches(c)
     for name, value in (("per_condition", per_condition), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgument(f"{name} must be an integer >= 1, got {value!r}")
-    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise InvalidArgument(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
+        check_int(name, value, minimum=1)
+    guidance = GuidanceConfig(mode=mode, schedule=schedule, cfg_scale=cfg_scale, w2s_scale=w2s_scale,
+                              temperature=temperature, top_k=top_k, top_p=top_p)
+    if needs_weak(guidance.token_modes(c.num_image_tokens)) and weak_model is None:
+        raise InvalidArgument("modes 'fast' and 'slow' need a weak_model (train one with `llamagen-core2 reflect`)")
+    check_seed(seed)
+    rank, world_size = rank_and_world(rank, world_size)
+    pipe = LlamaGenPipeline(gpt, vq, weak_model=weak_model, guidance=guidance)
     M, pick = check_conditions(gpt, conditions, caption_mask)
     conds, caption_mask = pick(torch.arange(M))
     if c.model_type == "c2i":
@@ -131,28 +135,25 @@ def sample_images(
     settings = dict(conditions=cond_meta, num_conditions=M, per_condition=per_condition, batch_size=batch_size,
                     mode=mode, schedule=None if schedule is None else list(schedule), weak=weak_path,
                     cfg_scale=float(cfg_scale), w2s_scale=float(w2s_scale), temperature=float(temperature),
-                    top_k=int(top_k), top_p=float(top_p), seed=int(seed), gpt=c.to_dict())
+                    top_k=int(top_k), top_p=float(top_p), seed=int(seed), seed_rule=SEED_RULE, gpt=c.to_dict())
     if rank == 0:
         _check_settings(out_dir, settings)
 
     def png(i: int) -> Path:
         return image_dir / f"{i:06d}.png"
 
-    device = gpt.output.weight.device
     mine = [g for g in range(num_groups) if g % world_size == rank
             and not all(png(i).is_file() for i in range(g * batch_size, min((g + 1) * batch_size, total)))]
     started, written, base_rows = time.perf_counter(), 0, 0
     for g in tqdm(mine, desc=f"sample rank {rank}/{world_size}", disable=not progress, unit="batch"):
         index = torch.arange(g * batch_size, min((g + 1) * batch_size, total))
         cond_index = index // per_condition
-        cond = conds[cond_index].to(device)
-        mask = None if caption_mask is None else caption_mask[cond_index].to(device)
-        tokens, stats = generate(gpt, cond, cond_mask=mask, mode=mode, schedule=schedule, weak_model=weak_model,
-                                 cfg_scale=cfg_scale, w2s_scale=w2s_scale, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, seed=group_seed(seed, g), return_stats=True)
-        base_rows += stats["base_rows"]
-        pixels = to_uint8(vq.decode_codes(tokens.to(vq.post_quant_conv.weight.device)).float())
-        for i, image in zip(index.tolist(), pixels):
+        condition = dict(class_labels=conds[cond_index]) if c.model_type == "c2i" else \
+            dict(prompt_embeds=conds[cond_index],
+                 prompt_attention_mask=None if caption_mask is None else caption_mask[cond_index])
+        out = pipe(**condition, seed=seed, first_image_index=int(index[0]), output_type="np", progress=False)
+        base_rows += out.stats["base_rows"]
+        for i, image in zip(index.tolist(), out.images):
             save_png(image, png(i))
         written += len(index)
     seconds = time.perf_counter() - started
@@ -163,8 +164,8 @@ def sample_images(
     if rank == 0:
         missing = [i for i in range(total) if not png(i).is_file()]
         if missing:
-            print(f"{len(missing)} of {total} images are not written yet (other ranks still running?); "
-                  f"rerun to write {out_dir / 'samples.npz'}")
+            logger.warning(f"{len(missing)} of {total} images are not written yet (other ranks still running?); "
+                           f"rerun to write {out_dir / 'samples.npz'}")
         else:
             from PIL import Image
 

@@ -1,18 +1,19 @@
 """The seed rule: one Philox key per image, independent of how images are batched.
 
 Contract:
-  * A request's randomness has a 63-bit base `b`; image `i` samples with the Philox key `image_key(b, i)`
-    (splitmix64 of (b, i)), so image i is the same whether it is generated alone, in a batch of 8 or as the
+  * Image `i` of a request with integer seed `s` samples with the 63-bit Philox key `image_key(s, i)`
+    (splitmix64 of (s, i)), so image i is the same whether it is generated alone, in a batch of 8 or as the
     i-th image of a 1000-image CLI run split into batches of any size.
-  * A `torch.Generator` yields `b` with one 63-bit draw (advancing it). An integer seed `s` is the CPU generator
-    `torch.Generator().manual_seed(s)` (so seed=s and generator=torch.Generator().manual_seed(s) agree, on any
-    device). A list of generators gives image i the key `image_key(b_i, 0)` of its own generator.
+  * A `torch.Generator` stands for the seed it yields: one 63-bit draw `b` from it (advancing it), then image j
+    of the generator's images gets `image_key(b, j)`. A list of generators gives image i the key
+    `image_key(b_i, 0)` of its own generator.
   * No seed and no generator: a fresh random seed (non-reproducible, like torch's default).
 The sampler (guidance.guided_sample / the fused kernel) turns key + draw counter into uniforms with Philox, so
 the keys are all the state a generation's randomness has: nothing else is drawn per token.
 """
 from __future__ import annotations
 
+import numbers
 import secrets
 from typing import Optional, Sequence, Union
 
@@ -34,14 +35,15 @@ def image_key(seed: int, index: int) -> int:
 
 def image_keys(seed: int, first_index: int, count: int) -> torch.Tensor:
     """Keys of images first_index .. first_index+count-1 of seed `seed` -> LongTensor [count] (CPU)."""
-    check_seed(seed)
+    seed = check_seed(seed)
     return torch.tensor([image_key(seed, first_index + j) for j in range(count)], dtype=torch.int64)
 
 
 def check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed <= MAX_KEY):
+    """An integer (Python or numpy; not bool, not 3.0) in [0, 2**63 - 1], returned as a Python int."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not (0 <= seed <= MAX_KEY):
         raise InvalidArgument(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
-    return seed
+    return int(seed)
 
 
 def generator_seed(generator: torch.Generator) -> int:
@@ -58,11 +60,15 @@ def row_keys(batch: int, *, seed: Optional[int] = None,
     if seed is not None and generator is not None:
         raise InvalidArgument("give seed or generator, not both")
     if generator is not None and not isinstance(generator, torch.Generator):
+        if not isinstance(generator, Sequence) or not all(isinstance(g, torch.Generator) for g in generator):
+            raise InvalidArgument(f"generator must be a torch.Generator or a list of them (one per image), got "
+                                  f"{type(generator).__name__}")
         generators = list(generator)
         if len(generators) != batch:
             raise InvalidArgument(f"a list of generators needs one per image ({batch}), got {len(generators)}")
         return torch.tensor([image_key(generator_seed(g), 0) for g in generators], dtype=torch.int64)
-    if generator is None:
-        check_seed(seed if seed is not None else 0)
-        generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbelow(MAX_KEY))
-    return image_keys(generator_seed(generator), first_index, batch)
+    if generator is not None:
+        seed = generator_seed(generator)
+    elif seed is None:
+        seed = secrets.randbelow(MAX_KEY)
+    return image_keys(seed, first_index, batch)

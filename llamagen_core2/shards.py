@@ -15,7 +15,12 @@ Guarantees:
   * Rank split (torchrun): rank / world size from arguments or the RANK / WORLD_SIZE env vars;
     `my_work(ids)` gives this rank the ids at positions rank, rank + W, ... that are not done.
     Files are per rank, so ranks never write the same file.
-  * The manifest's `meta` must match on resume (e.g. model, CFG scale), so runs never mix silently.
+  * The manifest's `meta` must match on resume (e.g. model, CFG scale), so runs never mix silently; the refusal
+    names every differing key with its old and new value. A directory that holds no shard yet (a run that was
+    refused or failed before its first flush) takes the new settings, so it never blocks a corrected rerun.
+  * Nothing non-finite is written: `add` refuses a floating tensor holding NaN/inf (NonFiniteError).
+  * Every malformed input names its file: a manifest that is not JSON or lacks / mistypes a field, a truncated
+    or foreign safetensors file, a shard without sample ids.
 
 API:
     with ShardWriter(dir, meta, rank=None, world_size=None, samples_per_shard=64) as w:
@@ -27,29 +32,19 @@ API:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional
 
 import torch
 
-from .checkpoint import atomic_write_json
-from .errors import InvalidArgument
+from .checkpoint import read_json
+from .errors import (CheckpointError, InvalidArgument, check_all_finite, check_int, describe_differences,
+                     rank_and_world)
+from .files import atomic_write, atomic_write_json
 
 FORMAT = "llamagen_core2.shards"
 VERSION = 1
 MANIFEST = "manifest.json"
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidArgument(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
 def _shard_files(directory: Path) -> list[Path]:
@@ -59,21 +54,33 @@ def _shard_files(directory: Path) -> list[Path]:
 def _shard_ids(path: Path) -> list[str]:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "sample_ids" not in meta:
-        raise InvalidArgument(f"{path}: not a {FORMAT} shard (no sample_ids metadata)")
-    return json.loads(meta["sample_ids"])
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error type, which does not name the file
+        raise CheckpointError(f"{path}: unreadable shard, truncated or not safetensors ({e}); delete it and "
+                              f"rerun to redo its samples") from None
+    try:
+        ids = json.loads(meta["sample_ids"])
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: not a {FORMAT} shard (no valid sample_ids metadata)") from None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise CheckpointError(f"{path}: sample_ids metadata must be a JSON list of strings")
+    return ids
 
 
 def _read_manifest(directory: Path) -> Optional[dict]:
+    """The manifest with its fields type-checked (format, version, meta), or None when there is none."""
     path = directory / MANIFEST
     if not path.is_file():
         return None
-    with open(path) as f:
-        manifest = json.load(f)
+    manifest = read_json(path, "shard manifest")
     if manifest.get("format") != FORMAT:
-        raise InvalidArgument(f"{path}: format must be {FORMAT!r}, got {manifest.get('format')!r}")
+        raise CheckpointError(f"{path}: format must be {FORMAT!r}, got {manifest.get('format')!r}")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(f"{path}: version must be {VERSION}, got {manifest.get('version')!r}")
+    if not isinstance(manifest.get("meta"), dict):
+        raise CheckpointError(f"{path}: meta must be a JSON object, got {manifest.get('meta')!r}")
     return manifest
 
 
@@ -81,25 +88,19 @@ class ShardWriter:
     def __init__(self, directory, manifest_meta: Mapping, *, rank: Optional[int] = None,
                  world_size: Optional[int] = None, samples_per_shard: int = 64):
         self.directory = Path(directory)
-        self.rank = _env_int("RANK", 0) if rank is None else rank
-        self.world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
-        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise InvalidArgument(f"rank must be in [0, world_size) with world_size >= 1, got rank {self.rank}, "
-                                  f"world_size {self.world_size}")
-        if samples_per_shard < 1:
-            raise InvalidArgument(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-        self.samples_per_shard = samples_per_shard
+        self.rank, self.world_size = rank_and_world(rank, world_size)
+        self.samples_per_shard = check_int("samples_per_shard", samples_per_shard, minimum=1)
         self.meta = json.loads(json.dumps(dict(manifest_meta)))  # JSON round trip: what will be compared
         self.directory.mkdir(parents=True, exist_ok=True)
         existing = _read_manifest(self.directory)
-        if existing is None:
+        if existing is None or not _shard_files(self.directory):
+            # No shard yet: nothing can mix, so these settings replace any manifest a failed run left behind.
             atomic_write_json(self.directory / MANIFEST, {"format": FORMAT, "version": VERSION, "meta": self.meta})
         elif existing["meta"] != self.meta:
-            diff = sorted(k for k in set(existing["meta"]) | set(self.meta)
-                          if existing["meta"].get(k) != self.meta.get(k))
             raise InvalidArgument(
-                f"{self.directory}: existing shards were written with different settings (keys {diff}); "
-                "use a new directory or the same settings to resume")
+                f"{self.directory}: existing shards were written with different settings "
+                f"({describe_differences(existing['meta'], self.meta)}); use a new directory or the same "
+                f"settings to resume")
         self._done = set()
         self._next_seq = 0
         for path in _shard_files(self.directory):
@@ -129,6 +130,7 @@ class ShardWriter:
         bad = [k for k in tensors if "/" in k]
         if bad:
             raise InvalidArgument(f"tensor names must not contain '/', got {bad}")
+        check_all_finite(f"{self.directory}: sample {sample_id!r} not written", tensors)
         self._buffer.append((sample_id, {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}))
         if len(self._buffer) >= self.samples_per_shard:
             self.flush()
@@ -142,14 +144,7 @@ class ShardWriter:
         flat = {f"{k}/{name}": t for k, (_, tensors) in enumerate(self._buffer) for name, t in tensors.items()}
         ids = [sid for sid, _ in self._buffer]
         path = self.directory / f"rank{self.rank:05d}-{self._next_seq:06d}.safetensors"
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(flat, tmp, metadata={"sample_ids": json.dumps(ids)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, lambda tmp: save_file(flat, tmp, metadata={"sample_ids": json.dumps(ids)}))
         self._done.update(ids)
         self._buffer.clear()
         self._next_seq += 1
@@ -172,6 +167,7 @@ class ShardReader:
         self.meta = manifest["meta"]
         self._index: list[tuple[Path, list[str]]] = [(p, _shard_ids(p)) for p in _shard_files(self.directory)]
         seen: dict[str, Path] = {}
+        self.shard_of = seen  # sample id -> the shard file holding it
         for path, ids in self._index:
             for sid in ids:
                 if sid in seen:
@@ -188,10 +184,17 @@ class ShardReader:
         from safetensors.torch import load_file
 
         for path, ids in self._index:
-            flat = load_file(str(path))
+            try:
+                flat = load_file(str(path))
+            except Exception as e:  # safetensors' own error type does not name the file
+                raise CheckpointError(f"{path}: unreadable shard, truncated or not safetensors ({e}); delete it "
+                                      f"and rerun to redo its samples") from None
             per_sample: list[dict[str, torch.Tensor]] = [{} for _ in ids]
             for key, t in flat.items():
-                k, name = key.split("/", 1)
+                k, _, name = key.partition("/")
+                if not k.isdigit() or int(k) >= len(ids) or not name:
+                    raise CheckpointError(f"{path}: tensor key {key!r} is not '<sample number>/<name>' of the "
+                                          f"{len(ids)} samples listed in its metadata")
                 per_sample[int(k)][name] = t
             yield from zip(ids, per_sample)
 

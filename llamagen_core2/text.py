@@ -1,10 +1,11 @@
-"""T5 caption encoder for LlamaGen t2i conditioning (DESIGN §3, "t2i conditioning").
+"""T5 caption encoder for LlamaGen t2i conditioning (docs/design.md#t2i-conditioning).
 
 Contract
 --------
 `CaptionEncoder.from_pretrained(directory)` loads a transformers `T5EncoderModel` and its
-tokenizer from a LOCAL directory only (`local_files_only=True`; nothing is downloaded). For the
-official models this is a FLAN-T5-XL directory (d_model = caption_dim = 2048).
+tokenizer from a local directory or a Hub repo id (`google/flan-t5-xl`, fetched into the HF cache by
+`hub.resolve`, offline with HF_HUB_OFFLINE=1); transformers itself only ever reads the resolved local
+directory. For the official models this is FLAN-T5-XL (d_model = caption_dim = 2048).
 
 `encoder.encode(prompts)` returns `(features, mask)`:
   * features: [B, 120, D] float32, LEFT-padded — the valid caption tokens occupy the LAST
@@ -48,6 +49,9 @@ from .errors import CheckpointError, InvalidArgument
 CAPTION_MAX_LENGTH = 120  # LlamaGen t2i cls_token_num / --t5-feature-max-len
 
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model")
+# What a T5 Hub repo download fetches: config, safetensors weights (not the duplicate .bin / .h5 / .msgpack
+# copies most T5 repos also hold) and the tokenizer files.
+T5_REPO_FILES = ("*.json", "*.safetensors", "spiece.model", "tokenizer.model")
 
 Preprocess = Union[str, None, Callable[[str], str]]
 
@@ -93,8 +97,8 @@ def _check_directory(name: str, directory) -> Path:
     path = Path(directory).expanduser()
     if not path.is_dir():
         raise CheckpointError(
-            f"{name} {str(path)!r} is not an existing directory; CaptionEncoder loads T5 only from "
-            "a local directory (e.g. a downloaded google/flan-t5-xl snapshot), never from the hub"
+            f"{name} {str(path)!r} is not an existing directory (nor a Hugging Face repo id 'org/repo' such "
+            "as google/flan-t5-xl)"
         )
     return path
 
@@ -125,16 +129,29 @@ class CaptionEncoder:
         max_length: int = CAPTION_MAX_LENGTH,
         tokenizer_directory=None,
         preprocess: Preprocess = "lower",
+        revision: str | None = None,
+        cache_dir=None,
+        local_files_only: bool | None = None,
     ) -> "CaptionEncoder":
-        """Load T5EncoderModel + AutoTokenizer from `directory` (local only).
+        """Load T5EncoderModel + AutoTokenizer from `directory`: a local directory or a Hub repo id
+        (e.g. google/flan-t5-xl), resolved by `hub.resolve` (HF cache, HF_HUB_OFFLINE; only the config,
+        safetensors weights and tokenizer files of a repo are fetched).
 
         dtype: weights dtype (None = as saved; bf16 is what LlamaGen uses; fp16 overflows in T5).
-        tokenizer_directory: where the tokenizer lives if not next to the model.
+        tokenizer_directory: where the tokenizer lives if not next to the model (a directory or a repo id).
         """
         from transformers import AutoTokenizer, T5EncoderModel
 
-        model_dir = _check_directory("directory", directory)
-        tok_dir = model_dir if tokenizer_directory is None else _check_directory("tokenizer_directory", tokenizer_directory)
+        from .hub import is_repo_id, resolve
+
+        def local(name, source):
+            if not is_repo_id(source):
+                return _check_directory(name, source)
+            return resolve(source, allow_patterns=T5_REPO_FILES, revision=revision, cache_dir=cache_dir,
+                           local_files_only=local_files_only, what=f"T5 {name}")
+
+        model_dir = local("directory", directory)
+        tok_dir = model_dir if tokenizer_directory is None else local("tokenizer_directory", tokenizer_directory)
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise InvalidArgument(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         if not (model_dir / "config.json").is_file():

@@ -1,6 +1,6 @@
 """LlamaGen-compatible VQ image tokenizer: images <-> raster-ordered codebook indices.
 
-Contract (facts: shared/DESIGN.md §3 "VQ tokenizer"; module layout and key names match
+Contract (facts: docs/design.md#vq-tokenizer; module layout and key names match
 LlamaGen's `tokenizer/tokenizer_image/vq_model.py`, so official `vq_ds16_c2i.pt`,
 `vq_ds16_t2i.pt` and `vq_ds8_c2i.pt` load unchanged):
 
@@ -10,7 +10,7 @@ LlamaGen's `tokenizer/tokenizer_image/vq_model.py`, so official `vq_ds16_c2i.pt`
   * `VQModel.decode_codes(codes [B, N], grid=None) -> images [B, 3, H, W]` (~[-1, 1]): lookup of
     the l2-normalised codebook, reshaped NCHW in raster order -> `post_quant_conv` -> decoder.
     `grid=(h, w)` is needed only when N is not a perfect square.
-  * `VQModel.from_pretrained(path, preset="VQ-16", **overrides)` loads an official `.pt`, a
+  * `VQModel.from_pretrained(path, preset=None (VQ-16), **overrides)` loads an official `.pt`, a
     `.safetensors` file or a `save_pretrained` directory with strict key/shape checks;
     `save_pretrained(directory)` writes safetensors + config.json {"kind": "vq", "config": ...}.
 
@@ -262,6 +262,13 @@ class VQModel(nn.Module):
         weight = self.post_quant_conv.weight
         return self.decoder(self.post_quant_conv(latents.to(weight.dtype)))
 
+    def check_matches(self, gpt_config) -> None:
+        """This tokenizer can decode the GPT's tokens: codebook = vocabulary, same downsampling factor."""
+        c = gpt_config
+        if self.config.codebook_size != c.vocab_size or self.downsample != c.downsample:
+            raise InvalidArgument(f"the VQ model (codebook {self.config.codebook_size}, downsample {self.downsample}) "
+                                  f"does not match the GPT (vocab {c.vocab_size}, downsample {c.downsample})")
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruction: decode(encode(images)), [B, 3, H, W] -> [B, 3, H, W]."""
         h, w = images.shape[-2] // self.downsample, images.shape[-1] // self.downsample
@@ -279,6 +286,8 @@ class VQModel(nn.Module):
             raise InvalidArgument(
                 f"images height and width must be positive multiples of the downsampling factor {ds}, "
                 f"got {height}x{width}")
+        if not bool(torch.isfinite(images).all()):
+            raise InvalidArgument("images contain NaN/inf values; they have no nearest code")
 
     def _check_codes(self, codes, grid) -> tuple[int, int]:
         k = self.config.codebook_size
@@ -308,24 +317,35 @@ class VQModel(nn.Module):
 
     # ----------------------------------------------------------------- checkpoints
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, preset: str = "VQ-16", *,
+    def from_pretrained(cls, path: str | os.PathLike, preset: str | None = None, *,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                        **overrides) -> "VQModel":
+                        filename: str | None = None, revision: str | None = None, cache_dir=None,
+                        local_files_only: bool | None = None, **overrides) -> "VQModel":
         """Load weights strictly (see module docstring); the result is in eval mode.
 
-        A directory with config.json uses its config (plus `overrides`) and ignores `preset`;
-        any other source builds `VQConfig.from_preset(preset, **overrides)`.
+        `path` is a local path or a Hub repo id (+ `filename=`, e.g. FoundationVision/LlamaGen's
+        `vq_ds16_c2i.pt`), resolved by `hub.resolve`. A directory with config.json uses its config (plus
+        `overrides`); a `preset` given for it must name a known preset with the same levels (ch_mult). Any other
+        source builds `VQConfig.from_preset(preset or "VQ-16", **overrides)`.
         """
-        path = Path(path)
+        from .hub import resolve
+
+        if preset is not None and preset not in VQ_PRESETS:
+            raise InvalidArgument(f"unknown VQ preset {preset!r}; allowed: {sorted(VQ_PRESETS)}")
+        path = resolve(path, filename=filename, allow_patterns=("*.json", "*.safetensors"), revision=revision,
+                       cache_dir=cache_dir, local_files_only=local_files_only, what="VQ checkpoint")
         if path.is_dir() and (path / "config.json").is_file():
             saved = read_config(path)
             if saved.get("kind") != "vq" or not isinstance(saved.get("config"), dict):
                 raise CheckpointError(
                     f"{path}/config.json is not a VQ tokenizer config (expected {{'kind': 'vq', 'config': {{...}}}}, "
                     f"got kind={saved.get('kind')!r})")
-            config = VQConfig.from_dict({**saved["config"], **overrides})
+            config = VQConfig.from_saved({**saved["config"], **overrides}, path / "config.json")
+            if preset is not None and tuple(VQ_PRESETS[preset]["ch_mult"]) != config.ch_mult:
+                raise CheckpointError(f"preset {preset!r} does not match {path}/config.json: ch_mult "
+                                      f"{list(config.ch_mult)} vs preset {list(VQ_PRESETS[preset]['ch_mult'])}")
         else:
-            config = VQConfig.from_preset(preset, **overrides)
+            config = VQConfig.from_preset(preset or "VQ-16", **overrides)
         state = read_state_dict(path)
         with torch.device("meta"):
             model = cls(config)

@@ -1,6 +1,6 @@
 """CoRe^2 weak model for LlamaGen: predicts the CFG hidden state from the conditional one.
 
-Contract (design: shared/DESIGN.md §4):
+Contract (design: docs/design.md#weak-model):
   * Hidden-space design. LlamaGen's head is linear without bias, so CFG logits = W_out (h_u + s (h_c - h_u)).
     The weak model maps the base model's conditional final normed hidden state h_c[i] (plus the same
     class/caption prefix) to a predicted CFG hidden state h_w[i]; logits = frozen `gpt.head(h_w[i])`.
@@ -22,6 +22,7 @@ Contract (design: shared/DESIGN.md §4):
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch.nn as nn
 
 from .checkpoint import read_config, read_state_dict, save_pretrained as save_state_pretrained, validate_state_dict
 from .config import DictConfig, GPTConfig
-from .errors import CheckpointError, InvalidArgument
+from .errors import CheckpointError, InvalidArgument, NonFiniteError, check_all_finite
 from .model import KVCache, RMSNorm, TransformerBlock, init_weights, keep_rope_fp32, rope_table_2d, run_blocks
 
 # name -> trunk shape. Width 512 keeps the trunk a few % of a GPT-B step; the shared head dominates the rest.
@@ -71,6 +72,26 @@ class WeakConfig(DictConfig):
         if name not in WEAK_PRESETS:
             raise InvalidArgument(f"unknown weak-model preset {name!r}; allowed: {sorted(WEAK_PRESETS)}")
         return cls.from_dict({**WEAK_PRESETS[name], "preset": name, **overrides})
+
+
+def check_base_facts(base: dict, source) -> None:
+    """The `base` record of a saved weak model / a Collect manifest: every BASE_FIELDS entry of the right type."""
+    if not isinstance(base, dict):
+        raise CheckpointError(f"{source}: base must be a JSON object of base-model facts, got {base!r}")
+    for name in BASE_FIELDS:
+        value = base.get(name)
+        if name == "model_type":
+            ok = value in ("c2i", "t2i")
+        elif name in ("num_classes", "caption_dim"):  # one of them is null, depending on model_type
+            ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        if not ok:
+            raise CheckpointError(f"{source}: base field {name!r} is missing or invalid, got {value!r}")
+    needed = "num_classes" if base["model_type"] == "c2i" else "caption_dim"
+    if base.get(needed) is None:
+        raise CheckpointError(f"{source}: base field {needed!r} must be a positive integer for a "
+                              f"{base['model_type']} base")
 
 
 def base_facts(gpt_config: GPTConfig) -> dict:
@@ -243,10 +264,26 @@ class WeakModel(nn.Module):
                 or not isinstance(saved.get("base"), dict):
             raise CheckpointError(f"{directory}/config.json is not a weak-model config (kind={saved.get('kind')!r}); "
                                   f"weak models are written by `llamagen-core2 reflect`")
-        model = cls(WeakConfig.from_dict(saved["config"]), saved["base"], cfg_scale=saved.get("cfg_scale"),
-                    base_fingerprint=saved.get("base_fingerprint"), extra=saved.get("extra"))
+        check_base_facts(saved["base"], directory / "config.json")
+        cfg_scale, extra = saved.get("cfg_scale"), saved.get("extra")
+        if cfg_scale is not None and (isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float))
+                                      or not math.isfinite(cfg_scale)):
+            raise CheckpointError(f"{directory}/config.json: cfg_scale must be a finite number or null, "
+                                  f"got {cfg_scale!r}")
+        fingerprint = saved.get("base_fingerprint")
+        if fingerprint is not None and not isinstance(fingerprint, str):
+            raise CheckpointError(f"{directory}/config.json: base_fingerprint must be a string or null, "
+                                  f"got {fingerprint!r}")
+        if extra is not None and not isinstance(extra, dict):
+            raise CheckpointError(f"{directory}/config.json: extra must be a JSON object, got {extra!r}")
+        model = cls(WeakConfig.from_saved(saved["config"], directory / "config.json"), saved["base"],
+                    cfg_scale=cfg_scale, base_fingerprint=saved.get("base_fingerprint"), extra=extra)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         state = validate_state_dict(read_state_dict(directory), expected, what="weak model")
+        try:  # a NaN weak model would sample garbage silently: refuse it at the door
+            check_all_finite(f"{directory}: weak model", state)
+        except NonFiniteError as e:
+            raise CheckpointError(f"{e}; retrain it with `llamagen-core2 reflect`") from None
         model.load_state_dict(state, strict=True)
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)

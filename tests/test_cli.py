@@ -88,3 +88,49 @@ def test_generate_with_weak_model_and_schedule(tmp_path, capsys):
                "--device", "cpu", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "dim" in err and "Traceback" not in err
+
+
+def test_llamagen_flag_names_on_the_shipped_mini_world(tmp_path, capsys):
+    """`generate --gpt-ckpt ... --vq-ckpt ...` with LlamaGen's flags; image n is the same at any batch size."""
+    from llamagen_core2.world.pipeline import default_checkpoint_dir
+
+    root = default_checkpoint_dir()
+    if not (root / "world_gpt" / "config.json").is_file():
+        import pytest
+
+        pytest.skip("mini-world checkpoints not built")
+    outs = []
+    for batch in ("4", "3"):
+        out = tmp_path / f"b{batch}"
+        rc = main(["generate", "--gpt-ckpt", str(root / "world_gpt"), "--vq-ckpt", str(root / "world_vq"),
+                   "--precision", "none", "--global-seed", "5",
+                   "--per-proc-batch-size", batch, "--classes", "0,3", "--per-class", "3", "--top-k", "0",
+                   "--out", str(out), "--device", "cpu", "--quiet"])
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err
+        summary = json.loads(captured.out.strip().splitlines()[-1])
+        assert summary["num_images"] == 6 and summary["seed"] == 5 and summary["cfg_scale"] == 4.0
+        outs.append(out)
+    for name in sorted(p.name for p in (outs[0] / "images").iterdir()):
+        assert (outs[0] / "images" / name).read_bytes() == (outs[1] / "images" / name).read_bytes()
+
+
+def test_precision_alias_and_t2i_sampling_defaults(tmp_path):
+    from llamagen_core2.cli import build_parser
+    from llamagen_core2.cli_common import load_gpt
+
+    parser = build_parser()
+    for model_type, expected in (("c2i", (4.0, 2000)), ("t2i", (7.5, 1000))):
+        tiny_gpt(model_type).save_pretrained(tmp_path / model_type)
+        args = parser.parse_args(["generate", "--gpt-ckpt", str(tmp_path / model_type), "--vq-ckpt", "x",
+                                  "--precision", "bf16", "--device", "cpu"])
+        assert args.dtype == "bfloat16"
+        gpt = load_gpt(args)
+        assert (args.cfg_scale, args.top_k) == expected and gpt.output.weight.dtype == torch.bfloat16
+        args = parser.parse_args(["generate", "--gpt-ckpt", "g", "--vq-ckpt", "x", "--gpt-model", "GPT-XL",
+                                  "--vq-model", "VQ-8"])
+        assert (args.gpt, args.vq, args.gpt_preset, args.vq_preset) == ("g", "x", "GPT-XL", "VQ-8")
+        args = parser.parse_args(["generate", "--gpt", str(tmp_path / model_type), "--vq", "x", "--cfg-scale", "2",
+                                  "--top-k", "0", "--device", "cpu"])
+        load_gpt(args)
+        assert (args.cfg_scale, args.top_k, args.dtype) == (2.0, 0, "float32")  # explicit values win

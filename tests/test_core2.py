@@ -246,8 +246,9 @@ def _assert_same_samples(a, b):
             assert torch.equal(a[sid][name], b[sid][name]), (sid, name)
 
 
-COLLECT_ARGS = ["--classes", "0-4", "--per-class", "4", "--batch-size", "2", "--cfg-scale", "3", "--seed", "7",
-                "--quiet"]
+# --device cpu: these runs are compared bit for bit with CPU runs in other processes (GPU runs: test_gpu.py).
+COLLECT_ARGS = ["--device", "cpu", "--classes", "0-4", "--per-class", "4", "--batch-size", "2", "--cfg-scale", "3",
+                "--seed", "7", "--quiet"]
 
 
 def test_collect_sigkill_resume_and_rank_split_give_the_same_samples(trained, tmp_path):
@@ -299,7 +300,8 @@ def test_collect_refuses_to_resume_with_other_settings_and_bad_arguments(trained
 
     gpt = trained["gpt"]
     # Through the package CLI: exit status 0, storage per image printed; a bad class id is a one-line error.
-    argv = ["collect", "--gpt", str(trained["gpt_dir"]), "--classes", "1,2", "--out", str(tmp_path / "cli"), "--quiet"]
+    argv = ["collect", "--gpt", str(trained["gpt_dir"]), "--classes", "1,2", "--out", str(tmp_path / "cli"), "--quiet",
+            "--device", "cpu"]
     assert cli_main(argv) == 0
     assert "KiB per image" in capsys.readouterr().out
     assert cli_main([*argv[:4], "3-12", *argv[5:]]) == 2
@@ -332,7 +334,8 @@ def test_sample_subcommand_writes_pngs_and_npz_and_resumes(trained, tmp_path):
     vq_dir = tmp_path / "vq"
     _tiny_vq().save_pretrained(vq_dir)
     out = tmp_path / "samples"
-    argv = ["sample", "--gpt", str(trained["gpt_dir"]), "--vq", str(vq_dir), "--weak", str(trained["out"]),
+    argv = ["sample", "--device", "cpu", "--gpt", str(trained["gpt_dir"]), "--vq", str(vq_dir),
+            "--weak", str(trained["out"]),
             "--classes", "0-2", "--per-class", "2", "--batch-size", "2", "--mode", "slow", "--w2s-scale", "1.5",
             "--slow-first", "0.25", "--out", str(out), "--quiet"]
     first = core2_cli.main(argv)
@@ -355,11 +358,25 @@ def test_sample_subcommand_writes_pngs_and_npz_and_resumes(trained, tmp_path):
         core2_cli.main([*argv[:-3], "--w2s-scale", "2.5", "--out", str(out), "--quiet"])
 
 
+def test_sample_image_n_does_not_depend_on_the_batch_size(trained, tmp_path):
+    """The seed rule of `sample`: image n uses seeding.image_key(--seed, n), so other batch sizes give the same PNGs."""
+    vq_dir = tmp_path / "vq"
+    _tiny_vq().save_pretrained(vq_dir)
+    runs = []
+    for batch in ("2", "3"):
+        out = tmp_path / f"b{batch}"
+        core2_cli.main(["sample", "--gpt", str(trained["gpt_dir"]), "--vq", str(vq_dir), "--classes", "0-2",
+                        "--per-class", "2", "--batch-size", batch, "--seed", "9", "--out", str(out), "--quiet"])
+        runs.append(out)
+    for i in range(6):
+        assert (runs[0] / "images" / f"{i:06d}.png").read_bytes() == (runs[1] / "images" / f"{i:06d}.png").read_bytes()
+
+
 def test_torchrun_two_process_collect_equals_one_process(trained, tmp_path):
     """A real 2-process torchrun (each rank takes g % 2 == rank) writes the same samples as 1 process."""
     gpt_dir = trained["gpt_dir"]
-    args = ["collect", "--gpt", str(gpt_dir), "--classes", "0-3", "--per-class", "2", "--batch-size", "2",
-            "--cfg-scale", "3", "--seed", "11", "--quiet"]
+    args = ["collect", "--device", "cpu", "--gpt", str(gpt_dir), "--classes", "0-3", "--per-class", "2",
+            "--batch-size", "2", "--cfg-scale", "3", "--seed", "11", "--quiet"]
     one = tmp_path / "one"
     core2_cli.main([*args, "--out", str(one)])
     two = tmp_path / "two"

@@ -20,8 +20,9 @@ from llamagen_core2.errors import CheckpointError, InvalidArgument
 
 STEPS = 3
 PROMPTS = ["a red cat on the sea", "a small house in the city"]
-# features of the tiny pipelines: (prompt tokens uncond+cond, token width, pooled width, channels, latent side)
-FEATURES = {"sdxl": (2 * 77, 64, 64, 4, 16), "sd3": (2 * (77 + 16), 64, 128, 4, 16), "flux": (2 * 16, 32, 64, 16, 8)}
+# noise-model inputs of the tiny pipelines: (summary tokens of both halves, token width, pooled width, channels,
+# latent side); the summary has its own fixed encoding length (prompt_summary.py: SD3 77 + 256, FLUX 512)
+FEATURES = {"sdxl": (2 * 77, 64, 64, 4, 16), "sd3": (2 * (77 + 256), 64, 128, 4, 16), "flux": (2 * 512, 32, 64, 16, 8)}
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +348,7 @@ def test_collect_then_reflect_beats_cond_baseline_on_heldout_prompts(pipes, tmp_
     reader = ShardReader(tmp_path)
     assert len(reader) == 12 and len(set(reader.sample_ids())) == 12
     _, first = next(iter(reader))
-    assert first["cond"].shape == (STEPS, 4, 16, 16) and first["s"].shape == (8, 2 * (77 + 16))
+    assert first["cond"].shape == (STEPS, 4, 16, 16) and first["s"].shape == (8, 2 * (77 + 256))
     model, report = train_noise_model(tmp_path, iters=60, batch_size=8, lr=3e-3, holdout=0.25)
     assert report.heldout_trajectories == 3 and report.num_steps == STEPS
     assert report.heldout_mse < 0.8 * report.heldout_cond_mse, report

@@ -60,8 +60,7 @@ def test_image_keys_do_not_depend_on_batching():
     assert image_key(0, 0) == 0xE220A8397B1DCDAF & (2 ** 63 - 1)  # splitmix64's first output for seed 0
     whole = image_keys(123, 0, 10)
     assert torch.equal(torch.cat([image_keys(123, 0, 4), image_keys(123, 4, 6)]), whole)
-    assert torch.equal(row_keys(3, seed=123, first_index=7), row_keys(10, seed=123)[7:])
-    assert torch.equal(row_keys(4, seed=9), row_keys(4, generator=torch.Generator().manual_seed(9)))
+    assert torch.equal(row_keys(3, seed=123, first_index=7), whole[7:])
     assert len(set(whole.tolist())) == 10 and int(whole.min()) >= 0
 
 

@@ -113,8 +113,9 @@ def test_rank_from_env(tmp_path, monkeypatch):
 
 
 def test_bad_inputs_are_named(tmp_path):
-    ShardWriter(tmp_path, {"cfg": 4.0})
-    with pytest.raises(InvalidArgument, match="cfg"):
+    with ShardWriter(tmp_path, {"cfg": 4.0}) as w:
+        w.add("a", {"x": torch.zeros(1)})
+    with pytest.raises(InvalidArgument, match=r"cfg: 4.0 -> 5.0"):
         ShardWriter(tmp_path, {"cfg": 5.0})
     with pytest.raises(InvalidArgument, match="rank"):
         ShardWriter(tmp_path / "x", {}, rank=2, world_size=2)

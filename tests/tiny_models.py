@@ -56,3 +56,20 @@ class ScaledCondWeak(torch.nn.Module):
     def step_hidden(self, hidden_cond, cache, *, start=None, position=None, max_end=None, backend="torch"):
         self.steps.append((start if position is None else int(position)) - self.cls_token_num)
         return self.scale * hidden_cond
+
+
+TINY_VQ = dict(ch=16, z_channels=16, codebook_size=97, codebook_embed_dim=8, norm_groups=8, ch_mult=(1, 1, 1))
+
+
+def save_tiny_world(root):
+    """A tiny GPT (16x16 images, 16 tokens, 10 classes) and a matching VQ saved as directories under `root`
+    -> (gpt, vq, gpt_dir, vq_dir), for end-to-end CLI tests."""
+    from llamagen_core2.config import VQConfig
+    from llamagen_core2.vq import VQModel
+
+    gpt = tiny_gpt(image_size=16, downsample=4)
+    torch.manual_seed(0)
+    vq = VQModel(VQConfig(**TINY_VQ)).eval()
+    gpt.save_pretrained(root / "gpt")
+    vq.save_pretrained(root / "vq")
+    return gpt, vq, root / "gpt", root / "vq"

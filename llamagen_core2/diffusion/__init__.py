@@ -1,13 +1,17 @@
 """Diffusion adapter: CoRe^2 guidance modes for diffusers SDXL / SD3(.5) / FLUX (pins diffusers 0.42.1).
 
+Classic pipelines run under `diffuse()` (a denoiser wrapper); the modular SDXL / SD3 pipelines take
+`CoRe2Guidance` as their guider. Both read the diffusion mode table (modes.py), an extension of the AR one.
+
 Names are imported lazily so that `llamagen-core2 --help` (which imports diffusion.cli) stays fast.
 """
 import importlib
 
 _EXPORTS = {
-    "MODES": "guided_denoiser", "GuidanceSettings": "guided_denoiser", "GuidedDenoiser": "guided_denoiser",
+    "MODES": "modes", "DIFFUSION_MODES": "modes", "CoRe2Guidance": "guider", "GuidanceSettings": "guided_denoiser", "GuidedDenoiser": "guided_denoiser",
     "expected_rows_per_image": "guided_denoiser", "expert_index": "moe_lora", "NoiseModel": "noise_model",
-    "NoiseModelConfig": "noise_model", "noise_model_preset": "noise_model", "prompt_features": "noise_model",
+    "NoiseModelConfig": "noise_model", "noise_model_preset": "noise_model", "prompt_features": "prompt_summary",
+    "prompt_summary": "prompt_summary", "PromptSummary": "prompt_summary",
     "load_noise_model": "noise_model_io", "save_noise_model": "noise_model_io", "DiffuseResult": "runner",
     "diffuse": "runner", "collect_diffusion": "collect", "train_noise_model": "reflect",
 }

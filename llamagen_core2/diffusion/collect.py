@@ -4,10 +4,12 @@ One sample = one (prompt, seed) trajectory of N steps, written to resumable shar
 (llamagen_core2.shards) with tensors:
     cond [N, C, H, W], cfg [N, C, H, W]   predictions in image layout (FLUX unpacked), fp32
     step [N]                             step indices 0..N-1
-    s [r, T], v [r], d [r, E], pooled [P] the prompt summary the noise model consumes
-The manifest records the pipeline kind, CFG scale, steps, size, negative prompt and SVD rank,
-so a resumed run with different settings is refused. torchrun: RANK / WORLD_SIZE split the
-(prompt, seed) list; each rank writes its own shard files.
+    s [r, T], v [r], d [r, E], pooled [P] the prompt summary the noise model consumes (prompt_summary.py:
+                                         the official recipe, the same inputs diffuse() gives a noise model)
+The manifest records the pipeline kind, CFG scale, steps, size, negative prompt, SVD rank and the
+summary recipe, so a resumed run with different settings is refused. torchrun: RANK / WORLD_SIZE split the
+(prompt, seed) list; each rank writes its own shard files. Every argument is validated before the shard
+directory is touched, and a trajectory holding NaN/inf is refused (ShardWriter.add), never written.
 """
 from __future__ import annotations
 
@@ -15,11 +17,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, check_int, check_number
 from ..shards import ShardWriter
 from .guided_denoiser import GuidanceSettings
 from .layouts import pipeline_kind
-from .noise_model import prompt_features
+from .prompt_summary import RECIPES, prompt_summary
 from .runner import diffuse
 
 
@@ -28,15 +30,11 @@ def sample_id(prompt_index: int, seed: int) -> str:
 
 
 class _TrajectoryRecorder:
-    def __init__(self, svd_rank: int):
-        self.svd_rank = svd_rank
-        self.cond, self.cfg, self.features = [], [], None
+    def __init__(self):
+        self.cond, self.cfg = [], []
 
     def __call__(self, i, cond, mixed, args, gd):
         layout = gd.layout
-        if self.features is None:
-            tu, tc, pu, pc = layout.prompt_tokens(args)
-            self.features = prompt_features(torch.cat([tu, tc], 1), torch.cat([pu, pc], -1), self.svd_rank)
         self.cond.append(layout.to_image(cond, args).float().cpu())
         self.cfg.append(layout.to_image(mixed, args).float().cpu())
 
@@ -47,15 +45,27 @@ def collect_diffusion(pipe, prompts: Sequence[str], out_dir, *, seeds: Sequence[
                       rank: Optional[int] = None, world_size: Optional[int] = None, flux_guidance: float = 3.5,
                       progress: bool = True, **pipeline_kwargs) -> int:
     """Run CFG over this rank's pending (prompt, seed) pairs; returns how many trajectories it wrote."""
-    if cfg_scale <= 1:
-        raise InvalidArgument(f"cfg_scale must be > 1 to collect CFG targets, got {cfg_scale}")
-    if batch_size < 1:
-        raise InvalidArgument(f"batch_size must be >= 1, got {batch_size}")
+    try:
+        check_number("cfg_scale", cfg_scale, above=1.0)
+    except InvalidArgument:
+        raise InvalidArgument(f"cfg_scale must be > 1 (and finite) to collect CFG targets, got {cfg_scale!r}") from None
+    for name, value in (("batch_size", batch_size), ("num_inference_steps", num_inference_steps),
+                        ("svd_rank", svd_rank), ("samples_per_shard", samples_per_shard)):
+        check_int(name, value, minimum=1)
+    check_number("flux_guidance", flux_guidance, minimum=0.0)
+    seeds = list(seeds)
+    if not seeds:
+        raise InvalidArgument("seeds must list at least one seed")
+    for seed in seeds:
+        check_int("seed", seed, minimum=0)
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InvalidArgument("prompts must be a non-empty list of strings")
     kind = pipeline_kind(pipe)
     meta = {"kind": kind, "cfg_scale": float(cfg_scale), "num_inference_steps": num_inference_steps,
             "negative_prompt": negative_prompt, "svd_rank": svd_rank, "flux_guidance": float(flux_guidance),
             "height": pipeline_kwargs.get("height"), "width": pipeline_kwargs.get("width"),
-            "max_sequence_length": pipeline_kwargs.get("max_sequence_length")}
+            "max_sequence_length": pipeline_kwargs.get("max_sequence_length"),
+            "prompt_summary": RECIPES[kind].describe()}
     work = {sample_id(p, s): (p, s) for p in range(len(prompts)) for s in seeds}
     written = 0
     with ShardWriter(out_dir, meta, rank=rank, world_size=world_size, samples_per_shard=samples_per_shard) as writer:
@@ -66,14 +76,15 @@ def collect_diffusion(pipe, prompts: Sequence[str], out_dir, *, seeds: Sequence[
 
             batches = tqdm(batches, desc=f"collect rank {writer.rank}", unit="batch")
         for batch in batches:
-            rec = _TrajectoryRecorder(svd_rank)
-            diffuse(pipe, [prompts[work[sid][0]] for sid in batch], negative_prompt=negative_prompt,
+            rec = _TrajectoryRecorder()
+            batch_prompts = [prompts[work[sid][0]] for sid in batch]
+            s, v, d, pooled = (t.cpu() for t in prompt_summary(pipe, batch_prompts, svd_rank))
+            diffuse(pipe, batch_prompts, negative_prompt=negative_prompt,
                     settings=GuidanceSettings(mode="cfg", cfg_scale=cfg_scale),
                     num_inference_steps=num_inference_steps, recorder=rec, flux_guidance=flux_guidance,
                     generator=[torch.Generator(device="cpu").manual_seed(work[sid][1]) for sid in batch],
                     output_type="latent", **pipeline_kwargs)
             cond, cfg = torch.stack(rec.cond, 1), torch.stack(rec.cfg, 1)   # [B, N, C, H, W]
-            s, v, d, pooled = (t.cpu() for t in rec.features)
             for b, sid in enumerate(batch):
                 writer.add(sid, {"cond": cond[b], "cfg": cfg[b], "step": torch.arange(cond.shape[1]),
                                  "s": s[b], "v": v[b], "d": d[b], "pooled": pooled[b]})

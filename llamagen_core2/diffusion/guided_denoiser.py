@@ -1,8 +1,8 @@
 """The denoiser wrapper: every guidance mix of a diffusers pipeline goes through `mix_guidance`.
 
 Integration point (diffusers 0.42.1): the classic SDXL / SD3 / FLUX pipelines mix CFG inline and
-do not consume `diffusers.guiders` (only the modular pipelines do), and `callback_on_step_end`
-runs after `scheduler.step`. So we replace the denoiser's `forward` on the instance (keeping any
+do not consume `diffusers.guiders` (only the modular pipelines do; for those see guider.py), and
+`callback_on_step_end` runs after `scheduler.step`. So we replace the denoiser's `forward` on the instance (keeping any
 accelerate offload hook, which lives in the previous `forward`) with a GuidedDenoiser:
 
 * it evaluates only the rows the current step's mode needs (fast: cond rows only),
@@ -10,7 +10,7 @@ accelerate offload hook, which lives in the previous `forward`) with a GuidedDen
 * returns a batch for which the pipeline's own formula yields exactly our output: SDXL / SD3
   get [m ; m] so `m + g * (m - m) == m`; FLUX (run without its true CFG) gets m.
 
-Modes (per step i of N; c, u = cond / uncond predictions, w = noise model(c)):
+Modes (per step i of N; c, u = cond / uncond predictions, w = noise model(c); the table is modes.py):
     cfg      u + s (c - u)                          2 rows / image / step
     fast     w                                      1 row
     slow     w + a (cfg - w) for i < end_timesteps, fast after (CoRe^2; end_timesteps None = all slow)
@@ -22,6 +22,8 @@ R_inv = 1 if inv_cfg <= 1 (cond-only inversion) else 2.
 
 `on_step_end` must be passed as the pipeline's `callback_on_step_end` (diffuse() does this): it
 advances the step index (used for the schedule and the noise model's expert) and runs the zigzag.
+The noise model's prompt inputs come in precomputed (`prompt_summary`, one row per image): they
+follow the official recipe of prompt_summary.py, not the embeddings this pipeline call uses.
 """
 from __future__ import annotations
 
@@ -33,11 +35,10 @@ import torch
 
 from ..errors import InvalidArgument, check_finite_scale
 from ..guidance import mix_guidance
-from .noise_model import prompt_features
-
-MODES = ("cfg", "fast", "slow", "zigzag", "z-core2")
-ZIGZAG_MODES = ("zigzag", "z-core2")
-WEAK_MODES = ("fast", "slow", "z-core2")
+from ..guidance_config import MODE_TABLE, GuidanceConfig, Schedule
+from .modes import (MODES, diffusion_mode, needs_noise_model, rows_for, scheduled_mode, step_mode,
+                    with_zigzag)
+from .prompt_summary import PromptSummary
 
 
 @dataclass
@@ -49,9 +50,35 @@ class GuidanceSettings:
     inv_cfg: float = 1.0                  # zigzag inversion guidance (<= 1: cond only)
     zigzag_steps: Optional[int] = None    # zigzag at steps 0 .. zigzag_steps-1 (default: all but the last)
 
+    @classmethod
+    def from_guidance(cls, guidance: GuidanceConfig, *, zigzag: bool = False, inv_cfg: float = 1.0,
+                      zigzag_steps: Optional[int] = None) -> "GuidanceSettings":
+        """The diffusion settings of a GuidanceConfig: its mode (cfg / fast / slow) or a slow-then-fast Schedule
+        with `first_tokens` K (= end_timesteps, in denoising steps), cfg_scale and w2s_scale; the token-sampling
+        knobs (temperature, top-k, top-p, cfg_interval) have no diffusion meaning and must be left at defaults."""
+        if not isinstance(guidance, GuidanceConfig):
+            raise InvalidArgument(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
+        default = GuidanceConfig()
+        for knob in ("temperature", "top_k", "top_p", "cfg_interval"):
+            if getattr(guidance, knob) != getattr(default, knob):
+                raise InvalidArgument(f"guidance.{knob} is a token-sampling knob with no diffusion meaning; "
+                                      f"leave it at {getattr(default, knob)!r}")
+        end_timesteps, mode = None, guidance.mode
+        if guidance.schedule is not None:
+            sched = guidance.schedule
+            if not (isinstance(sched, Schedule) and sched.first_tokens is not None):
+                raise InvalidArgument("a diffusion schedule is a Schedule(first, then, first_tokens=K) over the "
+                                      f"denoising steps, e.g. Schedule('slow', 'fast', first_tokens=K); got {sched!r}")
+            mode, end_timesteps = scheduled_mode(sched.first, sched.then), sched.first_tokens
+        if mode not in MODES:
+            raise InvalidArgument(f"guidance.mode must be one of {MODES} for diffusion, got {mode!r}")
+        if zigzag:
+            mode = with_zigzag(mode)
+        return cls(mode=mode, cfg_scale=float(guidance.cfg_scale), w2s_scale=float(guidance.w2s_scale),
+                   end_timesteps=end_timesteps, inv_cfg=inv_cfg, zigzag_steps=zigzag_steps)
+
     def validate(self, has_noise_model: bool) -> None:
-        if self.mode not in MODES:
-            raise InvalidArgument(f"mode must be one of {MODES}, got {self.mode!r}")
+        diffusion_mode(self.mode)
         check_finite_scale("cfg_scale", self.cfg_scale)
         check_finite_scale("w2s_scale", self.w2s_scale)
         check_finite_scale("inv_cfg", self.inv_cfg)
@@ -59,21 +86,16 @@ class GuidanceSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise InvalidArgument(f"{name} must be an integer >= 0 or None, got {value!r}")
-        if self.mode in WEAK_MODES and not has_noise_model:
+        if needs_noise_model(self.mode) and not has_noise_model:
             raise InvalidArgument(f"mode {self.mode!r} needs a noise model (--noise-model)")
+
+    @property
+    def zigzag(self) -> bool:
+        return diffusion_mode(self.mode).zigzag
 
     def step_mode(self, i: int) -> str:
         """The mix_guidance mode of step i."""
-        if self.mode in ("cfg", "zigzag"):
-            return "cfg"
-        if self.mode == "fast":
-            return "fast"
-        return "slow" if self.end_timesteps is None or i < self.end_timesteps else "fast"
-
-
-def rows_for(mode: str, cfg_scale: float) -> int:
-    """Denoiser rows per image for one guided prediction."""
-    return 2 if mode in ("cfg", "slow") and cfg_scale > 1 else 1
+        return step_mode(self.mode, i, self.end_timesteps)
 
 
 def expected_rows_per_image(settings: GuidanceSettings, num_steps: int) -> int:
@@ -83,18 +105,21 @@ def expected_rows_per_image(settings: GuidanceSettings, num_steps: int) -> int:
     for i in range(num_steps):
         r = rows_for(settings.step_mode(i), settings.cfg_scale)
         total += r
-        if settings.mode in ZIGZAG_MODES and i < zz:
+        if settings.zigzag and i < zz:
             total += rows_for("cfg", settings.inv_cfg) + r
     return total
 
 
 class GuidedDenoiser:
     def __init__(self, denoiser: torch.nn.Module, layout, settings: GuidanceSettings, *,
-                 noise_model: Optional[torch.nn.Module] = None,
+                 noise_model: Optional[torch.nn.Module] = None, prompt_summary: Optional[PromptSummary] = None,
                  recorder: Optional[Callable] = None, pipe=None):
         settings.validate(noise_model is not None)
+        if needs_noise_model(settings.mode) and prompt_summary is None:
+            raise InvalidArgument(f"mode {settings.mode!r} needs prompt_summary, the noise model's prompt inputs "
+                                  "(prompt_summary.prompt_summary(pipe, prompts, rank); diffuse() computes it)")
         self.denoiser, self.layout, self.settings, self.pipe = denoiser, layout, settings, pipe
-        self.noise_model, self.recorder = noise_model, recorder
+        self.noise_model, self.prompt_summary, self.recorder = noise_model, prompt_summary, recorder
         self._signature = inspect.signature(type(denoiser).forward)
         self._forward = None
         self.reset()
@@ -106,7 +131,6 @@ class GuidedDenoiser:
         self.rows = 0          # denoiser rows evaluated (sum over calls of the batch size)
         self.calls = 0         # real denoiser calls
         self.images = 0
-        self._features = None
         self._last_args: Optional[dict] = None
         self._stepper = None
 
@@ -126,7 +150,7 @@ class GuidedDenoiser:
     def start(self, pipe) -> None:
         """Called at the first denoiser call of a run, after the pipeline set its timesteps."""
         self.num_steps = len(pipe.scheduler.timesteps)
-        if self.settings.mode in ZIGZAG_MODES:
+        if self.settings.zigzag:
             from .zigzag import stepper_for
 
             self._stepper = stepper_for(pipe.scheduler)
@@ -141,18 +165,14 @@ class GuidedDenoiser:
         return self.layout.run(counted, args, need_uncond)
 
     def _weak(self, cond: torch.Tensor, args: dict, i: int) -> torch.Tensor:
-        if self._features is None:
-            tu, tc, pu, pc = self.layout.prompt_tokens(args)
-            self._features = prompt_features(torch.cat([tu, tc], 1), torch.cat([pu, pc], -1),
-                                             self.noise_model.config.svd_rank)
         image = self.layout.to_image(cond, args)
         with torch.no_grad():
-            weak = self.noise_model(image, *self._features, step=i, num_steps=self.num_steps)
+            weak = self.noise_model(image, *self.prompt_summary, step=i, num_steps=self.num_steps)
         return self.layout.from_image(weak.to(cond.dtype), args)
 
     def guided_prediction(self, args: dict, i: int, mode: str, cfg_scale: float, *, record: bool = False):
         cond, uncond, _ = self._run(args, rows_for(mode, cfg_scale) == 2)
-        weak = self._weak(cond, args, i) if mode in ("fast", "slow") else None
+        weak = self._weak(cond, args, i) if MODE_TABLE[mode].weak else None
         mixed = mix_guidance(cond, uncond, weak, cfg_scale=cfg_scale, w2s_scale=self.settings.w2s_scale, mode=mode)
         if record and self.recorder is not None:
             self.recorder(i, cond, mixed, args, self)
@@ -182,7 +202,7 @@ class GuidedDenoiser:
         latents = callback_kwargs["latents"]
         s = self.settings
         zz = self.num_steps - 1 if s.zigzag_steps is None else min(s.zigzag_steps, self.num_steps - 1)
-        if s.mode in ZIGZAG_MODES and i < zz:
+        if s.zigzag and i < zz:
             latents = self._zigzag(latents, i)
         self.step = i + 1
         return {"latents": latents}

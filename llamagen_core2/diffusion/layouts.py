@@ -1,13 +1,11 @@
-"""How each diffusers pipeline calls its denoiser: rows, batch order, prompt features, times.
+"""How each diffusers pipeline calls its denoiser: rows, batch order, times.
 
 Pinned to diffusers 0.42.1, whose classic pipelines mix CFG inline (no guider objects):
 
 * SDXL (`StableDiffusionXLPipeline`, `unet`): ONE call per step on rows [uncond ; cond]
-  (uncond FIRST), then `uncond + g * (cond - uncond)`. Prompt tokens: encoder_hidden_states
-  [2B, 77, 2048]; pooled: added_cond_kwargs["text_embeds"] [2B, 1280].
+  (uncond FIRST), then `uncond + g * (cond - uncond)`.
 * SD3 / SD3.5 (`StableDiffusion3Pipeline`, `transformer`): same [uncond ; cond] single call, per-row
-  timestep [2B]. Tokens: encoder_hidden_states [2B, 77 + max_sequence_length, 4096]; pooled:
-  pooled_projections [2B, 2048].
+  timestep [2B].
 * FLUX (`FluxPipeline`, `transformer`): true CFG calls the transformer twice per step, cond first
   then uncond, and mixes `neg + s * (pos - neg)`. We run the pipeline WITHOUT its true CFG and let
   the wrapper issue both passes itself (same inputs, same order) from its single cond call, so
@@ -16,6 +14,7 @@ Pinned to diffusers 0.42.1, whose classic pipelines mix CFG inline (no guider ob
 
 A layout turns one intercepted call (bound arguments) into cond / uncond predictions, builds
 replayed calls for zigzag, and converts predictions to / from [B, C, H, W] for noise models.
+(The noise model's prompt inputs do not come from these calls: see prompt_summary.py.)
 """
 from __future__ import annotations
 
@@ -42,8 +41,8 @@ def _first(out):
 class PairedRowsLayout:
     """SDXL and SD3: one call per step on [uncond ; cond] rows."""
 
-    def __init__(self, kind: str, sample_key: str, tokens_key: str, pooled_path: tuple[str, ...]):
-        self.kind, self.sample_key, self.tokens_key, self.pooled_path = kind, sample_key, tokens_key, pooled_path
+    def __init__(self, kind: str, sample_key: str):
+        self.kind, self.sample_key = kind, sample_key
 
     def images(self, args: dict) -> int:
         rows = args[self.sample_key].shape[0]
@@ -65,14 +64,6 @@ class PairedRowsLayout:
     def pack(self, mixed: torch.Tensor, args: dict):
         out = torch.cat([mixed, mixed])  # pipeline computes m + g * (m - m) == m exactly
         return out
-
-    def prompt_tokens(self, args: dict):
-        B = self.images(args)
-        tokens = args[self.tokens_key]
-        pooled = args
-        for key in self.pooled_path:
-            pooled = pooled[key]
-        return tokens[:B], tokens[B:], pooled[:B], pooled[B:]
 
     def replay(self, args: dict, latents: torch.Tensor, time: torch.Tensor) -> dict:
         B = latents.shape[0]
@@ -124,10 +115,6 @@ class FluxLayout:
     def pack(self, mixed: torch.Tensor, args: dict):
         return mixed
 
-    def prompt_tokens(self, args: dict):
-        u = self._uncond_args(args)
-        return u["encoder_hidden_states"], args["encoder_hidden_states"], u["pooled_projections"], args["pooled_projections"]
-
     def replay(self, args: dict, latents: torch.Tensor, time: torch.Tensor) -> dict:
         t = time.to(latents.device).expand(latents.shape[0]).to(latents.dtype) / 1000
         return {**args, "hidden_states": latents, "timestep": t}
@@ -149,9 +136,9 @@ class FluxLayout:
 
 def layout_for(kind: str):
     if kind == "sdxl":
-        return PairedRowsLayout("sdxl", "sample", "encoder_hidden_states", ("added_cond_kwargs", "text_embeds"))
+        return PairedRowsLayout("sdxl", "sample")
     if kind == "sd3":
-        return PairedRowsLayout("sd3", "hidden_states", "encoder_hidden_states", ("pooled_projections",))
+        return PairedRowsLayout("sd3", "hidden_states")
     if kind == "flux":
         return FluxLayout()
     raise InvalidArgument(f"pipeline must be one of ['sdxl', 'sd3', 'flux'], got {kind!r}")

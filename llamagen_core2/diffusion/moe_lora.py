@@ -2,7 +2,7 @@
 
 CoRe^2's diffusion noise models wrap *every* `nn.Linear` of the network in a module holding the
 frozen-or-trained base Linear plus E low-rank experts; exactly one expert is active per denoising
-step, chosen from the step index alone (no gating network, DESIGN §5):
+step, chosen from the step index alone (no gating network, docs/design.md#diffusion-adapter):
 
     expert k = clamp(floor(E - (N - i) / N * E), 0, E - 1)      step i of N (0-based)
 
@@ -19,17 +19,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, check_int
 
 
 def expert_index(step: int, num_steps: int, num_experts: int) -> int:
-    """Expert for 0-based step `step` of `num_steps` (DESIGN §5 formula)."""
-    if num_steps < 1:
-        raise InvalidArgument(f"num_steps must be >= 1, got {num_steps}")
-    if num_experts < 1:
-        raise InvalidArgument(f"num_experts must be >= 1, got {num_experts}")
-    if not 0 <= step < num_steps:
-        raise InvalidArgument(f"step must be in [0, {num_steps - 1}], got {step}")
+    """Expert for 0-based step `step` of `num_steps` (formula: docs/design.md#diffusion-adapter)."""
+    check_int("num_steps", num_steps, minimum=1)
+    check_int("num_experts", num_experts, minimum=1)
+    check_int("step", step, minimum=0, maximum=num_steps - 1)
     k = math.floor(num_experts - (num_steps - step) / num_steps * num_experts)
     return min(max(k, 0), num_experts - 1)
 

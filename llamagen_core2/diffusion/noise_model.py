@@ -1,13 +1,13 @@
 """CoRe^2 diffusion noise (weak) model: predicts the CFG prediction from the conditional one.
 
-Architecture (DESIGN §5; key layout follows the released `sd35_noise_model.pth` /
+Architecture (docs/design.md#diffusion-adapter; key layout follows the released `sd35_noise_model.pth` /
 `sdxl_noise_model.pth`, read from the official `refine_model.py` + `lora.py`):
 
     input   pred_cond [B, C, H, W]      the base model's conditional prediction at step i
-            prompt summary: s [B, r, T] (top-r left singular vectors, transposed),
-                            v [B, r] (singular values), d [B, r, E] (right singular vectors)
-                            of the prompt-token matrix [T, E], and pooled [B, P]
-    emb     = [U diag(v) d ; pooled']   [B, T+1, E]   (pooled' = pool_prompt_linear(pooled) if P != E)
+            prompt summary (prompt_summary.py): of the prompt-token matrix [T, E],
+                            s [B, r, T] (the first r ROWS of U), v [B, r] (singular values),
+                            d [B, r, E] (right singular vectors); and pooled [B, P]
+    emb     = [s^T diag(v) d ; pooled']   [B, T+1, E]   (pooled' = pool_prompt_linear(pooled) if P != E)
     per-stage FiLM vectors:  pre{8,16,24}_linear(2) (E->128->SiLU->LN->width), mean over tokens
             trans_linear([s, v, d]) mean over the r rows;   last_linear -> AdaLN of norm_out
     skip    = pred_cond * a + b  with (a, b) [B, C, 1, 1] from skip_connection(skip_connection2(emb))
@@ -18,21 +18,21 @@ Architecture (DESIGN §5; key layout follows the released `sd35_noise_model.pth`
 Every Linear carries MoE-LoRA experts (moe_lora.py), hard-routed by step index.
 Official presets: sd35 (C=16, 8 blocks, width 1536, T=666=2x(77+256), E=4096, P=4096, LoRA rank
 64 x 28 experts) and sdxl (C=4, 4 blocks, T=154=2x77, E=2048, P=2560, rank 48 x 50 experts).
-The prompt tokens are [uncond tokens ; cond tokens] and pooled = [uncond pooled, cond pooled]:
-inferred from the released shapes (154 = 2x77, 2560 = 2x1280; 666 = 2x333, 4096 = 2x2048), since
-the official feature-extraction code was not available to us.
+How the official pipelines build the summary (which halves, in which order) is prompt_summary.py.
 
 `add_cond_residual` (False for the official layout) adds pred_cond to the output so a freshly
 initialised model of ours (zero proj_out) starts as "CFG ~ cond" and Reflect learns the correction.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..config import DictConfig
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, check_int, check_number
 from .moe_lora import expert_index, set_active_expert, wrap_linears_with_moe_lora
 
 
@@ -57,10 +57,17 @@ class NoiseModelConfig(DictConfig):
     base: str = ""                # the base pipeline this model was trained for (informational)
     cfg_scale: float = 0.0        # the CFG scale it was trained to predict (informational)
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int):
+                check_int(f"noise-model {f.name}", value, minimum=1)
+        check_number("noise-model lora_alpha", self.lora_alpha, above=0.0)
+        check_number("noise-model cfg_scale", self.cfg_scale, minimum=0.0)
+
     @property
     def width(self) -> int:
         return self.num_heads * self.head_dim
-
 
 
 PRESETS = {
@@ -147,7 +154,9 @@ class NoiseModel(nn.Module):
         x_in = pred_cond.to(dtype)
         s, v, d, pooled = (t.to(dtype) for t in (s, v, d, pooled))
 
-        tokens = s.transpose(1, 2) @ (v.unsqueeze(-1) * d)            # [B, T, E] = U diag(v) Vh
+        # [B, T, E] = s^T diag(v) d as the released model forms it; with s = rows of U (the official
+        # summary) this is not a reconstruction of the prompt tokens, but it is what the weights saw
+        tokens = s.transpose(1, 2) @ (v.unsqueeze(-1) * d)
         pooled_tok = pooled[:, None, :]
         if self.pool_prompt_linear is not None:
             pooled_tok = self.pool_prompt_linear(pooled_tok)
@@ -178,21 +187,3 @@ class NoiseModel(nn.Module):
             out = out + x_in
         return out.to(pred_cond.dtype)
 
-
-def prompt_features(tokens: torch.Tensor, pooled: torch.Tensor, rank: int):
-    """SVD summary of prompt tokens [B, T, E] -> (s [B,r,T], v [B,r], d [B,r,E]); pooled passes through.
-
-    Computed in fp32; when min(T, E) < r the missing singular triplets are zero.
-    """
-    if tokens.dim() != 3 or pooled.dim() != 2 or tokens.shape[0] != pooled.shape[0]:
-        raise InvalidArgument(f"tokens must be [B, T, E] and pooled [B, P], got {list(tokens.shape)} and {list(pooled.shape)}")
-    U, S, Vh = torch.linalg.svd(tokens.float(), full_matrices=False)
-    k = min(rank, S.shape[-1])
-    B, T, E = tokens.shape
-    s = tokens.new_zeros((B, rank, T), dtype=torch.float32)
-    v = tokens.new_zeros((B, rank), dtype=torch.float32)
-    d = tokens.new_zeros((B, rank, E), dtype=torch.float32)
-    s[:, :k] = U[:, :, :k].transpose(1, 2)
-    v[:, :k] = S[:, :k]
-    d[:, :k] = Vh[:, :k]
-    return s, v, d, pooled.float()

@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 
 from ..checkpoint import CONFIG_NAME, read_config, read_state_dict, save_pretrained, validate_state_dict
-from ..errors import CheckpointError, InvalidArgument
+from ..errors import CheckpointError, InvalidArgument, NonFiniteError, check_all_finite
 from .noise_model import NoiseModel, NoiseModelConfig, noise_model_preset
 
 MODEL_TYPE = "llamagen_core2.diffusion.noise_model"
@@ -38,7 +38,7 @@ def _resolve_config(path: Path, config, preset) -> NoiseModelConfig:
         raw = read_config(path)
         if raw.get("model_type") != MODEL_TYPE:
             raise CheckpointError(f"{path}/{CONFIG_NAME}: model_type must be {MODEL_TYPE!r}, got {raw.get('model_type')!r}")
-        return NoiseModelConfig.from_dict(raw["config"])
+        return NoiseModelConfig.from_saved(raw.get("config"), path / CONFIG_NAME)
     if config is not None:
         return config
     if preset is not None:
@@ -59,6 +59,10 @@ def load_noise_model(path: Union[str, os.PathLike], *, config: Optional[NoiseMod
     kept = validate_state_dict(
         state, expected, what=f"noise model ({cfg.base or 'custom'} config)",
         hint="Check the preset/config (in_channels, num_layers, text_tokens, pooled_dim, lora_rank, num_experts).")
+    try:  # a NaN noise model would turn every image into noise silently
+        check_all_finite(f"{path}: noise model", kept)
+    except NonFiniteError as e:
+        raise CheckpointError(str(e)) from None
     kept = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in kept.items()}
     model.load_state_dict(kept, strict=True, assign=True)
     return model.eval()

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, check_int
 
 IMAGE_SIZE = 24  # 24x24 RGB: a ds-4 VQ gives a 6x6 = 36-token grid, cheap enough to train on a shared 2-core CPU
 SUPERSAMPLE = 2  # shapes are rendered at 2x and box-filtered down, for anti-aliased edges
@@ -120,8 +120,7 @@ def render(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def make_dataset(num_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced, shuffled dataset: images [N, 3, 24, 24] in [-1, 1], labels [N], N = num_per_class * NUM_CLASSES."""
-    if int(num_per_class) <= 0:
-        raise InvalidArgument(f"num_per_class must be a positive integer, got {num_per_class}")
+    check_int("num_per_class", num_per_class, minimum=1)
     generator = torch.Generator().manual_seed(int(seed))
     labels = torch.arange(NUM_CLASSES).repeat_interleave(int(num_per_class))
     labels = labels[torch.randperm(labels.numel(), generator=generator)]

@@ -3,7 +3,8 @@
 Contract:
   * `run_demo(out_png, classes=None, modes=("cond", "cfg", "fast", "slow"), seed=0, samples_per_mode=2,
     scale=3, checkpoint_dir=None, **sampling) -> dict` loads the shipped models (`pipeline.load_world`),
-    samples `samples_per_mode` images per (class, mode) with the same seed for every mode, and writes the grid:
+    samples `samples_per_mode` images per (class, mode) through `LlamaGenPipeline` (`sampling` overrides fields of
+    `WORLD_GUIDANCE`) with the same seed for every mode, and writes the grid:
     a header row of mode names, then one row per class with its name on the left. Modes "fast"/"slow" need
     the CoRe^2 weak model; without one they are skipped and the returned `notes` (also printed by the CLI) say
     so. Returns {"path", "size": (width, height), "modes", "classes", "skipped", "notes", "seconds", "base_rows"}.
@@ -20,11 +21,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..errors import InvalidArgument
-from ..guidance_config import MODES
+from ..cli_common import (add_threads_arg, apply_threads, class_names_help, int_in, non_negative_float,
+                          non_negative_int, seed_int)
+from ..errors import InvalidArgument, check_int
+from ..files import check_output_file
+from ..guidance_config import MODE_TABLE, MODES
 from ..images import save_png
-from .dataset import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, to_uint8
-from .pipeline import load_world, sample_images
+from .dataset import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
+from .pipeline import WORLD_GUIDANCE, load_world
 
 PAD = 2
 HEADER_H = 14
@@ -39,17 +43,16 @@ def grid_size(num_classes: int, num_columns: int, scale: int) -> tuple[int, int]
 
 
 def _check(classes, modes, samples_per_mode, scale) -> tuple[list[int], list[str]]:
-    classes = list(range(NUM_CLASSES)) if classes is None else [int(c) for c in classes]
-    if not classes or any(c < 0 or c >= NUM_CLASSES for c in classes):
+    classes = list(range(NUM_CLASSES)) if classes is None else \
+        [check_int("class id", c, minimum=0, maximum=NUM_CLASSES - 1) for c in classes]
+    if not classes:
         raise InvalidArgument(f"classes must be a non-empty list of ids in [0, {NUM_CLASSES - 1}], got {classes}")
     modes = list(modes)
     bad = [m for m in modes if m not in MODES]
     if not modes or bad:
         raise InvalidArgument(f"modes must be a non-empty subset of {MODES}, got {modes}")
-    if isinstance(samples_per_mode, bool) or int(samples_per_mode) < 1:
-        raise InvalidArgument(f"samples_per_mode must be an integer >= 1, got {samples_per_mode}")
-    if isinstance(scale, bool) or int(scale) < 1 or int(scale) > 16:
-        raise InvalidArgument(f"scale must be an integer in [1, 16], got {scale}")
+    check_int("samples_per_mode", samples_per_mode, minimum=1)
+    check_int("scale", scale, minimum=1, maximum=16)
     return classes, modes
 
 
@@ -58,21 +61,23 @@ def run_demo(out_png, classes: Optional[Sequence[int]] = None, modes: Sequence[s
     start = time.time()
     classes, modes = _check(classes, modes, samples_per_mode, scale)
     world = load_world(checkpoint_dir)
+    guidance = WORLD_GUIDANCE.replace(**sampling)
     skipped, notes = [], []
-    if world.weak is None and any(m in ("fast", "slow") for m in modes):
-        skipped = [m for m in modes if m in ("fast", "slow")]
+    if world.weak is None and any(MODE_TABLE[m].weak for m in modes):
+        skipped = [m for m in modes if MODE_TABLE[m].weak]
         notes.append(f"skipped {skipped}: no CoRe^2 weak model shipped at {world.checkpoint_dir / 'world_weak'} "
                      f"(train one with `llamagen-core2 collect` + `reflect`)")
         modes = [m for m in modes if m not in skipped]
     if not modes:
         raise InvalidArgument(f"no mode left to draw after skipping {skipped}")
 
-    labels = torch.tensor(classes).repeat_interleave(samples_per_mode)  # [C * k]
+    pipe = world.pipeline(guidance)
     columns, base_rows = [], {}
     for mode in modes:
-        images, stats = sample_images(world, labels, mode=mode, seed=seed, **sampling)
-        columns.append(to_uint8(images).reshape(len(classes), samples_per_mode, 3, IMAGE_SIZE, IMAGE_SIZE))
-        base_rows[mode] = stats["base_rows"] / len(labels)
+        out = pipe(class_labels=classes, num_images_per_prompt=samples_per_mode, guidance=guidance.replace(mode=mode),
+                   seed=seed, output_type="np", progress=False)  # condition-major: [C * k, H, W, 3] uint8
+        columns.append(out.images.reshape(len(classes), samples_per_mode, IMAGE_SIZE, IMAGE_SIZE, 3))
+        base_rows[mode] = out.stats["base_rows"] / out.stats["images"]
 
     n_cols = len(modes) * samples_per_mode
     width, height = grid_size(len(classes), n_cols, scale)
@@ -85,7 +90,7 @@ def run_demo(out_png, classes: Optional[Sequence[int]] = None, modes: Sequence[s
             if j == 0:
                 draw.text((2, HEADER_H + r * cell + cell // 2 - 6), CLASS_NAMES[cls], fill=(0, 0, 0))
             for k in range(samples_per_mode):
-                tile = columns[j][r, k].permute(1, 2, 0).numpy()
+                tile = columns[j][r, k]
                 tile = Image.fromarray(np.ascontiguousarray(tile)).resize((IMAGE_SIZE * scale,) * 2, Image.NEAREST)
                 canvas.paste(tile, (LABEL_W + (j * samples_per_mode + k) * cell + PAD, HEADER_H + r * cell + PAD))
     path = save_png(np.asarray(canvas), out_png)
@@ -93,10 +98,17 @@ def run_demo(out_png, classes: Optional[Sequence[int]] = None, modes: Sequence[s
                 seconds=time.time() - start, base_rows=base_rows)
 
 
+def _class_list(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise InvalidArgument(f"--classes must be comma-separated class ids like '0,3,7', got {text!r}") from None
+
+
 def _main(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    classes = [int(c) for c in args.classes.split(",")] if args.classes else None
+    apply_threads(args)
+    check_output_file(args.out)
+    classes = _class_list(args.classes) if args.classes else None
     sampling = {k: v for k, v in dict(cfg_scale=args.cfg_scale, w2s_scale=args.w2s_scale,
                                       temperature=args.temperature, top_k=args.top_k).items() if v is not None}
     info = run_demo(args.out, classes=classes, modes=args.modes.split(","), seed=args.seed,
@@ -113,17 +125,19 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     """Register `demo` on an argparse subparsers object; the parser's `func` runs it and returns an exit code."""
     p = subparsers.add_parser("demo", help="sample the shipped mini world (cond / cfg / CoRe^2 fast / slow) into a PNG grid",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="demo.png", help="output PNG path (default demo.png)")
-    p.add_argument("--classes", default=None, help=f"comma-separated class ids in [0, {NUM_CLASSES - 1}] (default: all)")
-    p.add_argument("--modes", default=",".join(DEMO_MODES), help="comma-separated modes (default cond,cfg,fast,slow)")
-    p.add_argument("--samples", type=int, default=2, help="images per class and mode (default 2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=int, default=3, help="pixel upscaling of each 24x24 image (default 3)")
-    p.add_argument("--cfg-scale", type=float, default=None)
-    p.add_argument("--w2s-scale", type=float, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--checkpoints", default=None, help="directory holding world_vq/, world_gpt/, world_weak/")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default="demo.png", help="output PNG path")
+    p.add_argument("--classes", default=None,
+                   help=f"comma-separated class ids in [0, {NUM_CLASSES - 1}] (default: all); {class_names_help()}")
+    p.add_argument("--modes", default=",".join(DEMO_MODES), help="comma-separated modes")
+    p.add_argument("--samples", type=int_in(1, 64), default=2, help="images per class and mode")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed")
+    p.add_argument("--scale", type=int_in(1, 16), default=3, help="pixel upscaling of each 24x24 image")
+    p.add_argument("--cfg-scale", type=non_negative_float, default=None, help="default: the mini world's 3.0")
+    p.add_argument("--w2s-scale", type=non_negative_float, default=None, help="default: the mini world's 1.5")
+    p.add_argument("--temperature", type=non_negative_float, default=None, help="default: 1.0")
+    p.add_argument("--top-k", type=non_negative_int, default=None, help="default: 0 (full vocabulary)")
+    p.add_argument("--checkpoints", default=None, help="directory holding world_vq/, world_gpt/, world_weak/ "
+                                                       "(default: $LLAMAGEN_CORE2_CHECKPOINTS or <repo>/checkpoints)")
+    add_threads_arg(p)
     p.set_defaults(func=_main)
     return p

@@ -6,27 +6,28 @@ Contract:
   * `load_world(checkpoint_dir=None, with_evaluator=False) -> World` loads `world_vq`, `world_gpt` and, when
     present, `world_weak` (a CoRe^2 weak model from `reflect`) and `world_evaluator`. A missing VQ or GPT
     raises CheckpointError naming the path and how to rebuild it; a missing weak model leaves `weak=None`.
-  * `sample_images(world, labels [B], mode=..., schedule=None, seed=..., **sampling) -> (images [B, 3, S, S]
-    in ~[-1, 1], stats dict)`: `generate()` then VQ decode. `stats` is `generate`'s (base rows etc.).
-  * `WORLD_SAMPLING`: the sampling defaults of the mini world (full vocabulary, temperature 1).
+  * `world.pipeline(guidance=None) -> LlamaGenPipeline` over the loaded models (the one generate -> VQ -> images
+    driver, `llamagen_core2/pipeline.py`), with `WORLD_GUIDANCE` as its default guidance.
+  * `WORLD_GUIDANCE`: the sampling defaults of the mini world (CFG 3, W2S 1.5, full vocabulary, temperature 1).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
-from ..errors import CheckpointError, InvalidArgument
-from ..generate import generate
+from ..errors import CheckpointError
+from ..guidance_config import GuidanceConfig
 from ..model import GPT
+from ..pipeline import LlamaGenPipeline
 from ..vq import VQModel
 
 VQ_DIR, GPT_DIR, WEAK_DIR, EVALUATOR_DIR = "world_vq", "world_gpt", "world_weak", "world_evaluator"
 # The VQ vocabulary is only 256 codes, so top-k is off (full vocabulary), as in LlamaGen's FID runs.
-WORLD_SAMPLING = dict(cfg_scale=3.0, w2s_scale=1.5, temperature=1.0, top_k=0, top_p=1.0)
+WORLD_GUIDANCE = GuidanceConfig(cfg_scale=3.0, w2s_scale=1.5, temperature=1.0, top_k=0, top_p=1.0)
 
 
 def default_checkpoint_dir() -> Path:
@@ -41,6 +42,9 @@ class World:
     weak: Optional[torch.nn.Module]
     evaluator: Optional[torch.nn.Module]
     checkpoint_dir: Path
+
+    def pipeline(self, guidance: Optional[GuidanceConfig] = None) -> LlamaGenPipeline:
+        return LlamaGenPipeline(self.gpt, self.vq, weak_model=self.weak, guidance=guidance or WORLD_GUIDANCE)
 
 
 def _require(path: Path, what: str, rebuild: str) -> Path:
@@ -66,18 +70,3 @@ def load_world(checkpoint_dir=None, *, with_evaluator: bool = False, with_weak: 
         evaluator = Evaluator.from_pretrained(
             _require(root / EVALUATOR_DIR, "evaluator", "python -m llamagen_core2.world.train_evaluator"))
     return World(vq=vq, gpt=gpt, weak=weak, evaluator=evaluator, checkpoint_dir=root)
-
-
-@torch.inference_mode()
-def sample_images(world: World, labels: torch.Tensor, *, mode: str = "cfg", schedule: Optional[Sequence[str]] = None,
-                  seed: int = 0, **sampling) -> tuple[torch.Tensor, dict]:
-    """labels [B] class ids -> (decoded images [B, 3, S, S], generation stats)."""
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    knobs = {**WORLD_SAMPLING, **sampling}
-    modes = set(schedule) if schedule is not None else {mode}
-    if modes & {"fast", "slow"} and world.weak is None:
-        raise InvalidArgument(f"mode(s) {sorted(modes & {'fast', 'slow'})} need the CoRe^2 weak model "
-                              f"{world.checkpoint_dir / WEAK_DIR}, which is not shipped / not found")
-    tokens, stats = generate(world.gpt, labels, mode=mode, schedule=schedule, seed=seed,
-                             weak_model=world.weak if modes & {"fast", "slow"} else None, return_stats=True, **knobs)
-    return world.vq.decode_codes(tokens), stats

@@ -1,0 +1,309 @@
+"""Every GPU figure in one command: `python benchmarks/gpu_report.py` on a CUDA machine.
+
+It runs, each as its own subprocess under one time budget (default 450 s, so the whole report fits in 8 minutes
+on an H100 with start-up included):
+  1. the `gpu` tests (`pytest -m gpu tests/`): engines agree on CUDA, CUDA graphs, in-graph sampling, bf16 vs
+     fp32, --device cuda on every command line;
+  2. benchmarks/bench_kernels.py: the fused guided-sampling kernel vs the torch reference vs LlamaGen's chain;
+  3. benchmarks/bench_generate.py with our engine: GPT-B, XL, XXL x batch 1, 8, 64 x cond/cfg/fast/slow,
+     256 tokens, bf16;
+  4. bench_generate.py with every baseline engine it offers (read from its own `--engines` choices, so an
+     engine added there is measured here too), the same grid, batch 8 first.
+Budget: every generation is timed once (`--repeats 1`); baselines warm up on 8 tokens instead of a whole image
+(ours warms up on all tokens, which captures its CUDA graphs); each phase gets a slice of the time left and is
+stopped at its deadline, keeping the rows it finished. Configurations that did not fit are listed with the
+command that measures them. Everything is stated in the report.
+
+Output: ONE markdown file, benchmarks/results/gpu_report_<date>_<gpu>.md (or --out), with the GPU name, torch /
+CUDA / triton versions, the date, the exact command, each phase's command, exit status and seconds, and the
+tables. Without CUDA the script exits at once with one line and status 2 (nothing is written).
+
+    python benchmarks/gpu_report.py                         # the full report
+    python benchmarks/gpu_report.py --budget-s 900          # more time: more baseline configurations
+    python benchmarks/gpu_report.py --dry-run               # print the plan (works without a GPU)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import io
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+PRESETS = ("B", "XL", "XXL")
+BATCHES = (8, 64, 1)  # batch 8 first: the headline comparison when the budget runs short
+MODES = ("cfg", "cond", "fast", "slow")
+TOKENS = 256
+BASELINE_WARMUP_TOKENS = 8
+
+
+@dataclass
+class Phase:
+    name: str
+    argv: list
+    share: float  # fraction of the time left when the phase starts (the last phase gets all of it)
+    rc: Optional[int] = None
+    seconds: float = 0.0
+    stdout: str = ""
+    stderr: str = ""
+    timed_out: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def command(self) -> str:
+        """The command as typed from the repository root."""
+        return " ".join("python" if a == sys.executable else shlex.quote(str(a)) for a in self.argv)
+
+
+def discover_engines(python: str = sys.executable) -> list[str]:
+    """bench_generate.py's --engines choices, read from its own --help (never a list kept here)."""
+    out = subprocess.run([python, "benchmarks/bench_generate.py", "--help"], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    match = re.search(r"--engines \{([^}]*)\}", out.stdout)
+    if out.returncode != 0 or match is None:
+        raise SystemExit(f"gpu_report: could not read the --engines choices of bench_generate.py "
+                         f"(exit {out.returncode}): {out.stderr.strip()[-300:]}")
+    return [e.strip() for e in match.group(1).split(",") if e.strip()]
+
+
+def plan(args, engines: list[str]) -> list[Phase]:
+    py = sys.executable
+    phases = []
+    if not args.skip_tests:
+        phases.append(Phase("gpu tests", [py, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
+                                          "tests/"], share=0.3))
+    if not args.skip_kernels:
+        phases.append(Phase("kernels", [py, "benchmarks/bench_kernels.py", "--device", "cuda", "--iters", "50",
+                                        "--warmup", "5"], share=0.15))
+    common = ["--device", "cuda", "--dtype", "bf16", "--tokens", str(TOKENS), "--repeats", "1",
+              "--batch", *map(str, args.batches), "--modes", *args.modes]
+    ours = [e for e in engines if e == "ours"]
+    baselines = [e for e in engines if e != "ours"]
+    if ours and not args.skip_generate:
+        for i, preset in enumerate(args.presets):
+            phases.append(Phase(f"generate ours GPT-{preset}",
+                                [py, "benchmarks/bench_generate.py", "--engines", *ours, "--preset", preset,
+                                 *common], share=1.0 / (len(args.presets) - i + 1.5)))
+    if baselines and not args.skip_generate:
+        for i, preset in enumerate(args.presets):
+            phases.append(Phase(f"generate {'/'.join(baselines)} GPT-{preset}",
+                                [py, "benchmarks/bench_generate.py", "--engines", *baselines, "--preset", preset,
+                                 *common, "--warmup-tokens", str(BASELINE_WARMUP_TOKENS)],
+                                share=1.0 / (len(args.presets) - i)))
+    return phases
+
+
+def run_phase(phase: Phase, seconds: float) -> None:
+    started = time.perf_counter()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        done = subprocess.run(phase.argv, capture_output=True, text=True, cwd=REPO, env=env,
+                              timeout=max(1.0, seconds))
+        phase.rc, phase.stdout, phase.stderr = done.returncode, done.stdout, done.stderr
+    except subprocess.TimeoutExpired as e:  # keep what it printed: finished CSV rows survive the deadline
+        phase.timed_out, phase.rc = True, None
+        phase.stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        phase.stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+    phase.seconds = time.perf_counter() - started
+
+
+# ---------------------------------------------------------------------- parsing the phases' output
+def csv_rows(text: str, first_field: str) -> list[dict]:
+    """The CSV block of a benchmark's stdout (header starting with `first_field`), up to its JSON line."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(first_field + ",")), None)
+    if start is None:
+        return []
+    block = []
+    for line in lines[start:]:
+        if line.startswith("{") or not line.strip():
+            break
+        block.append(line)
+    return list(csv.DictReader(io.StringIO("\n".join(block))))
+
+
+def pytest_summary(text: str) -> str:
+    lines = [line.strip("= ").strip() for line in text.splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if re.search(r"\d+ (passed|failed|error|skipped)", line)),
+                "no summary line")
+
+
+def _num(value, digits=3) -> str:
+    try:
+        return f"{float(value):.{digits}f}"
+    except (TypeError, ValueError):
+        return "–"
+
+
+# ---------------------------------------------------------------------- the markdown report
+def render(meta: dict, phases: list[Phase], args) -> str:
+    out = [f"# GPU report — {meta['gpu']}, {meta['date']}", "",
+           f"- GPU: **{meta['gpu']}** (compute capability {meta['capability']}); torch built for CUDA {meta['cuda']}",
+           f"- torch {meta['torch']}, triton {meta['triton']}, Python {meta['python']}",
+           f"- Date: {meta['date']} (UTC); total {meta['elapsed']:.0f} s of a {args.budget_s:.0f} s budget",
+           f"- Command: `{meta['command']}` (run from the repository root)",
+           "- Budget choices: each generation timed once (`--repeats 1`); "
+           f"baselines warm up on {BASELINE_WARMUP_TOKENS} tokens, ours on a whole image (captures its CUDA "
+           f"graphs); {TOKENS} tokens per image, bf16, random weights of the preset's shapes; phases stopped at "
+           "their deadline keep the rows they finished. Our engine and the baselines run in separate processes of "
+           "this report, one after the other, on the same GPU.", "",
+           "## Phases", "", "| phase | exit | seconds | command |", "|---|---|---|---|"]
+    for p in phases:
+        status = "stopped at its deadline" if p.timed_out else ("not run" if p.rc is None else str(p.rc))
+        out.append(f"| {p.name} | {status} | {p.seconds:.0f} | `{p.command}` |")
+    for p in phases:
+        if p.rc not in (0, None) and p.stderr.strip():
+            out += ["", f"{p.name} (exit {p.rc}), last lines of its stderr:", "", "```",
+                    *p.stderr.strip().splitlines()[-15:], "```"]
+    tests = next((p for p in phases if p.name == "gpu tests"), None)
+    if tests is not None and (tests.rc is not None or tests.timed_out):
+        out += ["", "## GPU tests", "", f"`{pytest_summary(tests.stdout)}`", ""]
+        failed = [line for line in tests.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+        out += [f"- {line}" for line in failed]
+    kernels = next((p for p in phases if p.name == "kernels"), None)
+    if kernels is not None:
+        out += ["", "## Fused guided sampling (bench_kernels.py; V = 16384, fp32 logits, CFG rows)", ""]
+        out += kernel_table(csv_rows(kernels.stdout, "device"))
+    out += ["", f"## Generation (bench_generate.py; {TOKENS} tokens, bf16, CFG 4.0, top-k 2000)", ""]
+    out += generate_table(phases, args, meta.get("engines", []))
+    return "\n".join(out) + "\n"
+
+
+def kernel_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["Not measured (the phase produced no rows; see its exit status above)."]
+    by_key: dict = {}
+    for r in rows:
+        by_key.setdefault((int(r["batch"]), int(r["top_k"]), float(r["top_p"])), {})[r["impl"]] = r
+    lines = ["| batch | top_k / top_p | fused µs | torch µs | chain µs | fused speedup vs chain |",
+             "|---|---|---|---|---|---|"]
+    for (batch, k, p), impls in sorted(by_key.items()):
+        us = {name: _num(impls[name]["us_per_call"], 1) if name in impls else "–"
+              for name in ("fused", "torch", "chain")}
+        speed = _num(impls["fused"]["speedup_vs_chain"], 2) + "x" if "fused" in impls else "–"
+        lines.append(f"| {batch} | {k} / {p} | {us['fused']} | {us['torch']} | {us['chain']} | {speed} |")
+    return lines
+
+
+def generate_table(phases: list[Phase], args, planned: list[str]) -> list[str]:
+    rows = [r for p in phases if p.name.startswith("generate") for r in csv_rows(p.stdout, "engine")]
+    engines = sorted(set(planned) | {r["engine"] for r in rows}, key=lambda e: (e != "ours", e))
+    got = {(r["preset"], int(r["batch"]), r["mode"], r["engine"]): r for r in rows}
+    header = ["preset", "batch", "mode", "floor ms/step"] + [f"{e} ms/step (img/s)" for e in engines] + \
+        ["ours % of floor"] + [f"ours vs {e}" for e in engines if e != "ours"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    missing = []
+    for preset in args.presets:
+        for batch in sorted(args.batches):
+            for mode in args.modes:
+                cells = {e: got.get((f"GPT-{preset}", batch, mode, e)) for e in engines}
+                if not any(cells.values()):
+                    missing.append((preset, batch, mode))
+                    continue
+                floor = next((c["floor_ms_per_step"] for c in cells.values() if c), None)
+                line = [f"GPT-{preset}", str(batch), mode, _num(floor, 3)]
+                for e in engines:
+                    c = cells[e]
+                    line.append("not measured" if c is None else
+                                (c["status"] if c["status"] != "ok" else
+                                 f"{_num(c['ms_per_step'])} ({_num(c['images_per_s'], 2)})"))
+                ours = cells.get("ours")
+                ok = ours is not None and ours["status"] == "ok"
+                line.append(_num(ours["pct_of_floor"], 1) + "%" if ok else "–")
+                for e in engines:
+                    if e == "ours":
+                        continue
+                    base = cells[e]
+                    both = ok and base is not None and base["status"] == "ok"
+                    line.append(f"{float(base['ms_per_step']) / float(ours['ms_per_step']):.2f}x" if both else "–")
+                lines.append("| " + " | ".join(line) + " |")
+    unmeasured = [(p, b, m, e) for p in args.presets for b in args.batches for m in args.modes
+                  for e in engines if (f"GPT-{p}", b, m, e) not in got]
+    if unmeasured:
+        def values(k):
+            return " ".join(map(str, sorted({u[k] for u in unmeasured})))
+        lines += ["", f"Not measured within the budget ({len(unmeasured)} engine x configuration pairs): "
+                  f"{', '.join(f'{e} GPT-{p} b{b} {m}' for p, b, m, e in unmeasured[:12])}"
+                  f"{' ...' if len(unmeasured) > 12 else ''}. Measure them with:",
+                  f"`python benchmarks/bench_generate.py --device cuda --dtype bf16 --tokens {TOKENS} --preset "
+                  f"{values(0)} --batch {values(1)} --modes {values(2)} --engines {values(3)}`"]
+    if missing:
+        lines += ["", f"No engine measured: {', '.join(f'GPT-{p} b{b} {m}' for p, b, m in missing)}."]
+    return lines
+
+
+def environment(command: str) -> dict:
+    import torch
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    major, minor = torch.cuda.get_device_capability(0)
+    return dict(gpu=torch.cuda.get_device_name(0), capability=f"{major}.{minor}", torch=torch.__version__,
+                cuda=torch.version.cuda, triton=triton_version, python=sys.version.split()[0],
+                date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), command=command)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--budget-s", type=float, default=450.0, help="seconds for all phases together")
+    p.add_argument("--presets", nargs="+", default=list(PRESETS), help="bench_generate presets")
+    p.add_argument("--batches", nargs="+", type=int, default=list(BATCHES), help="batch sizes, in priority order")
+    p.add_argument("--modes", nargs="+", default=list(MODES), help="guidance modes, in priority order")
+    p.add_argument("--engines", nargs="+", default=None,
+                   help="bench_generate engines (default: every choice bench_generate.py offers)")
+    p.add_argument("--skip-tests", action="store_true", help="do not run the gpu tests")
+    p.add_argument("--skip-kernels", action="store_true", help="do not run bench_kernels.py")
+    p.add_argument("--skip-generate", action="store_true", help="do not run bench_generate.py")
+    p.add_argument("--out", default=None, help="report path (default: benchmarks/results/gpu_report_<date>_<gpu>.md)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit (works without CUDA)")
+    args = p.parse_args(argv)
+    command = " ".join(["python", "benchmarks/gpu_report.py", *map(shlex.quote, argv if argv is not None
+                                                                      else sys.argv[1:])])
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print(f"gpu_report: CUDA is not available (torch {torch.__version__}); this report needs an NVIDIA GPU "
+              f"-- nothing was run or written", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    deadline = started + args.budget_s
+    engines = args.engines or discover_engines()
+    phases = plan(args, engines)
+    if args.dry_run:
+        for phase in phases:
+            print(f"{phase.name}: {phase.command}")
+        return 0
+    meta = environment(command)
+    meta["engines"] = engines
+    for phase in phases:
+        left = deadline - time.perf_counter()
+        if left < 5:
+            break
+        run_phase(phase, left * (1.0 if phase is phases[-1] else min(1.0, phase.share)))
+        print(f"gpu_report: {phase.name}: {'stopped at its deadline' if phase.timed_out else f'exit {phase.rc}'} "
+              f"after {phase.seconds:.0f} s", file=sys.stderr, flush=True)
+    meta["elapsed"] = time.perf_counter() - started
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["gpu"]).strip("-")
+    out = Path(args.out) if args.out else BENCH / "results" / f"gpu_report_{meta['date'][:10]}_{slug}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(meta, phases, args))
+    print(f"gpu_report: wrote {out} in {meta['elapsed']:.0f} s")
+    return 0 if all(ph.rc in (0, None) for ph in phases) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

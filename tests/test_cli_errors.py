@@ -1,0 +1,255 @@
+"""Every user error is one line naming the problem, exit status 2, before any work; a refused command leaves
+nothing that blocks its corrected rerun; a rerun with other settings is refused naming the difference."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamagen_core2 import cli, cli_common, core2_cli
+from llamagen_core2.cli import main
+from tiny_models import save_tiny_world
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_errors")
+    gpt, vq, gpt_dir, vq_dir = save_tiny_world(root)
+    shards = root / "shards"
+    assert main(["collect", "--gpt", str(gpt_dir), "--classes", "0-9", "--per-class", "2", "--batch-size", "10",
+                 "--cfg-scale", "3", "--out", str(shards), "--quiet", "--device", "cpu"]) == 0
+    return dict(root=root, gpt=str(gpt_dir), vq=str(vq_dir), shards=shards)
+
+
+def one_line_error(argv, capsys, *, contains=()):
+    """Run the CLI, expect exit status 2 and exactly one stderr line (no traceback) holding `contains`."""
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse usage errors
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for text in contains:
+        assert text in err, err
+    return err
+
+
+def generate_argv(world, tmp_path, *extra):
+    return ["generate", "--gpt", world["gpt"], "--vq", world["vq"], "--classes", "1,2", "--top-k", "0",
+            "--device", "cpu", "--quiet", "--out", str(tmp_path / "g"), *extra]
+
+
+# ---------------------------------------------------------------------- arguments
+@pytest.mark.parametrize("extra,contains", [
+    (["--batch-size", "0"], ["--batch-size", "integer >= 1", "'0'"]),
+    (["--per-class", "2.5"], ["--per-class", "'2.5'"]),
+    (["--cfg-scale", "nan"], ["--cfg-scale", "finite", "'nan'"]),
+    (["--top-p", "0"], ["--top-p", "'0'"]),
+    (["--temperature", "-1"], ["--temperature"]),
+    (["--nrow", "0"], ["--nrow"]),
+    (["--seed", "-1"], ["--seed"]),
+    (["--gpt-preset", "GPT-ZZ"], ["unknown GPT preset 'GPT-ZZ'"]),
+    (["--gpt-preset", "GPT-XL"], ["preset 'GPT-XL' does not match", "dim: 64 vs preset 1280"]),
+    (["--device", "bogus"], ["--device", "'bogus'"]),
+    (["--mode", "fast"], ["need --weak"]),
+    (["--slow-first", "1.5"], ["--slow-first"]),
+    (["--classes", "3-12"], ["class ids must be in [0, 9]"]),
+])
+def test_generate_bad_arguments_are_one_line(world, tmp_path, capsys, extra, contains):
+    argv = generate_argv(world, tmp_path)
+    if extra[0] == "--classes":
+        argv[argv.index("--classes") + 1] = extra[1]
+        extra = []
+    one_line_error([*argv, *extra], capsys, contains=contains)
+    assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["reflect", "--mse-weight", "nan"], ["reflect", "--cfg-scale", "nan"], ["reflect", "--holdout", "0.9x"],
+    ["reflect", "--holdout", "1.5"], ["reflect", "--lr", "inf"], ["reflect", "--steps", "3.5"],
+    ["reflect", "--weak-dim", "0"], ["collect", "--num-tokens", "3.5"], ["collect", "--batch-size", "0"],
+    ["sample", "--w2s-scale", "nan"], ["sample", "--top-k", "-1"], ["diffuse", "--steps", "0"],
+    ["diffuse-reflect", "--lr", "nan"], ["demo", "--scale", "99"], ["convert", "--max-shard-mb", "nan"],
+])
+def test_numeric_options_refuse_nan_and_non_integers_while_parsing(command, capsys):
+    name, option, value = command
+    base = {"reflect": ["--gpt", "g", "--shards", "s", "--out", "o"], "collect": ["--gpt", "g", "--classes", "1",
+            "--out", "o"], "sample": ["--gpt", "g", "--vq", "v", "--classes", "1", "--out", "o"],
+            "diffuse": ["--pipeline", "sd3", "--model", "tiny", "--prompt", "x"],
+            "diffuse-reflect": ["--shards", "s", "--out", "o"], "demo": [], "convert": ["a", "b"]}[name]
+    one_line_error([name, *base, option, value], capsys, contains=[option, repr(value)])
+
+
+# ---------------------------------------------------------------------- files
+def test_out_that_is_a_file_or_not_writable(world, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    for argv in (generate_argv(world, tmp_path)[:-1] + [str(tmp_path / "file")],
+                 ["collect", "--gpt", world["gpt"], "--classes", "1", "--out", str(tmp_path / "file")],
+                 ["reflect", "--gpt", world["gpt"], "--shards", str(world["shards"]), "--out",
+                  str(tmp_path / "file" / "sub")],
+                 ["convert", world["gpt"], str(tmp_path / "file")]):
+        one_line_error(argv, capsys, contains=[str(tmp_path / "file")])
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a user without write permission sees it
+    one_line_error(generate_argv(world, tmp_path), capsys, contains=["is not writable"])
+
+
+def test_config_json_not_json_or_mistyped(world, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "gpt"
+    shutil.copytree(world["gpt"], bad)
+    argv = generate_argv(world, tmp_path)
+    argv[argv.index("--gpt") + 1] = str(bad)
+    (bad / "config.json").write_text('{"kind": "gpt", "config": {"dim": "sixty-four"')
+    one_line_error(argv, capsys, contains=[str(bad / "config.json"), "not a valid config.json"])
+    saved = json.loads(Path(world["gpt"], "config.json").read_text())
+    saved["config"]["dim"] = "64"
+    (bad / "config.json").write_text(json.dumps(saved))
+    one_line_error(argv, capsys, contains=[str(bad / "config.json"), "'dim' must be an integer, got '64'"])
+
+
+@pytest.mark.parametrize("content", [b"hello, not a checkpoint\n", b'{"a": 1}', bytes(range(256)) * 4, b""])
+def test_convert_on_a_file_that_is_not_a_checkpoint(tmp_path, capsys, content):
+    src = tmp_path / "model.pt"
+    src.write_bytes(content)
+    one_line_error(["convert", str(src), str(tmp_path / "out")], capsys, contains=[str(src), "checkpoint"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_on_truncated_safetensors_names_the_file(world, tmp_path, capsys):
+    data = (world["root"] / "gpt" / "model.safetensors").read_bytes()
+    src = tmp_path / "model.safetensors"
+    src.write_bytes(data[: len(data) // 2])
+    one_line_error(["convert", str(src), str(tmp_path / "out")], capsys, contains=[str(src)])
+
+
+def test_missing_inputs_are_one_line(world, tmp_path, capsys):
+    one_line_error(["reflect", "--gpt", world["gpt"], "--shards", str(tmp_path / "none"), "--out",
+                    str(tmp_path / "w")], capsys, contains=["not a shard directory"])
+    argv = generate_argv(world, tmp_path)
+    argv[argv.index("--vq") + 1] = str(tmp_path / "missing_vq")
+    one_line_error(argv, capsys, contains=["missing_vq"])
+
+
+def test_truncated_shard_and_edited_manifest(world, tmp_path, capsys):
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(world["shards"], shards)
+    reflect = ["reflect", "--gpt", world["gpt"], "--shards", str(shards), "--out", str(tmp_path / "w"), "--steps",
+               "2", "--quiet", "--device", "cpu"]
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["meta"]["cfg_scale"] = "3"
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    one_line_error(reflect, capsys, contains=["manifest.json", "cfg_scale must be a finite number > 1, got '3'"])
+    del manifest["meta"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    one_line_error(reflect, capsys, contains=["manifest.json", "meta must be a JSON object"])
+    shutil.copy(world["shards"] / "manifest.json", shards / "manifest.json")
+    shard = sorted(shards.glob("rank*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    one_line_error(reflect, capsys, contains=[str(shard), "truncated"])
+    assert not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------------------------------- a refusal never blocks the rerun
+def test_refused_collect_leaves_nothing_that_blocks_the_corrected_rerun(world, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "shards"
+    base = ["collect", "--gpt", world["gpt"], "--classes", "1,2", "--out", str(out), "--quiet", "--device", "cpu"]
+    one_line_error([*base, "--num-tokens", "99"], capsys, contains=["num_tokens must be an integer in [1, 16]"])
+    assert not out.exists()
+    # A failure inside the first batch (here: memory refused) leaves at most a manifest without shards ...
+    import sys
+
+    import llamagen_core2.generate  # noqa: F401  (the package attribute `generate` is the function)
+    from llamagen_core2.errors import InvalidArgument
+
+    generate_module = sys.modules["llamagen_core2.generate"]
+
+    def no_memory(*args, **kwargs):
+        raise InvalidArgument("batch 2 does not fit in free memory")
+
+    monkeypatch.setattr(generate_module, "_check_memory", no_memory)
+    one_line_error([*base, "--batch-size", "2"], capsys, contains=["does not fit"])
+    monkeypatch.undo()
+    # ... which the corrected command (other batch size and scale) replaces instead of refusing.
+    assert main([*base, "--batch-size", "1", "--cfg-scale", "2.5"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["meta"]["batch_size"] == 1
+    err = one_line_error([*base, "--batch-size", "1", "--cfg-scale", "3.5"], capsys)
+    assert "cfg_scale: 2.5 -> 3.5" in err
+
+
+def test_refused_sample_leaves_nothing_that_blocks_the_corrected_rerun(world, tmp_path, capsys, monkeypatch):
+    from llamagen_core2 import pipeline as sample_module  # sample drives generate() through the pipeline
+
+    out = tmp_path / "samples"
+    base = ["sample", "--gpt", world["gpt"], "--vq", world["vq"], "--classes", "1,2", "--out", str(out), "--quiet",
+            "--device", "cpu", "--top-k", "0"]
+    real_generate = sample_module.generate
+    monkeypatch.setattr(sample_module, "generate", lambda *a, **k: (_ for _ in ()).throw(
+        FloatingPointError("non-finite hidden states (NaN/inf) during generation")))
+    one_line_error([*base, "--cfg-scale", "4"], capsys, contains=["non-finite"])
+    monkeypatch.setattr(sample_module, "generate", real_generate)
+    assert main([*base, "--cfg-scale", "2"]) == 0  # other settings: fine, nothing was sampled before
+    assert len(list((out / "images").glob("*.png"))) == 2
+    one_line_error([*base, "--cfg-scale", "3"], capsys, contains=["cfg_scale: 2.0 -> 3.0"])
+
+
+def test_reflect_rerun_with_other_settings_is_refused_naming_the_difference(world, tmp_path, capsys):
+    out = tmp_path / "weak"
+    base = ["reflect", "--gpt", world["gpt"], "--shards", str(world["shards"]), "--out", str(out), "--steps", "2",
+            "--batch-size", "4", "--holdout", "0.2", "--weak-preset", "W-1", "--weak-heads", "4", "--quiet",
+            "--device", "cpu", "--checkpoint-every", "1"]
+    assert main([*base, "--weak-dim", "32"]) == 0
+    one_line_error([*base, "--weak-dim", "64"], capsys, contains=["weak.dim: 32 -> 64", "--no-resume"])
+    one_line_error([*base, "--weak-dim", "32", "--lr", "0.01"], capsys, contains=["lr: 0.001 -> 0.01"])
+    assert main([*base, "--weak-dim", "32"]) == 0  # the same settings resume
+    assert main([*base, "--weak-dim", "64", "--no-resume"]) == 0  # starting over is allowed
+    assert json.loads((out / "config.json").read_text())["config"]["dim"] == 64
+
+
+# ---------------------------------------------------------------------- bugs keep their traceback
+def test_a_bug_is_not_turned_into_a_one_line_error(world, tmp_path, monkeypatch):
+    def broken(args):
+        raise RuntimeError("a bug in the engine")
+
+    monkeypatch.setattr(cli, "load_gpt", broken)
+    with pytest.raises(RuntimeError, match="a bug in the engine"):
+        main(generate_argv(world, tmp_path))
+    monkeypatch.setattr(core2_cli, "load_gpt", broken)
+    with pytest.raises(RuntimeError, match="a bug in the engine"):
+        core2_cli.main(["collect", "--gpt", world["gpt"], "--classes", "1", "--out", str(tmp_path / "c")])
+
+
+def test_standalone_core2_cli_maps_the_same_families(world, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        core2_cli.main(["collect", "--gpt", str(tmp_path / "missing"), "--classes", "1", "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1 and "missing" in err
+
+
+def test_out_of_memory_is_one_line_with_advice(world, tmp_path, capsys, monkeypatch):
+    class OutOfMemoryError(RuntimeError):  # torch.cuda.OutOfMemoryError's name, without needing a GPU
+        pass
+
+    def oom(args):
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+
+    monkeypatch.setattr(cli, "load_gpt", oom)
+    one_line_error(generate_argv(world, tmp_path), capsys, contains=["out of device memory", "--batch-size"])
+
+
+def test_threads_option_sets_torch_threads(world, tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(generate_argv(world, tmp_path, "--threads", "1")) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert cli_common.DEFAULT_THREADS == 1
