@@ -32,11 +32,6 @@ MAX_COUNTER = 2 ** 63 - 1
 Offset = Union[int, torch.Tensor]
 
 
-def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """32x32 -> 64-bit product of uint32 values held in int64: the int64 multiply wraps modulo
-    2**64, which keeps the low 64 bits of the product exact."""
-    p = a * b
-    return (p >> 32) & _LOW32, p & _LOW32
 
 
 def philox_uniform(seeds: torch.Tensor, offset: Offset, vocab: int) -> torch.Tensor:
@@ -65,9 +60,16 @@ def philox_uniform(seeds: torch.Tensor, offset: Offset, vocab: int) -> torch.Ten
     k0 = (seeds & _LOW32)[:, None]
     k1 = ((seeds >> 32) & _LOW32)[:, None]
     for _ in range(PHILOX_ROUNDS):
-        hi_b, lo_b = _mul_hi_lo(c2, _ROUND_B)
-        hi_a, lo_a = _mul_hi_lo(c0, _ROUND_A)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        # 32x32 -> 64-bit products of uint32 values held in int64: the multiply wraps modulo 2**64,
+        # which keeps the low 64 bits exact; hi = (p >> 32) & mask, lo = p & mask. In place where
+        # possible: the row-sized temporaries dominate the cost on a CPU.
+        prod_b = c2 * _ROUND_B
+        prod_a = c0 * _ROUND_A
+        lo_b = prod_b & _LOW32
+        lo_a = prod_a & _LOW32
+        c0 = prod_b.bitwise_right_shift_(32).bitwise_and_(_LOW32).bitwise_xor_(c1).bitwise_xor_(k0)
+        c2 = prod_a.bitwise_right_shift_(32).bitwise_and_(_LOW32).bitwise_xor_(c3).bitwise_xor_(k1)
+        c1, c3 = lo_b, lo_a
         k0 = (k0 + _KEY_A) & _LOW32
         k1 = (k1 + _KEY_B) & _LOW32
     # uint32 -> int32 bitcast; negative x becomes ~x = 2**32 - 1 - c0 as a non-negative int.
