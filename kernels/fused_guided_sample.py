@@ -413,7 +413,9 @@ def launch_config(batch: int, vocab: int, device, *, blocks_per_row: Optional[in
       * select kernel: one program per row (rows of < 4096 entries are packed up to 4096 elements),
         num_warps = elements / 1024 clamped to [4, 32] (8 at least for packed rows): the row's
         keys live in registers (16 warps for V = 16384: 32 keys per thread; compiled for sm_90a it
-        uses 128 registers and spills ~80 bytes of scalars, nothing in the per-element passes);
+        uses 128 registers and spills ~80 bytes of scalars, nothing in the per-element passes).
+        Beyond V = 16384 a row no longer fits: ptxas spills it to local memory (V = 32768: ~600
+        bytes per thread) -- correct, slower;
       * mix/race kernel: light 4-warp programs (~55 registers) over 1024-column chunks. This phase
         carries the bandwidth and the Philox arithmetic (~135 instructions per element), so it is
         split until there are ~8 programs per SM (enough resident warps to hide load latency) or
