@@ -240,6 +240,10 @@ def test_tokens_do_not_depend_on_the_launch_config():
         results[name] = kernel(c, u, mode="cfg", cfg_scale=3.0, seeds=3, config=cfg, **knobs).cpu()
     for name, tokens in results.items():
         assert torch.equal(tokens, results["default"]), name
+    one = dict(mode="cfg", cfg_scale=3.0, top_k=9, top_p=0.4, seeds=torch.tensor([11], device=DEVICE))  # batch 1
+    single = [kernel(c[3:4], u[3:4], config=cfg, **one) for cfg in
+              (None, config(1, vocab, blocks_per_row=16), config(1, vocab, rows_per_program=1, top_p_rounds=0))]
+    assert all(torch.equal(t, single[0]) for t in single)
     mixed = mix_guidance(c, u, mode="cfg", cfg_scale=3.0).cpu()
     for i in range(batch):
         t, k, p = (float(knobs[n][i]) for n in ("temperature", "top_k", "top_p"))
@@ -266,8 +270,9 @@ def test_seeds_and_offset_determine_the_tokens():
 
 def test_torch_reference_and_kernel_draw_the_same_tokens(monkeypatch):
     """The shared Philox contract: for the same (seeds, offset) both backends race on the same
-    uniforms. Measured on 512 rows x V 1000 under the interpreter: 512 / 512 rows identical
-    (numpy's log is the CPU libm's, like torch's). On a GPU, tl.log is an approximate `lg2`, so
+    uniforms. Measured under the interpreter on these 512 rows x V 1000: 512 / 512 identical with
+    per-row keys and top-k / top-p, 512 / 512 with one key and no filter (numpy's log is the CPU
+    libm's, like torch's). On a GPU, tl.log is an approximate `lg2`, so
     a row whose two best race scores are within a few ulps may differ; the top-p cut can also
     differ by rounding (docs/sampling.md). Hence the 99% floor rather than equality."""
     batch, vocab = 512, 1000
