@@ -6,36 +6,37 @@ Contract (same semantics as `llamagen_core2.guidance.guided_sample`, the torch r
     cfg_scale, w2s_scale, temperature, top_k, top_p : Python numbers or per-row tensors [B]
     seeds, offset      : Philox keys (an int, or an int64 tensor [1] or [B]) and the counter base
                          (an int, or an int64 tensor [1] that may live on the device); the counter
-                         layout is `llamagen_core2.philox`'s (the torch reference draws the same
-                         uniforms, so both backends give the same tokens).
+                         layout is `llamagen_core2.philox`'s, and the torch reference draws the same
+                         uniforms, so both backends give the same tokens
     returns tokens LongTensor [B] (and the fp32 mixed logits [B, V] when return_mixed=True).
 
-Two launches, no sort, no host synchronisation, scratch sized from (B, V) only (graph-capturable;
-see docs/sampling.md for the design and its cost model):
+Two launches, no sort, no host synchronisation, scratch sized from (B, V) only -- graph-capturable.
+docs/sampling.md has the design, the cost model and what is measured.
 
 1. `_mix_race_kernel`, grid (row groups, blocks per row): each program takes a block of columns of
-   its rows, loops over it in chunks, mixes in fp32 (the reference association `u + s (c - u)`,
-   FMA contraction disabled so the result is bit-identical to `guidance.mix_guidance`), divides by
-   the temperature with IEEE division (x), adds the race noise s = x - log(-log U),
-   U = tl.rand(key, counter), and writes x and s to scratch plus per-block partials: max x and its
-   first index (greedy), max s, its first index and the x there (the unfiltered race winner).
+   its rows and loops over it in chunks: mixes in fp32 (the reference association `u + s (c - u)`;
+   FMA contraction is disabled, so the result is bit-identical to `guidance.mix_guidance`), divides
+   by the temperature with IEEE division (x), adds the race noise s = x - log(-log U) with
+   U = tl.rand(key, counter), writes x and s to scratch (only when top-k / top-p can be on) and
+   per-block partials: the first index of the largest s (the unfiltered race winner) and, when a
+   row may be greedy, of the largest x.
 2. `_select_kernel`, one program per row (or per group of small rows): combines the partials. With
-   no top-k/top-p the token is the unfiltered race winner and the rows are never re-read. Otherwise
-   it loads the row's x from scratch (L2) and
-   * top-k: the exact k-th largest value over the order-preserving int32 keys of x -- a radix select
-     (12 + 10 + 10 bit histograms) for one row per program, a 32-step bisection for packed rows.
-     Every logit >= it is kept, so ties at the k-th value survive exactly as in LlamaGen's
-     `logits < topk(...)[-1]` filter. The race winner is kept if its key is >= the threshold; if
-     not, the argmax of s over the kept set is taken (one extra pass, reading s);
-   * top-p: the kept set is {key >= v} with v the smallest kept key whose strictly-larger mass
-     M(v) = sum_{x_j > v} softmax_j is <= p (LlamaGen's "smallest sorted prefix whose mass reaches p,
-     including the crossing token", for distinct values). A kept token t survives iff
+   no top-k / top-p the token is the unfiltered race winner and no row is re-read. Otherwise it
+   loads the row's keys (the order-preserving int32 image of x) from scratch into registers and
+   * top-k: the exact k-th largest key -- a radix select (12 + 10 + 10-bit histograms) with one
+     row per program, a 32-step bisection for packed rows. Every logit >= it is kept, so ties at
+     the k-th value survive exactly as in LlamaGen's `logits < topk(...)[-1]` filter. The race
+     winner stands if its key clears the threshold; if not, the argmax of s over the kept set is
+     taken (a pass that streams s from scratch);
+   * top-p: the kept set is {key >= v}, v the smallest kept key whose strictly-larger mass
+     M(v) = sum_{x_j > v} softmax_j is <= p (LlamaGen's "smallest sorted prefix whose mass reaches
+     p, including the crossing token", for distinct values). A kept token t survives iff
      M(x_t) <= p, so the race is finished by rejection: test the current winner (one masked sum);
-     if it is cut, its key is a lower bound of v and the next winner is the argmax of s above it.
-     The accepted token is the argmax of s over the top-p set because every rejected token lies
-     below v. After TOP_P_ROUNDS rejections (rare: a rejection needs the winner in the last 1 - p of
-     the mass) an exact 32-step bisection for v finishes the row. Differences from the reference at
-     exact ties at the cut and from rounding are documented in docs/sampling.md;
+     if it is cut, its key bounds v from below and the next winner is the argmax of s above it.
+     The first accepted token is the argmax of s over the top-p set, since every rejected token
+     lies below v. After TOP_P_ROUNDS rejections (rare: a rejection needs the winner in the last
+     1 - p of the mass) an exact bisection for v finishes the row. Exact ties at the cut and
+     rounding differ from the reference as docs/sampling.md describes;
    * temperature 0 = greedy: the first index of the largest mixed logit (like torch.argmax).
 NaN logits give an unspecified token (the engine detects NaN/inf separately).
 
@@ -120,23 +121,27 @@ def _mix_race_kernel(
     cond_ptr, uncond_ptr, weak_ptr,          # [B, V] logits, unit stride along V
     mixed_ptr,                               # [B, V] fp32 out (WRITE_MIXED)
     x_ptr, s_ptr,                            # [B, V] fp32 scratch: scaled logits, race scores (STORE_ROWS)
-    part_f_ptr, part_i_ptr,                  # [3, B, NB] fp32 / [2, B, NB] int32 per-block partials
+    part_f_ptr, part_i_ptr,                  # [2, B, NB] fp32 / int32 per-block partials (max, first index)
     cfg_ptr, cfg_val, w2s_ptr, w2s_val, temp_ptr, temp_val,   # knobs: [B] tensors or scalars
     seeds_ptr, offset_ptr, offset_val,       # int64 Philox keys [1] or [B]; counter base
     n_rows, vocab, n_blocks, seed_stride, counter_row_stride,
     stride_c, stride_u, stride_w, stride_m,
     MODE: tl.constexpr, CFG_MIX: tl.constexpr, KNOBS_PER_ROW: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr,
-    WRITE_MIXED: tl.constexpr, SAMPLE: tl.constexpr, STORE_ROWS: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+    WRITE_MIXED: tl.constexpr, SCALE: tl.constexpr, GREEDY: tl.constexpr, SAMPLE: tl.constexpr,
+    STORE_ROWS: tl.constexpr, BLOCK_ROWS: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
 ):
+    """Per (row group, column block): mix, x = mixed / temperature (SCALE; else the temperature is
+    1 or 0 and x = mixed), s = x + Gumbel noise (SAMPLE), x and s to scratch (STORE_ROWS), and the
+    block's (max, first index) of x (GREEDY: some row may have temperature 0) and of s."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)       # [R]
     block = tl.program_id(1)
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)
     s_cfg = _row_knob(cfg_ptr, cfg_val, rows, row_ok, KNOBS_PER_ROW, tl.float32)
     a_w2s = _row_knob(w2s_ptr, w2s_val, rows, row_ok, KNOBS_PER_ROW, tl.float32)
-    temp = _row_knob(temp_ptr, temp_val, rows, row_ok, KNOBS_PER_ROW, tl.float32)
-    divisor = tl.where(temp == 0.0, 1.0, temp)[:, None]                  # greedy rows keep x = mixed
+    if SCALE:
+        temp = _row_knob(temp_ptr, temp_val, rows, row_ok, KNOBS_PER_ROW, tl.float32)
+        divisor = tl.where(temp == 0.0, 1.0, temp)[:, None]              # greedy rows keep x = mixed
     if SAMPLE:
         seed = tl.load(seeds_ptr + rows64 * seed_stride, mask=row_ok, other=0)
         if OFFSET_FROM_PTR:
@@ -148,7 +153,6 @@ def _mix_race_kernel(
     best_xi = tl.zeros([BLOCK_ROWS], tl.int32)
     best_s = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
     best_si = tl.zeros([BLOCK_ROWS], tl.int32)
-    best_sx = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
     for chunk in range(CHUNKS):
         start = (block * CHUNKS + chunk) * CHUNK
         cols = start + tl.arange(0, CHUNK)                               # [C]
@@ -157,16 +161,18 @@ def _mix_race_kernel(
                             stride_c, stride_u, stride_w, MODE, CFG_MIX)
         if WRITE_MIXED:
             tl.store(mixed_ptr + rows64[:, None] * stride_m + cols[None, :], mixed, mask=valid)
-        x = tl.fdiv(mixed, divisor, ieee_rounding=True)
-        x = tl.where(valid, x, float("-inf"))
+        if SCALE:
+            mixed = tl.fdiv(mixed, divisor, ieee_rounding=True)          # IEEE, like torch's division
+        x = tl.where(valid, mixed, float("-inf"))
         row_at = rows64[:, None] * vocab + cols[None, :]
         if STORE_ROWS:
             tl.store(x_ptr + row_at, x, mask=valid)
-        # strict > keeps the earlier chunk on ties: first index, like torch.argmax
-        cx, ci = tl.max(x, axis=1, return_indices=True)
-        better = cx > best_x
-        best_xi = tl.where(better, start + ci, best_xi)
-        best_x = tl.where(better, cx, best_x)
+        if GREEDY:
+            # strict > keeps the earlier chunk on ties: first index, like torch.argmax
+            cx, ci = tl.max(x, axis=1, return_indices=True)
+            better = cx > best_x
+            best_xi = tl.where(better, start + ci, best_xi)
+            best_x = tl.where(better, cx, best_x)
         if SAMPLE:
             uniform = tl.rand(seed[:, None], base[:, None] + cols[None, :])
             s = x - tl.log(-tl.log(uniform))
@@ -174,20 +180,27 @@ def _mix_race_kernel(
             if STORE_ROWS:
                 tl.store(s_ptr + row_at, s, mask=valid)
             cs, csi = tl.max(s, axis=1, return_indices=True)
-            csx = tl.max(tl.where(tl.arange(0, CHUNK)[None, :] == csi[:, None], x, float("-inf")), axis=1)
             better = cs > best_s
             best_si = tl.where(better, start + csi, best_si)
-            best_sx = tl.where(better, csx, best_sx)
             best_s = tl.where(better, cs, best_s)
 
     plane = n_rows * n_blocks
     at = rows * n_blocks + block
-    tl.store(part_f_ptr + at, best_x, mask=row_ok)
-    tl.store(part_i_ptr + at, best_xi, mask=row_ok)
+    if GREEDY:
+        tl.store(part_f_ptr + at, best_x, mask=row_ok)
+        tl.store(part_i_ptr + at, best_xi, mask=row_ok)
     if SAMPLE:
         tl.store(part_f_ptr + plane + at, best_s, mask=row_ok)
-        tl.store(part_f_ptr + 2 * plane + at, best_sx, mask=row_ok)
         tl.store(part_i_ptr + plane + at, best_si, mask=row_ok)
+
+
+@triton.jit
+def _combine_argmax(part_f_ptr, part_i_ptr, at, pmask):
+    """Per row: first index of the largest value over the block partials (blocks in column order)."""
+    best = tl.load(part_f_ptr + at, mask=pmask, other=float("-inf"))
+    top = tl.max(best, axis=1)
+    index = tl.load(part_i_ptr + at, mask=pmask, other=INT32_MAX)
+    return tl.min(tl.where(pmask & (best == top[:, None]), index, INT32_MAX), axis=1)
 
 
 # ------------------------------------------------------------------ phase 2: select + finish the race
@@ -267,7 +280,7 @@ def _mass(key, keep, shift):
 
 
 @triton.jit
-def _filtered_race(x_ptr, s_ptr, rows64, row_ok, vocab, row_max, win, win_x, k, p, topk_on, topp_on,
+def _filtered_race(x_ptr, s_ptr, rows64, row_ok, vocab, win, k, p, topk_on, topp_on,
                    BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr, SCAN: tl.constexpr,
                    TOP_P_ROUNDS: tl.constexpr):
     """Token per row: argmax of s over the top-k / top-p kept set (module doc). Only the keys stay
@@ -290,7 +303,7 @@ def _filtered_race(x_ptr, s_ptr, rows64, row_ok, vocab, row_max, win, win_x, k, 
         threshold = tl.where(topk_on, kth, threshold)
 
     t = win
-    key_t = _ordered_key(win_x)
+    key_t = _ordered_key(tl.load(x_rows + win, mask=row_ok, other=0.0))
     lost = key_t < threshold                                              # the winner was cut by top-k
     if tl.max(lost.to(tl.int32), axis=0) > 0:
         no_bound = tl.full([BLOCK_ROWS], INT32_MIN, tl.int32)
@@ -299,7 +312,7 @@ def _filtered_race(x_ptr, s_ptr, rows64, row_ok, vocab, row_max, win, win_x, k, 
         key_t = tl.where(lost, key_t2, key_t)
 
     if tl.max(topp_on.to(tl.int32), axis=0) > 0:
-        shift = tl.where(row_ok, row_max, 0.0)                            # padding rows: avoid inf - inf
+        shift = tl.where(row_ok, _key_value(tl.max(key, axis=1)), 0.0)   # the row max; padding rows: 0
         total = tl.sum(_mass(key, key >= threshold[:, None], shift), axis=1)
         total = tl.where(row_ok, total, 1.0)                              # >= 1: the row max is kept
         lo = tl.full([BLOCK_ROWS], INT32_MIN, tl.int32)                   # invariant: M(lo) > p
@@ -336,7 +349,7 @@ def _select_kernel(
     tokens_ptr,                              # [B] int64 out
     temp_ptr, temp_val, top_k_ptr, top_k_val, top_p_ptr, top_p_val,
     n_rows, vocab, n_blocks,
-    KNOBS_PER_ROW: tl.constexpr, SAMPLE: tl.constexpr, FILTERS: tl.constexpr,
+    KNOBS_PER_ROW: tl.constexpr, GREEDY: tl.constexpr, SAMPLE: tl.constexpr, FILTERS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_NB: tl.constexpr, SCAN: tl.constexpr,
     TOP_P_ROUNDS: tl.constexpr,
 ):
@@ -348,19 +361,11 @@ def _select_kernel(
     at = rows[:, None] * n_blocks + blocks[None, :]
     plane = n_rows * n_blocks
 
-    # greedy: the largest mixed logit, first index (block partials are in column order)
-    bx = tl.load(part_f_ptr + at, mask=pmask, other=float("-inf"))
-    row_max = tl.max(bx, axis=1)
-    bxi = tl.load(part_i_ptr + at, mask=pmask, other=INT32_MAX)
-    token = tl.min(tl.where(pmask & (bx == row_max[:, None]), bxi, INT32_MAX), axis=1)
+    token = tl.zeros([BLOCK_ROWS], tl.int32)
+    if GREEDY:  # the largest mixed logit, first index
+        token = _combine_argmax(part_f_ptr, part_i_ptr, at, pmask)
     if SAMPLE:
-        bs = tl.load(part_f_ptr + plane + at, mask=pmask, other=float("-inf"))
-        win_s = tl.max(bs, axis=1)
-        first = tl.min(tl.where(pmask & (bs == win_s[:, None]), blocks[None, :], BLOCK_NB), axis=1)
-        pick = blocks[None, :] == first[:, None]
-        win = tl.max(tl.where(pick, tl.load(part_i_ptr + plane + at, mask=pmask, other=0), 0), axis=1)
-        win_x = tl.max(tl.where(pick, tl.load(part_f_ptr + 2 * plane + at, mask=pmask, other=float("-inf")),
-                                float("-inf")), axis=1)
+        win = _combine_argmax(part_f_ptr + plane, part_i_ptr + plane, at, pmask)  # the unfiltered race winner
         temp = _row_knob(temp_ptr, temp_val, rows, row_ok, KNOBS_PER_ROW, tl.float32)
         sampled = temp != 0.0
         token = tl.where(sampled, win, token)
@@ -370,8 +375,8 @@ def _select_kernel(
             topk_on = sampled & row_ok & (k > 0) & (k < vocab)
             topp_on = sampled & row_ok & (p < 1.0)
             if tl.max((topk_on | topp_on).to(tl.int32), axis=0) > 0:
-                t = _filtered_race(x_ptr, s_ptr, rows64, row_ok, vocab, row_max, win, win_x, k, p,
-                                   topk_on, topp_on, BLOCK_ROWS, BLOCK_V, SCAN, TOP_P_ROUNDS)
+                t = _filtered_race(x_ptr, s_ptr, rows64, row_ok, vocab, win, k, p, topk_on, topp_on,
+                                   BLOCK_ROWS, BLOCK_V, SCAN, TOP_P_ROUNDS)
                 token = tl.where(topk_on | topp_on, t, token)
     tl.store(tokens_ptr + rows, token.to(tl.int64), mask=row_ok)
 
@@ -407,13 +412,16 @@ def launch_config(batch: int, vocab: int, device, *, blocks_per_row: Optional[in
 
     GPU (why, for V = 16384 on an H100 with 132 SMs -- see docs/sampling.md):
       * select kernel: one program per row (rows of < 4096 entries are packed up to 4096 elements),
-        num_warps = elements / 1024 clamped to [4, 32]: a row lives in registers (16 warps for
-        V = 16384: 32 values per thread per live row tensor);
-      * mix/race kernel: light 4-warp programs over 1024-column chunks. Phase 1 is the
-        bandwidth- and Philox-bound part, so it is split until there are ~8 programs per SM
-        (enough resident warps to hide load latency) or the blocks reach 1024 columns: batch 1 -> 16
-        blocks per row, batch 64 -> 16, batch 256 -> 4; a batch of >= 8 x SMs rows gets one program
-        per row.
+        num_warps = elements / 1024 clamped to [4, 32] (8 at least for packed rows): the row's
+        keys live in registers (16 warps for V = 16384: 32 keys per thread; compiled for sm_90a it
+        uses 128 registers and spills ~80 bytes of scalars, nothing in the per-element passes).
+        Beyond V = 16384 a row no longer fits: ptxas spills it to local memory (V = 32768: ~600
+        bytes per thread) -- correct, slower;
+      * mix/race kernel: light 4-warp programs (~55 registers) over 1024-column chunks. This phase
+        carries the bandwidth and the Philox arithmetic (~135 instructions per element), so it is
+        split until there are ~8 programs per SM (enough resident warps to hide load latency) or
+        the blocks shrink to 1024 columns: batch 1, 8 and 64 -> 16 blocks per row, batch 256 -> 8;
+        a batch of >= 8 x SMs rows gets one program per row.
     CPU interpreter (TRITON_INTERPRET=1): every op costs Python overhead, so rows are packed up to
     65536 elements and a row is one block unless `blocks_per_row` asks otherwise.
     `blocks_per_row` / `rows_per_program` override the split (tests force the split path at small
@@ -543,6 +551,8 @@ def fused_guided_sample(
                     top_k=min(int(top_k), vocab), top_p=float(top_p))
     cfg_mix = MODE_TABLE[mode].uncond and (per_row or vals["cfg_scale"] > 1.0)
     sample = per_row or vals["temperature"] != 0.0
+    greedy = per_row or vals["temperature"] == 0.0
+    scale = per_row or vals["temperature"] not in (0.0, 1.0)
     filters = sample and (per_row or 0 < vals["top_k"] < vocab or vals["top_p"] < 1.0)
 
     cfg = config or launch_config(batch, vocab, device)
@@ -550,11 +560,11 @@ def fused_guided_sample(
     if nb * cfg.chunk * cfg.chunks_per_block < vocab or nb > triton.next_power_of_2(vocab):
         raise InvalidArgument(f"config {cfg} does not cover vocab {vocab}")
     row_elems = batch * vocab if filters else 0
-    scratch = torch.empty(2 * row_elems + 5 * batch * nb, device=device, dtype=torch.int32)
+    scratch = torch.empty(2 * row_elems + 4 * batch * nb, device=device, dtype=torch.int32)
     x_buf = scratch[:row_elems].view(torch.float32)
     s_buf = scratch[row_elems:2 * row_elems].view(torch.float32)
-    part_f = scratch[2 * row_elems:2 * row_elems + 3 * batch * nb].view(torch.float32)
-    part_i = scratch[2 * row_elems + 3 * batch * nb:]
+    part_f = scratch[2 * row_elems:2 * row_elems + 2 * batch * nb].view(torch.float32)
+    part_i = scratch[2 * row_elems + 2 * batch * nb:]
     if not filters:
         x_buf = s_buf = part_f  # never read or written
     tokens = torch.empty(batch, device=device, dtype=torch.int64)
@@ -574,7 +584,7 @@ def fused_guided_sample(
         batch, vocab, nb, seed_stride, counter_row_stride,
         cond.stride(0), uncond_t.stride(0), weak_t.stride(0), mixed.stride(0) if return_mixed else 0,
         MODE=MODE_IDS[mode], CFG_MIX=cfg_mix, KNOBS_PER_ROW=per_row,
-        OFFSET_FROM_PTR=offset_on_device, WRITE_MIXED=return_mixed, SAMPLE=sample,
+        OFFSET_FROM_PTR=offset_on_device, WRITE_MIXED=return_mixed, SCALE=scale, GREEDY=greedy, SAMPLE=sample,
         STORE_ROWS=filters, BLOCK_ROWS=cfg.rows_per_program, CHUNK=cfg.chunk, CHUNKS=cfg.chunks_per_block,
         num_warps=cfg.mix_warps, enable_fp_fusion=False,
     )
@@ -582,7 +592,7 @@ def fused_guided_sample(
         x_buf, s_buf, part_f, part_i, tokens,
         ptrs["temperature"], vals["temperature"], ptrs["top_k"], vals["top_k"], ptrs["top_p"], vals["top_p"],
         batch, vocab, nb,
-        KNOBS_PER_ROW=per_row, SAMPLE=sample, FILTERS=filters, BLOCK_ROWS=cfg.rows_per_program,
+        KNOBS_PER_ROW=per_row, GREEDY=greedy, SAMPLE=sample, FILTERS=filters, BLOCK_ROWS=cfg.rows_per_program,
         BLOCK_V=triton.next_power_of_2(vocab), BLOCK_NB=triton.next_power_of_2(nb), SCAN=cfg.scan_chunk,
         TOP_P_ROUNDS=cfg.top_p_rounds, num_warps=cfg.select_warps, enable_fp_fusion=False,
     )

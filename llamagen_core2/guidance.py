@@ -142,7 +142,8 @@ def sample_logits(
     (`llamagen_core2.philox`): with `seeds` (an int, or an int64 tensor [1] or [B]) and `offset`
     (an int, or an int64 tensor [1]) the uniforms -- and so the tokens -- are those of the fused
     Triton kernel for the same arguments; otherwise one key per row is drawn from `generator`
-    (the default generator of the logits' device when None) and the offset is 0.
+    (the default generator of the logits' device when None) and `offset` (0 by default) is the
+    counter base.
     """
     if logits.dim() != 2 or logits.shape[0] == 0:
         raise InvalidArgument(f"logits must be [B, V] with B > 0, got shape {list(logits.shape)}")

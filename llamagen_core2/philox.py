@@ -32,11 +32,6 @@ MAX_COUNTER = 2 ** 63 - 1
 Offset = Union[int, torch.Tensor]
 
 
-def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """32x32 -> 64-bit product of uint32 values held in int64: the int64 multiply wraps modulo
-    2**64, which keeps the low 64 bits of the product exact."""
-    p = a * b
-    return (p >> 32) & _LOW32, p & _LOW32
 
 
 def philox_uniform(seeds: torch.Tensor, offset: Offset, vocab: int) -> torch.Tensor:
@@ -58,21 +53,46 @@ def philox_uniform(seeds: torch.Tensor, offset: Offset, vocab: int) -> torch.Ten
         counter = offset.to(device=device, dtype=torch.int64).reshape(1) + cols
     else:
         counter = cols + int(offset)
-    c0 = (counter & _LOW32).expand(seeds.shape[0], vocab)
-    c1 = ((counter >> 32) & _LOW32).expand(seeds.shape[0], vocab)
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
+    if device.type != "cpu":
+        return _philox(seeds, counter)
+    # CPU: tiles of ~2**16 counters keep the ten rounds' int64 temporaries in cache (3x faster at 4M)
+    out = torch.empty(seeds.shape[0], vocab, dtype=torch.float32)
+    rows = max(1, _CPU_TILE // vocab)
+    width = min(vocab, _CPU_TILE)
+    for r in range(0, seeds.shape[0], rows):
+        for c in range(0, vocab, width):
+            out[r:r + rows, c:c + width] = _philox(seeds[r:r + rows], counter[c:c + width])
+    return out
+
+
+_CPU_TILE = 2 ** 16
+
+
+def _philox(seeds: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """Keys [R] x counters [C] -> float32 uniforms [R, C] (philox_uniform's arithmetic)."""
+    shape = (seeds.shape[0], counter.shape[0])
+    c0 = (counter & _LOW32).expand(shape)
+    c1 = ((counter >> 32) & _LOW32).expand(shape)
+    c2 = torch.zeros(shape, dtype=torch.int64, device=counter.device)
+    c3 = c2
     k0 = (seeds & _LOW32)[:, None]
     k1 = ((seeds >> 32) & _LOW32)[:, None]
     for _ in range(PHILOX_ROUNDS):
-        hi_b, lo_b = _mul_hi_lo(c2, _ROUND_B)
-        hi_a, lo_a = _mul_hi_lo(c0, _ROUND_A)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        # 32x32 -> 64-bit products of uint32 values held in int64: the multiply wraps modulo 2**64,
+        # which keeps the low 64 bits exact; hi = (p >> 32) & mask, lo = p & mask. In place where
+        # possible: the row-sized temporaries dominate the cost on a CPU.
+        prod_b = c2 * _ROUND_B
+        prod_a = c0 * _ROUND_A
+        lo_b = prod_b & _LOW32
+        lo_a = prod_a & _LOW32
+        c0 = prod_b.bitwise_right_shift_(32).bitwise_and_(_LOW32).bitwise_xor_(c1).bitwise_xor_(k0)
+        c2 = prod_a.bitwise_right_shift_(32).bitwise_and_(_LOW32).bitwise_xor_(c3).bitwise_xor_(k1)
+        c1, c3 = lo_b, lo_a
         k0 = (k0 + _KEY_A) & _LOW32
         k1 = (k1 + _KEY_B) & _LOW32
     # uint32 -> int32 bitcast; negative x becomes ~x = 2**32 - 1 - c0 as a non-negative int.
     folded = torch.where(c0 >= 2 ** 31, _LOW32 - c0, c0)
-    return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=device)
+    return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=counter.device)
 
 
 def counters_per_draw(n_seeds: int, batch: int, vocab: int) -> int:

@@ -240,6 +240,10 @@ def test_tokens_do_not_depend_on_the_launch_config():
         results[name] = kernel(c, u, mode="cfg", cfg_scale=3.0, seeds=3, config=cfg, **knobs).cpu()
     for name, tokens in results.items():
         assert torch.equal(tokens, results["default"]), name
+    one = dict(mode="cfg", cfg_scale=3.0, top_k=9, top_p=0.4, seeds=torch.tensor([11], device=DEVICE))  # batch 1
+    single = [kernel(c[3:4], u[3:4], config=cfg, **one) for cfg in
+              (None, config(1, vocab, blocks_per_row=16), config(1, vocab, rows_per_program=1, top_p_rounds=0))]
+    assert all(torch.equal(t, single[0]) for t in single)
     mixed = mix_guidance(c, u, mode="cfg", cfg_scale=3.0).cpu()
     for i in range(batch):
         t, k, p = (float(knobs[n][i]) for n in ("temperature", "top_k", "top_p"))
@@ -266,8 +270,9 @@ def test_seeds_and_offset_determine_the_tokens():
 
 def test_torch_reference_and_kernel_draw_the_same_tokens(monkeypatch):
     """The shared Philox contract: for the same (seeds, offset) both backends race on the same
-    uniforms. Measured on 512 rows x V 1000 under the interpreter: 512 / 512 rows identical
-    (numpy's log is the CPU libm's, like torch's). On a GPU, tl.log is an approximate `lg2`, so
+    uniforms. Measured under the interpreter on these 512 rows x V 1000: 512 / 512 identical with
+    per-row keys and top-k / top-p, 512 / 512 with one key and no filter (numpy's log is the CPU
+    libm's, like torch's). On a GPU, tl.log is an approximate `lg2`, so
     a row whose two best race scores are within a few ulps may differ; the top-p cut can also
     differ by rounding (docs/sampling.md). Hence the 99% floor rather than equality."""
     batch, vocab = 512, 1000
@@ -340,56 +345,36 @@ def test_bad_inputs_raise_invalid_argument(kwargs, match):
 # ---------------------------------------------------------------- GPU compile smoke test (no GPU needed)
 
 AOT_SCRIPT = r"""
-import os, sys
-os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import importlib.util, sys, triton
 if "nvidia" not in triton.backends.backends:
     sys.exit(77)
-from llamagen_core2.kernels import fused_guided_sample as F
-F.sm_count = lambda device: 132  # an H100: the launch configuration it would get, without a GPU
+spec = importlib.util.spec_from_file_location("kernel_resources", sys.argv[1])
+R = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(R)  # pops TRITON_INTERPRET before triton compiles anything
+F = R.F
 
-def compile(fn, consts, types, num_warps):
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = types.get(name, "*fp32")
-            attrs[(i,)] = [["tt.divisibility", 16]]  # what the launcher specialises for aligned tensors
-        else:
-            sig[name] = {"offset_val": "i64", "top_k_val": "i32"}.get(name, "fp32" if name.endswith("_val") else "i32")
-    kernel = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "enable_fp_fusion": False})
-    assert len(kernel.asm["cubin"]) > 0
-    return kernel.asm["ptx"]
-
-MIX_TYPES = {"part_i_ptr": "*i32", "seeds_ptr": "*i64", "offset_ptr": "*i64"}
 # Without the race (whose libdevice log has explicit fma calls) the mixing kernel must hold no fma at all:
 # u + s * (c - u) and w + a * (cfg - w) stay a rounded multiply and a rounded add (.rn: ptxas never
 # contracts those), like torch's separate ops.
-ptx = compile(F._mix_race_kernel, dict(MODE=3, CFG_MIX=True, KNOBS_PER_ROW=False, OFFSET_FROM_PTR=False,
-                                       WRITE_MIXED=True, SAMPLE=False, STORE_ROWS=False, BLOCK_ROWS=1, CHUNK=1024,
-                                       CHUNKS=1), MIX_TYPES, 4)
+config = R.h100_config(1, 16384)
+ptx = R.compile_kernel(F._mix_race_kernel, R.mix_consts(config, MODE=3, WRITE_MIXED=True, SAMPLE=False,
+                                                        STORE_ROWS=False), 4).asm["ptx"]
 assert "fma" not in ptx and "mul.rn.f32" in ptx and "sub.rn.f32" in ptx, "FMA contraction in the mixing"
 print("no contraction")
 
+every = dict(KNOBS_PER_ROW=True, GREEDY=True, SAMPLE=True)  # every code path of each kernel
 for batch, vocab in ((1, 16384), (64, 1000)):
-    cfg = F.launch_config(batch, vocab, "cuda")
+    config = R.h100_config(batch, vocab)
     for dtype in ("fp32", "bf16", "fp16") if batch == 1 else ("fp32",):
-        logits = "*" + dtype
-        compile(F._mix_race_kernel,
-                dict(MODE=3, CFG_MIX=True, KNOBS_PER_ROW=True, OFFSET_FROM_PTR=True, WRITE_MIXED=True, SAMPLE=True,
-                     STORE_ROWS=True, BLOCK_ROWS=cfg.rows_per_program, CHUNK=cfg.chunk, CHUNKS=cfg.chunks_per_block),
-                dict(MIX_TYPES, cond_ptr=logits, uncond_ptr=logits, weak_ptr=logits), cfg.mix_warps)
-        print("compiled mix", batch, vocab, dtype, cfg)
-    compile(F._select_kernel,
-            dict(KNOBS_PER_ROW=True, SAMPLE=True, FILTERS=True, BLOCK_ROWS=cfg.rows_per_program,
-                 BLOCK_V=triton.next_power_of_2(vocab), BLOCK_NB=triton.next_power_of_2(cfg.blocks_per_row),
-                 SCAN=cfg.scan_chunk, TOP_P_ROUNDS=cfg.top_p_rounds),
-            {"part_i_ptr": "*i32", "top_k_ptr": "*i64", "tokens_ptr": "*i64"}, cfg.select_warps)
-    print("compiled select", batch, vocab, cfg)
+        kernel = R.compile_kernel(F._mix_race_kernel, R.mix_consts(config, MODE=3, WRITE_MIXED=True, SCALE=True,
+                                                                   STORE_ROWS=True, **every),
+                                  config.mix_warps, dtype, vocab)
+        assert len(kernel.asm["cubin"]) > 0
+        print("compiled mix", batch, vocab, dtype, config)
+    kernel = R.compile_kernel(F._select_kernel, R.select_consts(config, vocab, FILTERS=True, **every),
+                              config.select_warps, vocab=vocab)
+    assert len(kernel.asm["cubin"]) > 0
+    print("compiled select", batch, vocab, config)
 """
 
 
@@ -403,8 +388,12 @@ def test_kernels_compile_for_sm90_with_the_launch_config():
     import subprocess
     import sys
 
+    from pathlib import Path
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    helper = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
+    done = subprocess.run([sys.executable, "-c", AOT_SCRIPT, str(helper)], env=env, capture_output=True, text=True,
+                          timeout=600)
     if done.returncode == 77:
         pytest.skip("triton has no nvidia backend here")
     assert done.returncode == 0, done.stderr[-3000:]
