@@ -19,8 +19,9 @@ Contract:
     64-position bucket and reads keys up to the bucket's end (at most 63 masked extra keys).
   * Randomness: the sampler's Philox keys (one per image, `seeding.py`) and the draw counter (token index x V)
     live in device buffers, so eager, static and graph-replayed decoding draw the same numbers.
-  * The NaN/inf flag accumulates on the device over the base hidden states (every row computed) and the weak
-    model's predictions; the caller reads it once at the end.
+  * The NaN/inf flag accumulates on the device over every hidden state a token is sampled from (cond / uncond
+    rows, the weak prediction; a fast step's cond rows feed the weak model, so a NaN there shows in its output)
+    and over catch-up prefills; the caller reads it once at the end.
 """
 from __future__ import annotations
 
@@ -173,7 +174,10 @@ class Engine:
         B = batch
         parts = ([hidden[:B]] if spec.cond_logits else []) + ([hidden[B:2 * B]] if spec.uncond else []) \
             + ([weak_hidden.to(hidden.dtype)] if spec.weak else [])
-        logits = gpt.head(parts[0] if len(parts) == 1 else torch.cat(parts))  # one GEMM, fp32 [k*B, V]
+        head_in = parts[0] if len(parts) == 1 else torch.cat(parts)
+        # NaN/inf in anything this token is sampled from (a fast step's cond rows feed the weak prediction)
+        self.finite.logical_and_(torch.isfinite(head_in).all())
+        logits = gpt.head(head_in)  # one GEMM, fp32 [k*B, V]
         split = list(logits.split(B))
         cond = split.pop(0) if spec.cond_logits else None
         uncond = split.pop(0) if spec.uncond else None
@@ -201,13 +205,10 @@ class Engine:
         x = gpt.embed_tokens(self.tokens_in[:rows])[:, None]  # [R, 1, d]
         hidden = gpt.forward_hidden(x, self.cache, position=self.counters[0:1], max_end=max_end,
                                     backend=backend)[:, 0]  # [R, d]
-        finite = torch.isfinite(hidden).all()
         weak_hidden = None
         if weak is not None:  # stepped at every token so its cache never has holes
             weak_hidden = weak.step_hidden(hidden[:batch], self.weak_cache, position=self.counters[1:2],
                                            max_end=weak_max_end, backend=backend)
-            finite = finite & torch.isfinite(weak_hidden).all()
-        self.finite.logical_and_(finite)
         self._sample(mode, batch, hidden, weak_hidden, record)
         self.counters.add_(self.increments)
 
@@ -244,13 +245,11 @@ class Engine:
         if run_u:
             prefix = torch.cat([prefix, self.null_prefix])
         hidden = gpt.forward_hidden(prefix, self.cache, backend=self.backend_now)[:, -1]
-        self.finite.logical_and_(torch.isfinite(hidden).all())
         uncond_filled = T if run_u else 0
         weak_hidden = None
         if weak is not None:
             weak.prefill(cond, self.weak_cache, mask, backend=self.backend_now)
             weak_hidden = weak.step_hidden(hidden[:B], self.weak_cache, start=T, backend=self.backend_now)
-            self.finite.logical_and_(torch.isfinite(weak_hidden).all())
         self._sample(modes[0], B, hidden, weak_hidden, record)
         # The first decode step feeds token 0 at position T (the weak model's h_c[1] goes to T + 1); token index 1.
         self.counters.copy_(torch.tensor([T, T + 1, 1, gpt.config.vocab_size]))

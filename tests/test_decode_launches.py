@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from llamagen_core2.engine import Engine
+from llamagen_core2.generate import generate
 from tiny_models import tiny_gpt
 
 interpreter = pytest.importorskip("triton.runtime.interpreter")
@@ -89,3 +91,36 @@ def test_the_count_sees_the_unfused_reference_path(counter):
         with counter:
             gpt.forward_hidden(x, cache, position=torch.tensor([1]), max_end=cache.max_len, backend="torch")
     assert sum(counter.ops.values()) / 2 > 25, counter.ops
+
+
+def engine_step_ops(counter, n_layer: int, mode: str) -> int:
+    """Ops of one whole engine decode step (the thing a CUDA graph replays): embedding, the base forward, the
+    weak model (fast/slow), the head, the fused sampler, the token write-back and the counters."""
+    from llamagen_core2.weak_model import WeakModel
+
+    gpt = tiny_gpt(n_layer=n_layer)
+    weak = WeakModel.for_base(gpt, "W-1", dim=32, n_head=4, fingerprint=False)
+    engine = Engine(gpt, backend="triton")
+    step, counts = engine._step, []
+
+    def counted(*args, **kwargs):
+        counter.ops.clear()
+        with counter:
+            step(*args, **kwargs)
+        counts.append(sum(counter.ops.values()))
+
+    engine._step = counted
+    with torch.inference_mode():
+        generate(gpt, torch.tensor([1, 2]), mode=mode, weak_model=weak, num_tokens=3, seed=0, engine=engine, top_k=0)
+    assert len(counts) == 2 and counts[0] == counts[1]
+    return counts[0]
+
+
+@pytest.mark.parametrize("mode", ["cond", "cfg", "fast", "slow"])
+def test_whole_engine_step_is_the_fused_layers_plus_a_few_launches(counter, mode):
+    two, four = engine_step_ops(counter, 2, mode), engine_step_ops(counter, 4, mode)
+    per_layer = (four - two) / 2
+    assert per_layer <= 10
+    weak_layers = 1 if mode in ("fast", "slow") else 0  # W-1: one fused block + its in/out projections
+    per_step = two - 2 * per_layer - weak_layers * (per_layer + 6)
+    assert per_step <= 14, per_step  # embedding, final norm, head, NaN flag, sampler (2), token write-back, counters

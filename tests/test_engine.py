@@ -243,3 +243,63 @@ def test_static_matches_eager_with_the_real_weak_model(mode):
             p.normal_(0, 0.05)
     _assert_same(model, torch.tensor([1, 2]), mode=mode, cfg_scale=3.0, w2s_scale=1.5, top_k=0, seed=5,
                  weak_model=weak)
+
+
+@pytest.mark.parametrize("case", ["c2i-slow-then-fast-catch-up", "t2i-cond-then-cfg"])
+def test_fused_step_on_cpu_gives_the_eager_tokens(case, single_thread):
+    """engine="static" with the Triton backend runs the fused step on CPU (kernels interpreted): the block ops, the
+    in-step fused sampler and the device counters give exactly the tokens of the eager torch loop."""
+    kernels = pytest.importorskip("llamagen_core2.kernels.decode_attention")
+    if not kernels.INTERPRETED:
+        pytest.skip("on CUDA the gpu tests cover the compiled kernels")
+    if case.startswith("c2i"):
+        from llamagen_core2.weak_model import WeakModel
+
+        model = tiny_gpt()
+        weak = WeakModel.for_base(model, "W-1", dim=32, n_head=4, fingerprint=False).eval()
+        with torch.no_grad():
+            for p in weak.parameters():
+                p.normal_(0, 0.05)
+        cond, kw = torch.tensor([1, 2, 3]), dict(schedule=["fast"] * 5 + ["slow"] * 11, weak_model=weak,
+                                                 w2s_scale=1.5, top_k=20, top_p=0.9)
+    else:
+        model = tiny_gpt("t2i")
+        cond, mask = captions(model, 3, [3, 6, 1])
+        kw = dict(cond_mask=mask, schedule=["cond"] * 4 + ["cfg"] * 12, top_k=0)
+    eager, s_e = generate(model, cond, seed=2, cfg_scale=4.0, engine="eager", return_stats=True, **kw)
+    fused, s_f = generate(model, cond, seed=2, cfg_scale=4.0, engine=Engine(model, backend="triton", steps_per_graph=4),
+                          return_stats=True, **kw)
+    assert torch.equal(eager, fused) and s_e == s_f
+
+
+class NaNAfterWeak(ScaledCondWeak):
+    """A weak model whose prediction turns NaN from token `bad` on (its weights are fine: a runtime blow-up)."""
+
+    def __init__(self, bad: int):
+        super().__init__()
+        self.bad = bad
+
+    def step_hidden(self, hidden_cond, cache, *, start=None, position=None, max_end=None, backend="torch"):
+        out = super().step_hidden(hidden_cond, cache, start=start, position=position, max_end=max_end)
+        return out * float("nan") if self.steps[-1] >= self.bad else out
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+@pytest.mark.parametrize("mode", ["fast", "slow"])
+def test_a_weak_model_that_produces_nan_is_reported_not_sampled(engine, mode):
+    model = tiny_gpt()
+    engine = _engine(model) if engine == "static" else engine
+    with pytest.raises(FloatingPointError, match="weak model"):
+        generate(model, torch.tensor([1, 2]), mode=mode, weak_model=NaNAfterWeak(bad=7), seed=0, engine=engine)
+    tokens = generate(model, torch.tensor([1, 2]), mode=mode, weak_model=NaNAfterWeak(bad=99), seed=0, engine=engine)
+    assert tokens.shape == (2, 16)  # the same run without the NaN goes through
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_a_base_model_that_produces_nan_is_reported(engine):
+    model = tiny_gpt()
+    with torch.no_grad():
+        model.layers[1].feed_forward.w2.weight[0, 0] = float("inf")
+    engine = _engine(model) if engine == "static" else engine
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        generate(model, torch.tensor([1, 2]), cfg_scale=3.0, seed=0, engine=engine)
