@@ -1,6 +1,6 @@
 """The decode engine: caller-owned decoding state and one fixed-shape decode step that serves every mode.
 
-Contract:
+Contract (why: docs/design.md#decode-engine):
   * `Engine(gpt)` owns everything decoding keeps between tokens: the base KV cache (rows [cond 0:B; uncond B:2B],
     LlamaGen's CFG layout), the weak model's KV cache, device buffers (tokens, positions, the sampler's per-row
     knobs and Philox keys, the NaN flag) and the captured CUDA graphs. Nothing lives on the model. Keep one

@@ -1,6 +1,6 @@
 """LlamaGen-compatible GPT: a Llama decoder over [condition prefix; VQ image tokens], with caller-owned KV caches.
 
-Contract (LlamaGen compatibility facts: docs/design.md):
+Contract (LlamaGen compatibility facts: docs/design.md#llamagen-compatibility):
   * State-dict keys are LlamaGen's, unchanged (`tok_embeddings`, `cls_embedding.*`, `layers.{i}.attention.wqkv`,
     `...wo`, `...feed_forward.w1/w2/w3`, `...attention_norm`, `...ffn_norm`, `norm`, `output`), so official
     checkpoints load with `GPT.from_pretrained`. The KV cache and RoPE tables are NOT in the state dict; w1 and w3

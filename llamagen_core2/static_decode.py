@@ -1,6 +1,6 @@
 """CUDA-graph capture and replay of decode chunks (the engine's fixed-shape steps), keyed by their static shape.
 
-Contract:
+Contract (docs/design.md#decode-engine):
   * `StepGraphs(device).run(key, fn, save_state, restore_state)` replays the graph captured for `key`, capturing
     it on first use: `fn` (a chunk of decode steps that only touches persistent device buffers) runs once eagerly
     on a side stream as the warm-up (Triton JIT, cuBLAS workspaces), the engine's counters/tokens are restored
