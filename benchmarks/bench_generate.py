@@ -51,6 +51,7 @@ from llamagen_core2.weak_model import WeakModel  # noqa: E402
 ENGINES = ("ours", "baseline", "baseline-compiled")
 
 TOKENS_TO_IMAGE = {256: 256, 576: 384, 1024: 512}  # VQ-16 grid: 16x16, 24x24, 32x32
+TINY = dict(dim=64, n_layer=2, n_head=4)  # --preset tiny: a smoke run of every engine on CPU (tests)
 FIELDS = ["engine", "preset", "device", "dtype", "batch", "tokens", "mode", "status", "seconds", "images_per_s",
           "tokens_per_s", "ms_per_step", "bytes_per_step", "achieved_GBps", "floor_ms_per_step", "pct_of_floor",
           "peak_mem_MB", "warmup_s", "kernels_per_step", "weak_model", "note"]
@@ -65,7 +66,8 @@ def build_gpt(preset: str, tokens: int, device, dtype, checkpoint=None) -> GPT:
     image_size = TOKENS_TO_IMAGE[tokens]
     if checkpoint:
         return GPT.from_pretrained(checkpoint, device=device, dtype=dtype, image_size=image_size)
-    config = GPTConfig.from_preset(f"GPT-{preset}", image_size=image_size)
+    config = GPTConfig.from_preset(f"GPT-{preset}", image_size=image_size) if preset != "tiny" else \
+        GPTConfig.from_preset("GPT-B", image_size=image_size, **TINY)
     with torch.device("meta"):
         params = sum(p.numel() for p in GPT(config).parameters())
     check_fits(params * element_size(dtype), device, f"GPT-{preset} weights")
@@ -163,7 +165,7 @@ def run_one(call, tokens: int, args, device) -> tuple[float, float]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", nargs="+", default=["B", "L", "XL", "XXL"], choices=["B", "L", "XL", "XXL", "3B"])
+    p.add_argument("--preset", nargs="+", default=["B", "L", "XL", "XXL"], choices=["B", "L", "XL", "XXL", "3B", "tiny"])
     p.add_argument("--checkpoint", default=None, help="real LlamaGen checkpoint (then give one --preset)")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32, 64, 128])
     p.add_argument("--tokens", nargs="+", type=int, default=[256], choices=sorted(TOKENS_TO_IMAGE))
