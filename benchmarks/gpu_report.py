@@ -104,6 +104,12 @@ def plan(args, engines: list[str]) -> list[Phase]:
                              "--modes", "cfg", "fast"], share=0.25))
         phases.append(Phase("targets t2i GPT-XL 512 px", [py, "benchmarks/bench_t2i.py", "--preset", "XL",
                                                           "--batch", "8", "--modes", "slow", "cfg"], share=0.3))
+    if "baseline-compiled" in baselines and not args.skip_generate:  # the headline peer first: one compile
+        phases.append(Phase("targets baseline-compiled GPT-XL b8 CFG",
+                            [py, "benchmarks/bench_generate.py", "--engines", "baseline-compiled", "--preset", "XL",
+                             "--device", "cuda", "--dtype", "bf16", "--tokens", str(TOKENS), "--repeats", "1",
+                             "--batch", "8", "--modes", "cfg", "--warmup-tokens", str(BASELINE_WARMUP_TOKENS)],
+                            share=0.3))
     if baselines and not args.skip_generate:
         for i, preset in enumerate(args.presets):
             phases.append(Phase(f"generate {'/'.join(baselines)} GPT-{preset}",
