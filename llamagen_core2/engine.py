@@ -137,8 +137,7 @@ class Engine:
                    () if weak is None else tuple(p.data_ptr() for p in weak.parameters()))
         if binding == self.binding:
             return
-        cap_rows, cap_len = self.cache.rows, self.cache.max_len
-        V, d = gpt.config.vocab_size, gpt.config.dim
+        cap_rows, cap_len, V = self.cache.rows, self.cache.max_len, gpt.config.vocab_size
         self.tokens_in = torch.zeros(cap_rows, dtype=torch.long, device=device)  # token fed at this step, per row
         self.tokens_out = torch.zeros(cap_rows, cap_len, dtype=torch.long, device=device)  # [B, N] image tokens
         # counters: [base position, weak position, token index, Philox counter base], advanced by one add per step
@@ -149,10 +148,7 @@ class Engine:
                       for name in ("cfg_scale", "w2s_scale", "temperature", "top_p")}
         self.knobs["top_k"] = torch.zeros(cap_rows, dtype=torch.long, device=device)
         self.finite = torch.ones((), dtype=torch.bool, device=device)
-        # record mode (on_step): what the step saw, in fixed buffers
-        self.hidden_out = torch.zeros(cap_rows, d, dtype=dtype, device=device)
-        self.weak_logits_out = torch.zeros(cap_rows, V, dtype=torch.float32, device=device)
-        self.mixed_out = torch.zeros(cap_rows, V, dtype=torch.float32, device=device)
+        self.record_buffers = None  # allocated by the first request with on_step (Collect), see _record_buffers
         if self.graphs is not None:
             self.graphs.clear()
         self.graphs = StepGraphs(device) if self.use_graphs else None
@@ -194,10 +190,11 @@ class Engine:
         if self.tokens_in.shape[0] >= 2 * B:
             self.tokens_in[B:2 * B].copy_(tokens)  # the same token feeds both halves
         if record:
-            self.hidden_out[:hidden.shape[0]].copy_(hidden)
-            self.mixed_out[:B].copy_(mixed)
+            hidden_out, weak_logits_out, mixed_out = self.record_buffers
+            hidden_out[:hidden.shape[0]].copy_(hidden)
+            mixed_out[:B].copy_(mixed)
             if spec.weak:
-                self.weak_logits_out[:B].copy_(logits[-B:])
+                weak_logits_out[:B].copy_(logits[-B:])
 
     def _step(self, mode: str, batch: int, rows: int, max_end: int, weak, weak_max_end: int, record: bool) -> None:
         gpt = self.gpt
@@ -237,6 +234,8 @@ class Engine:
         self.cache.set_prefix_mask(mask, copies=2 if uses_uncond else 1)
         stats = GenerationStats()
         record = on_step is not None
+        if record:
+            self._record_buffers()
 
         # ---- token 0: eager prefill of the prefix (both halves if token 0 needs them), then one sample
         run_u = MODE_TABLE[modes[0]].uncond or all_rows_always
@@ -336,9 +335,18 @@ class Engine:
         hidden = gpt.forward_hidden(x, self.cache, start=filled, row_start=B, backend=self.backend_now)
         self.finite.logical_and_(torch.isfinite(hidden[:, -1]).all())
 
+    def _record_buffers(self) -> None:
+        """What a step saw, kept for on_step in fixed buffers: hidden [rows, d], weak logits and mixed [rows, V]."""
+        if self.record_buffers is None:
+            rows, V, w = self.cache.rows, self.gpt.config.vocab_size, self.gpt.output.weight
+            self.record_buffers = (torch.zeros(rows, self.gpt.config.dim, dtype=w.dtype, device=w.device),
+                                   torch.zeros(rows, V, dtype=torch.float32, device=w.device),
+                                   torch.zeros(rows, V, dtype=torch.float32, device=w.device))
+
     def _emit(self, on_step, index: int, mode: str, batch: int, rows: int) -> None:
         spec = MODE_TABLE[mode]
         B = batch
-        on_step(StepRecord(index, mode, self.tokens_out[:B, index].clone(), self.hidden_out[:B].clone(),
-                           self.hidden_out[B:2 * B].clone() if spec.uncond else None,
-                           self.weak_logits_out[:B].clone() if spec.weak else None, self.mixed_out[:B].clone()))
+        hidden_out, weak_logits_out, mixed_out = self.record_buffers
+        on_step(StepRecord(index, mode, self.tokens_out[:B, index].clone(), hidden_out[:B].clone(),
+                           hidden_out[B:2 * B].clone() if spec.uncond else None,
+                           weak_logits_out[:B].clone() if spec.weak else None, mixed_out[:B].clone()))
