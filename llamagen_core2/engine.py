@@ -99,6 +99,7 @@ class Engine:
         self.weak_owner = None  # the weak model weak_cache was made for
         self.graphs: Optional[StepGraphs] = None
         self.binding = None  # addresses the captured graphs depend on
+        self.allocations = 0  # cache (re)allocations so far: part of the binding
 
     # ------------------------------------------------------------------ settings
     @property
@@ -127,12 +128,14 @@ class Engine:
         if self.cache is None or not self.cache.fits(rows, max_len, dtype, device):
             self.cache = None  # free the old cache before allocating the new one
             self.cache = gpt.new_cache(rows, max_len)
+            self.allocations += 1  # not id(): a new object may reuse a freed one's id
         if weak is not None:
             wdtype = next(weak.parameters()).dtype
             if self.weak_owner is not weak or not self.weak_cache.fits(batch, self.weak_cache.max_len, wdtype, device):
                 self.weak_cache = None
                 self.weak_cache, self.weak_owner = weak.new_cache(batch), weak
-        binding = (id(self.cache), id(self.weak_cache), id(weak), gpt.rope.data_ptr(),
+                self.allocations += 1
+        binding = (self.allocations, id(weak), gpt.rope.data_ptr(),
                    tuple(p.data_ptr() for p in gpt.parameters()),
                    () if weak is None else tuple(p.data_ptr() for p in weak.parameters()))
         if binding == self.binding:

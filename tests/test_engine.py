@@ -135,6 +135,11 @@ def test_engine_is_reused_across_calls_and_rebinds_on_new_cache():
     assert engine.cache is cache and engine.binding == binding
     generate(model, torch.arange(5), cfg_scale=3.0, seed=0, engine=engine)  # more rows: cache reallocated
     assert engine.cache is not cache and engine.binding != binding and engine.tokens_in.shape[0] == 10
+    # a longer request after a short one (a benchmark's warm-up): the cache and every buffer grow with it
+    small = Engine(model)
+    generate(model, torch.tensor([1, 2]), num_tokens=4, seed=0, engine=small)
+    assert torch.equal(generate(model, torch.tensor([1, 2]), seed=0, engine=small),
+                       generate(model, torch.tensor([1, 2]), seed=0, engine="eager"))
     assert not hasattr(model, "caches") and "_static_decoder" not in model.__dict__  # no state on the model
     with pytest.raises(InvalidArgument, match="another model"):
         generate(tiny_gpt(), torch.tensor([1]), engine=engine)
