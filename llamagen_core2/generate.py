@@ -14,7 +14,9 @@ Contract:
     of generators, or given directly as `seeds`); token j draws counters j*V.. . So the same seed gives the same
     image i at any batch size and under either engine.
   * Engines: "static" decodes through `engine.Engine` (caller-owned state, fixed-shape steps, every mode inside
-    CUDA graphs on GPU, eager on CPU); pass an `Engine` instance to keep its buffers and graphs across calls.
+    CUDA graphs on GPU, eager on CPU). The string builds a fresh Engine for the call, so on a GPU its graphs are
+    captured again every call: pass the same `Engine(gpt)` to every call to keep buffers and graphs (the
+    pipeline does).
     "eager" is the plain loop below (host positions, one forward + sample per token): the oracle the static
     engine is tested against. "auto" = static on CUDA, eager elsewhere. Both give the same tokens.
   * Before allocating, the KV cache + workspaces are checked against the device's free memory (`memory.py`).
