@@ -2,20 +2,23 @@
 
 It is the "before" of every throughput number (docs/design.md#performance-model): benchmarks run it in the
 same process as our engine. What it does, on purpose, the way LlamaGen's `autoregressive/models/generate.py` does:
-  * its own KV cache preallocated at the full length S = T + N, and every step attends over all S keys with
-    an explicit [S, S] causal mask row (`causal_mask[:, None, input_pos]`), not just the filled part;
+  * its own KV cache preallocated at the full length S = T + N, and every step attends over all S keys with a
+    causal mask (`causal_mask[:, None, input_pos]` in LlamaGen), not just the filled part;
   * CFG whenever any token needs it: always 2B rows ([cond; uncond]); logits split into halves and mixed with
     separate ops `uncond + (cond - uncond) * s`; past `cfg_interval` the uncond half is still computed and
     thrown away; cond mode (cfg_scale <= 1) runs B rows;
   * sampling: logits / max(temperature, 1e-5), top-k via `torch.topk` threshold, top-p via a full sort +
     softmax + cumsum, then softmax + `torch.multinomial` (host-synchronising); temperature 0 = argmax;
-  * eager PyTorch, one Python loop iteration per token.
+  * eager PyTorch ops (the torch references of the block ops), one Python loop iteration per token; with
+    `compile=True` the model step is wrapped in `torch.compile(mode="reduce-overhead", fullgraph=True)`, which
+    is what LlamaGen's `--compile` flag does to its model (sampling stays eager there too).
 CoRe^2 modes (not in LlamaGen) are bolted on the same way: the weak model steps eagerly on the cond hidden
 state, fast = weak logits, slow = weak + a (cfg - weak); as in LlamaGen, 2B rows run whenever cfg_scale > 1
 (mode "cond" stands for LlamaGen with cfg_scale 1 and runs B rows).
 
-Math is shared with the model (RMSNorm, SwiGLU, RoPE table, head), so with greedy sampling the tokens equal
-those of `llamagen_core2.generate` (tests/test_static_decode.py cross-checks both).
+The block math is the model's own (`gpt.forward_hidden`, torch backend): only the cache policy, the row policy
+and the sampling differ. With greedy sampling the tokens equal those of `llamagen_core2.generate`
+(tests/test_static_decode.py cross-checks both).
 """
 from __future__ import annotations
 
@@ -23,8 +26,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
-from llamagen_core2.model import apply_rotary
 
 
 def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -57,44 +58,36 @@ def sample_reference(logits: torch.Tensor, temperature: float, top_k: int, top_p
 
 
 class BaselineDecoder:
-    def __init__(self, gpt):
+    def __init__(self, gpt, compile: bool = False, compile_backend: str = "inductor"):
+        """compile=True: the decode step under torch.compile(mode="reduce-overhead", fullgraph=True), as
+        LlamaGen's --compile; compile_backend="eager" only checks that the step traces without graph breaks."""
         self.gpt = gpt
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
+        self.cache = None
+        self.compiled = compile
+        self.step = self._step
+        if compile:
+            options = dict(mode="reduce-overhead") if compile_backend == "inductor" else {}
+            self.step = torch.compile(self._step, backend=compile_backend, fullgraph=True, **options)
 
     def setup(self, rows: int, max_len: int, prefix_valid: Optional[torch.Tensor] = None) -> None:
-        """Full-length caches [rows, H, S, D] per layer and the explicit causal mask [rows|1, S, S]."""
-        c, w = self.gpt.config, self.gpt.output.weight
-        shape = (rows, c.n_head, max_len, c.head_dim)
-        self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(c.n_layer)]
-        self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(c.n_layer)]
-        mask = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool, device=w.device))[None]
-        if prefix_valid is not None:  # t2i: padded caption keys masked for every query, diagonal kept (LlamaGen)
-            T = prefix_valid.shape[1]
-            mask = mask.repeat(rows, 1, 1)
-            mask[:, :, :T] &= prefix_valid.to(device=w.device, dtype=torch.bool)[:, None, :]
-            mask |= torch.eye(max_len, dtype=torch.bool, device=w.device)[None]
-        self.causal_mask = mask
+        """A full-length cache [rows, H, S, D] per layer; t2i padded prefix keys hidden for both halves."""
+        if self.cache is None or not self.cache.fits(rows, max_len, self.gpt.output.weight.dtype,
+                                                     self.gpt.output.weight.device) or self.cache.max_len != max_len:
+            self.cache = self.gpt.new_cache(rows, max_len)
+            if self.compiled:  # like module buffers (LlamaGen's cache): fixed addresses the CUDA graphs may mutate
+                for t in self.cache.k + self.cache.v:
+                    torch._dynamo.mark_static_address(t)
+        self.cache.set_prefix_mask(prefix_valid)
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """x [R, L, d] at positions input_pos [L] -> final normed hidden [R, L, d]; attends over all S keys."""
-        gpt = self.gpt
-        c = gpt.config
-        R, L, d = x.shape
-        mask = self.causal_mask[:, None, input_pos]  # [R|1, 1, L, S]
-        rope = gpt.rope[input_pos].float()
-        h = x
-        for i, layer in enumerate(gpt.layers):
-            attn = layer.attention
-            q, k, v = attn.wqkv(layer.attention_norm(h)).split(d, dim=-1)
-            q = apply_rotary(q.view(R, L, c.n_head, c.head_dim), rope).transpose(1, 2)
-            k = apply_rotary(k.view(R, L, c.n_head, c.head_dim), rope).transpose(1, 2)
-            self.k[i][:, :, input_pos] = k
-            self.v[i][:, :, input_pos] = v.view(R, L, c.n_head, c.head_dim).transpose(1, 2)
-            out = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask)
-            h = h + attn.wo(out.transpose(1, 2).reshape(R, L, d))
-            h = h + layer.feed_forward(layer.ffn_norm(h))
-        return gpt.norm(h)
+    def prefill(self, x: torch.Tensor):
+        """x [R, T, d] prefix -> (hidden [R, d], fp32 logits [R, V]) of the last position, all S keys read."""
+        hidden = self.gpt.forward_hidden(x, self.cache, max_end=self.cache.max_len)[:, -1]
+        return hidden, self.gpt.head(hidden)
+
+    def _step(self, x: torch.Tensor, input_pos: torch.Tensor):
+        """x [R, 1, d] at position input_pos [1] -> (hidden [R, d], fp32 logits [R, V]), all S keys read."""
+        hidden = self.gpt.forward_hidden(x, self.cache, position=input_pos, max_end=self.cache.max_len)[:, 0]
+        return hidden, self.gpt.head(hidden)
 
     @torch.inference_mode()
     def generate(self, cond: torch.Tensor, *, num_tokens: Optional[int] = None, mode: str = "cfg",
@@ -118,12 +111,14 @@ class BaselineDecoder:
         rows = prefix.shape[0]
         self.setup(rows, T + N, valid)
         if mode in ("fast", "slow"):
-            weak_model.start(gpt, cond, cond_mask=None if cond_mask is None else cond_mask.to(device))
+            weak_cache = weak_model.new_cache(B)
+            weak_model.prefill(cond, weak_cache, None if cond_mask is None else cond_mask.to(device))
         tokens = torch.zeros(B, N, dtype=torch.long, device=device)
-        x, input_pos = prefix, torch.arange(T, device=device)
         for i in range(N):
-            hidden = self.forward(x, input_pos)[:, -1]  # [rows, d]
-            logits = gpt.head(hidden)  # [rows, V] fp32
+            if i == 0:
+                hidden, logits = self.prefill(prefix)  # [rows, d], [rows, V] fp32
+            else:
+                hidden, logits = self.step(x, torch.tensor([T + i - 1], device=device))
             if with_uncond:
                 cond_logits, uncond_logits = torch.split(logits, B, dim=0)
                 use_cfg = cfg_interval == -1 or i <= cfg_interval + 1
@@ -131,12 +126,12 @@ class BaselineDecoder:
             else:
                 cond_logits = cfg = logits
             if mode in ("fast", "slow"):
-                weak = weak_model.step(hidden[:B], i).float()
+                weak_hidden = weak_model.step_hidden(hidden[:B], weak_cache, start=T + i)
+                weak = gpt.head(weak_hidden.to(hidden.dtype)).float()
                 mixed = weak if mode == "fast" else weak + (cfg - weak) * w2s_scale
             else:
                 mixed = cfg if mode == "cfg" else cond_logits
             nxt = sample_reference(mixed, temperature, top_k, top_p, generator)
             tokens[:, i] = nxt
             x = gpt.embed_tokens(nxt.repeat(rows // B))[:, None]  # the same token feeds both halves
-            input_pos = torch.tensor([T + i], device=device)
         return tokens

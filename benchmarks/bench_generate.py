@@ -1,5 +1,9 @@
-"""Throughput benchmark: our engine vs the LlamaGen-style baseline decoder, in one process
-(docs/design.md#performance-model).
+"""Throughput benchmark: our engine vs the LlamaGen-style baselines, eager and compiled, in one process.
+
+Engines (--engines): "ours" (generate() with one reused Engine, or --engine eager), "baseline" (LlamaGen's
+decode loop on the same weights, benchmarks/baseline_decoder.py) and "baseline-compiled" (the same loop with its
+model step under torch.compile(mode="reduce-overhead", fullgraph=True), what LlamaGen's --compile does: the
+strongest peer). Speedups are reported against both baselines (docs/design.md#performance-model).
 
 For every preset x tokens x batch x mode x engine it runs a full generation (prefill + N decode steps) and
 reports images/s, tokens/s, ms/step, the bytes a step must move (weights read once + the filled KV cache of
@@ -14,8 +18,9 @@ Examples:
   python benchmarks/bench_generate.py --preset B XL --batch 1 64 --tokens 256 576 --modes cond cfg fast slow
 
 Random weights of the preset's shapes are used unless --checkpoint is given (a LlamaGen .pt / converted
-dir). fast/slow use `llamagen_core2.weak_model.WeakModel` (untrained W-2) when importable, otherwise a
-random stand-in of the same shape (2 Llama blocks of width 512 + in/out projections + the shared head).
+dir). fast/slow use an untrained `WeakModel` W-2 (the cost of a trained one). `warmup_s` is the first, untimed
+call: CUDA-graph capture for ours, torch.compile for baseline-compiled. `--count-kernels` adds the CUDA kernels
+per decode step of one extra run (torch.profiler).
 """
 from __future__ import annotations
 
@@ -35,56 +40,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baseline_decoder import BaselineDecoder  # noqa: E402
 
 from llamagen_core2.config import GPTConfig  # noqa: E402
+from llamagen_core2.engine import Engine  # noqa: E402
 from llamagen_core2.errors import InvalidArgument  # noqa: E402
 from llamagen_core2.generate import generate  # noqa: E402
 from llamagen_core2.guidance_config import GuidanceConfig  # noqa: E402
 from llamagen_core2.memory import check_fits, element_size, estimate_generation_bytes, weight_bytes  # noqa: E402
 from llamagen_core2.model import GPT  # noqa: E402
+from llamagen_core2.weak_model import WeakModel  # noqa: E402
+
+ENGINES = ("ours", "baseline", "baseline-compiled")
 
 TOKENS_TO_IMAGE = {256: 256, 576: 384, 1024: 512}  # VQ-16 grid: 16x16, 24x24, 32x32
+TINY = dict(dim=64, n_layer=2, n_head=4)  # --preset tiny: a smoke run of every engine on CPU (tests)
 FIELDS = ["engine", "preset", "device", "dtype", "batch", "tokens", "mode", "status", "seconds", "images_per_s",
           "tokens_per_s", "ms_per_step", "bytes_per_step", "achieved_GBps", "floor_ms_per_step", "pct_of_floor",
-          "peak_mem_MB", "weak_model", "note"]
+          "peak_mem_MB", "warmup_s", "kernels_per_step", "weak_model", "note"]
 
 
 # ---------------------------------------------------------------------- models
-class RandomWeakStandIn(torch.nn.Module):
-    """Weak-model protocol stand-in with W-2's cost: proj_in d->512, 2 Llama blocks (own KV cache), proj_out,
-    shared base head. Used only when llamagen_core2.weak_model is not importable."""
-
-    def __init__(self, gpt: GPT, width: int = 512, layers: int = 2, heads: int = 8):
-        super().__init__()
-        c = gpt.config
-        self.trunk = GPT(GPTConfig(dim=width, n_layer=layers, n_head=heads, vocab_size=1, model_type="c2i",
-                                   num_classes=c.num_classes, image_size=c.image_size, downsample=c.downsample))
-        self.proj_in = torch.nn.Linear(c.dim, width, bias=False)
-        self.proj_out = torch.nn.Linear(width, c.dim, bias=False)
-        self.base_head = [gpt]  # a list: not a submodule, so its weights are not counted twice
-
-    def start(self, gpt, cond, cond_mask=None):
-        self.trunk.setup_caches(len(cond), gpt.config.max_seq_len)
-        self.trunk.forward_hidden(self.trunk.condition_embeddings(cond), 0)
-
-    def step(self, hidden_cond, index):
-        T = self.trunk.config.cls_token_num
-        h = self.trunk.forward_hidden(self.proj_in(hidden_cond)[:, None], T + index)[:, 0]
-        return self.base_head[0].head(hidden_cond + self.proj_out(h))
-
-
 def make_weak(gpt: GPT, device, dtype):
-    try:
-        from llamagen_core2.weak_model import WeakModel
-
-        return WeakModel.for_base(gpt, "W-2", fingerprint=False).to(device=device, dtype=dtype).eval(), "WeakModel W-2"
-    except ImportError:
-        return RandomWeakStandIn(gpt).to(device=device, dtype=dtype).eval(), "random stand-in (W-2 shape)"
+    return WeakModel.for_base(gpt, "W-2", fingerprint=False).to(device=device, dtype=dtype).eval(), "WeakModel W-2"
 
 
 def build_gpt(preset: str, tokens: int, device, dtype, checkpoint=None) -> GPT:
     image_size = TOKENS_TO_IMAGE[tokens]
     if checkpoint:
         return GPT.from_pretrained(checkpoint, device=device, dtype=dtype, image_size=image_size)
-    config = GPTConfig.from_preset(f"GPT-{preset}", image_size=image_size)
+    config = GPTConfig.from_preset(f"GPT-{preset}", image_size=image_size) if preset != "tiny" else \
+        GPTConfig.from_preset("GPT-B", image_size=image_size, **TINY)
     with torch.device("meta"):
         params = sum(p.numel() for p in GPT(config).parameters())
     check_fits(params * element_size(dtype), device, f"GPT-{preset} weights")
@@ -133,45 +116,62 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS so far (KiB on Linux)
 
 
-def run_one(engine, gpt, weak, cond, tokens, mode, args, device):
-    kw = dict(num_tokens=tokens, mode=mode, cfg_scale=args.cfg_scale, top_k=args.top_k, temperature=1.0,
+def make_runner(engine: str, gpt, state: Engine, baselines: dict, cond, mode, weak, args):
+    """-> call(num_tokens, seed) running one full generation with `engine`."""
+    kw = dict(mode=mode, cfg_scale=args.cfg_scale, top_k=args.top_k, temperature=1.0,
               weak_model=weak if mode in ("fast", "slow") else None, w2s_scale=args.w2s_scale)
     if engine == "ours":
-        def call(n, seed):
-            return generate(gpt, cond, seed=seed, engine=args.engine, **{**kw, "num_tokens": n})
-    else:
-        baseline = BaselineDecoder(gpt)
+        ours = state if args.engine != "eager" else "eager"
+        return lambda n, seed: generate(gpt, cond, num_tokens=n, seed=seed, engine=ours, **kw)
+    compiled = engine == "baseline-compiled"
+    if engine not in baselines:  # one decoder per engine and model: a compiled step is kept across calls
+        baselines[engine] = BaselineDecoder(gpt, compile=compiled)
+    baseline = baselines[engine]
+    return lambda n, seed: baseline.generate(cond, num_tokens=n, seed=seed, **kw)
 
-        def call(n, seed):
-            gpt.release_caches()  # the baseline keeps its own full-length cache
-            return baseline.generate(cond, seed=seed, **{**kw, "num_tokens": n})
+
+def count_kernels(call, tokens: int, device) -> float:
+    """CUDA kernels per decode step of one generation (profiler events of device type CUDA / tokens)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call(tokens, 0)
+        sync(device)
+    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return kernels / tokens
+
+
+def run_one(call, tokens: int, args, device) -> tuple[float, float]:
+    """-> (best seconds over --repeats, warm-up seconds)."""
     warm = tokens if args.warmup_tokens is None else min(args.warmup_tokens, tokens)
+    warmup_s = 0.0
     if warm > 0:
-        call(warm, 0)  # CUDA graph capture / kernel selection / allocator warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        call(warm, 0)  # CUDA graph capture / torch.compile / kernel selection / allocator warm-up
+        sync(device)
+        warmup_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for r in range(args.repeats):
         sync(device)
         t0 = time.perf_counter()
-        out = call(tokens, 1 + r)
+        call(tokens, 1 + r)
         sync(device)
         times.append(time.perf_counter() - t0)
-    if engine == "baseline":
-        baseline.k, baseline.v = [], []
-    assert out.shape == (len(cond), tokens)
-    return min(times)
+    return min(times), warmup_s
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", nargs="+", default=["B", "L", "XL", "XXL"], choices=["B", "L", "XL", "XXL", "3B"])
+    p.add_argument("--preset", nargs="+", default=["B", "L", "XL", "XXL"], choices=["B", "L", "XL", "XXL", "3B", "tiny"])
     p.add_argument("--checkpoint", default=None, help="real LlamaGen checkpoint (then give one --preset)")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32, 64, 128])
     p.add_argument("--tokens", nargs="+", type=int, default=[256], choices=sorted(TOKENS_TO_IMAGE))
     p.add_argument("--modes", nargs="+", default=["cond", "cfg", "fast", "slow"],
                    choices=["cond", "cfg", "fast", "slow"])
-    p.add_argument("--engines", nargs="+", default=["ours", "baseline"], choices=["ours", "baseline"])
+    p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     p.add_argument("--engine", default="auto", choices=["auto", "static", "eager"], help="our generate() engine")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
@@ -182,6 +182,7 @@ def main(argv=None):
     p.add_argument("--warmup-tokens", type=int, default=None, help="default: all tokens on CUDA, 4 on CPU")
     p.add_argument("--baseline-max-batch", type=int, default=None, help="skip the baseline above this batch")
     p.add_argument("--copy-mb", type=int, default=None, help="copy-bandwidth buffer (default 1024 CUDA, 256 CPU)")
+    p.add_argument("--count-kernels", action="store_true", help="CUDA kernels per step (one extra profiled run)")
     p.add_argument("--csv", default=None)
     p.add_argument("--plot", default=None)
     args = p.parse_args(argv)
@@ -206,6 +207,7 @@ def main(argv=None):
                 print(f"# GPT-{preset} refused: {err}", file=sys.stderr)
                 continue
             weak, weak_name = make_weak(gpt, device, dtype) if {"fast", "slow"} & set(args.modes) else (None, "")
+            state, baselines = Engine(gpt), {}
             for batch in args.batch:
                 cond = torch.arange(batch, device=device) % gpt.config.num_classes
                 for mode in args.modes:
@@ -217,15 +219,16 @@ def main(argv=None):
                                    dtype=str(dtype).replace("torch.", ""), batch=batch, tokens=tokens, mode=mode,
                                    bytes_per_step=int(nbytes), floor_ms_per_step=round(floor_ms, 4),
                                    weak_model=weak_name if mode in ("fast", "slow") else "", note="")
-                        if engine == "baseline" and args.baseline_max_batch and batch > args.baseline_max_batch:
+                        if engine != "ours" and args.baseline_max_batch and batch > args.baseline_max_batch:
                             continue
                         try:
-                            gpt.release_caches()
                             rows_needed = 2 * batch if (mode != "cond" and args.cfg_scale > 1) else batch
                             check_fits(estimate_generation_bytes(gpt.config, batch=batch, rows=rows_needed,
                                                                  num_tokens=tokens, dtype=dtype),
                                        device, f"batch {batch} x {tokens} tokens ({mode})")
-                            seconds = run_one(engine, gpt, weak, cond, tokens, mode, args, device)
+                            call = make_runner(engine, gpt, state, baselines, cond, mode, weak, args)
+                            seconds, warmup_s = run_one(call, tokens, args, device)
+                            kernels = count_kernels(call, tokens, device) if args.count_kernels else ""
                         except InvalidArgument as err:
                             row.update(status="refused", note=str(err))
                             writer.writerow(row)
@@ -236,14 +239,16 @@ def main(argv=None):
                                    tokens_per_s=round(batch * tokens / seconds, 2), ms_per_step=round(ms_step, 4),
                                    achieved_GBps=round(nbytes / (ms_step * 1e-3) / 1e9, 2),
                                    pct_of_floor=round(100 * floor_ms / ms_step, 2),
-                                   peak_mem_MB=round(peak_memory_mb(device), 1))
+                                   peak_mem_MB=round(peak_memory_mb(device), 1), warmup_s=round(warmup_s, 3),
+                                   kernels_per_step=kernels if kernels == "" else round(kernels, 1))
                         writer.writerow(row)
                         sys.stdout.flush()
                         rows.append(row)
-            gpt.release_caches()
-            del gpt, weak
+            del gpt, weak, state, baselines
     summary = dict(device=device_name, dtype=str(dtype).replace("torch.", ""), copy_GBps=round(bw / 1e9, 2),
-                   torch=torch.__version__, engine_setting=args.engine, speedup_vs_baseline=speedups(rows), rows=rows)
+                   torch=torch.__version__, engine_setting=args.engine,
+                   speedup_vs_baseline=speedups(rows, "baseline"),
+                   speedup_vs_baseline_compiled=speedups(rows, "baseline-compiled"), rows=rows)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, FIELDS)
@@ -254,13 +259,13 @@ def main(argv=None):
     print(json.dumps(summary))
 
 
-def speedups(rows) -> dict:
-    """ours / baseline images/s for every configuration measured by both."""
+def speedups(rows, peer: str) -> dict:
+    """ours / peer images/s for every configuration measured by both."""
     ours = {(r["preset"], r["tokens"], r["batch"], r["mode"]): r for r in rows if r["engine"] == "ours" and r["status"] == "ok"}
     out = {}
     for r in rows:
         key = (r["preset"], r["tokens"], r["batch"], r["mode"])
-        if r["engine"] == "baseline" and r["status"] == "ok" and key in ours:
+        if r["engine"] == peer and r["status"] == "ok" and key in ours:
             out["/".join(map(str, key))] = round(ours[key]["images_per_s"] / r["images_per_s"], 3)
     return out
 
@@ -279,7 +284,7 @@ def plot(rows, path):
     for ax, (preset, tokens) in zip(axes[0], groups):
         sel = [r for r in ok if (r["preset"], r["tokens"]) == (preset, tokens)]
         for mode in sorted({r["mode"] for r in sel}):
-            for engine, style in (("ours", "-o"), ("baseline", "--x")):
+            for engine, style in (("ours", "-o"), ("baseline", "--x"), ("baseline-compiled", "-.+")):
                 pts = sorted((r["batch"], r["images_per_s"]) for r in sel if r["mode"] == mode and r["engine"] == engine)
                 if pts:
                     ax.plot(*zip(*pts), style, label=f"{engine} {mode}")

@@ -2,7 +2,7 @@
 
 Measures, on random weights of the real shapes, at a mid-sequence position with a filled KV cache:
   base      one GPT decode step for B rows (cond only: forward_hidden at one position + head)
-  weak      WeakModel.step (trunk + residual output + the frozen base head) — the hidden-space design we ship
+  weak      WeakModel.step_hidden + the frozen base head — the hidden-space design we ship
   weak_trunk WeakModel.step_hidden (without the head: the part a hidden-space mix could share with the base)
   logits_in the alternative design: Linear(V -> w) on the conditional logits, the same trunk, Linear(w -> V)
 Also prints parameter counts (what a bandwidth-bound GPU step reads) for each.
@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from llamagen_core2.config import GPTConfig
-from llamagen_core2.model import GPT
+from llamagen_core2.model import GPT, run_blocks
 from llamagen_core2.weak_model import WEAK_PRESETS, WeakModel
 
 
@@ -49,13 +49,13 @@ def measure(base: str, weak_presets, batch: int, device: str, dtype, repeats: in
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     T, N, d, V = config.cls_token_num, config.num_image_tokens, config.dim, config.vocab_size
     pos = T + N // 2  # mid-sequence: half the cache filled
-    gpt.setup_caches(batch, T + N)
+    cache = gpt.new_cache(batch, T + N)
     cond = torch.randint(0, config.num_classes, (batch,), device=device)
-    gpt.forward_hidden(torch.randn(batch, pos, d, device=device, dtype=dtype), 0)  # fill the cache
+    gpt.forward_hidden(torch.randn(batch, pos, d, device=device, dtype=dtype), cache)  # fill the cache
     x = gpt.embed_tokens(torch.randint(0, V, (batch, 1), device=device))
 
     def base_step():
-        return gpt.head(gpt.forward_hidden(x, pos)[:, -1])
+        return gpt.head(gpt.forward_hidden(x, cache, start=pos)[:, -1])
 
     rows = []
     t_base = timed(base_step, repeats, sync)
@@ -65,16 +65,15 @@ def measure(base: str, weak_presets, batch: int, device: str, dtype, repeats: in
     for name in weak_presets:
         weak = WeakModel.for_base(gpt, name, fingerprint=False).to(device=device, dtype=dtype).eval()
         w = weak.config.dim
-        weak.start(gpt, cond)
+        weak_cache = weak.new_cache(batch)
+        weak.prefill(cond, weak_cache)
         trunk_params = sum(p.numel() for p in weak.parameters()) - weak.cond_embedding.weight.numel()
 
-        def weak_step(weak=weak):
-            weak.next_index = N // 2  # stay at a fixed, half-filled position
-            return weak.step(h_c, N // 2)
+        def weak_trunk(weak=weak, weak_cache=weak_cache):  # at a fixed position: a half-filled cache
+            return weak.step_hidden(h_c, weak_cache, start=T + N // 2)
 
-        def weak_trunk(weak=weak):
-            weak.next_index = N // 2
-            return weak.step_hidden(h_c, N // 2)
+        def weak_step(weak_trunk=weak_trunk):
+            return gpt.head(weak_trunk().to(dtype))
 
         t_weak, t_trunk = timed(weak_step, repeats, sync), timed(weak_trunk, repeats, sync)
         rows.append(dict(variant="weak", preset=name, batch=batch, ms=t_weak * 1e3, fraction=t_weak / t_base,
@@ -86,8 +85,8 @@ def measure(base: str, weak_presets, batch: int, device: str, dtype, repeats: in
             lin_in, lin_out = nn.Linear(V, w, bias=False).to(dtype), nn.Linear(w, V, bias=False).to(dtype)
         logits = torch.randn(batch, V, device=device, dtype=dtype)
 
-        def logits_in(weak=weak, lin_in=lin_in, lin_out=lin_out):
-            out = weak._trunk(lin_in(logits)[:, None], T + N // 2, None, use_cache=True)
+        def logits_in(weak=weak, weak_cache=weak_cache, lin_in=lin_in, lin_out=lin_out):
+            out = run_blocks(weak.layers, weak.norm, weak.rope, lin_in(logits)[:, None], weak_cache, start=T + N // 2)
             return lin_out(out[:, 0]).float()
 
         t_logits = timed(logits_in, repeats, sync)

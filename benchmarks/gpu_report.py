@@ -8,7 +8,10 @@ on an H100 with start-up included):
   3. benchmarks/bench_generate.py with our engine: GPT-B, XL, XXL x batch 1, 8, 64 x cond/cfg/fast/slow,
      256 tokens, bf16;
   4. bench_generate.py with every baseline engine it offers (read from its own `--engines` choices, so an
-     engine added there is measured here too), the same grid, batch 8 first.
+     engine added there is measured here too), the same grid, batch 8 first;
+  5. the engine targets that need other shapes: CoRe^2 fast vs CFG at GPT-XL b64 x 576 tokens (bench_generate) and
+     text-to-image GPT-XL at 512 px, batch 8, CoRe^2 slow, end to end with the VQ decode (bench_t2i.py).
+The report ends with the decode-engine targets (issue 12) checked against the measured rows.
 Budget: every generation is timed once (`--repeats 1`); baselines warm up on 8 tokens instead of a whole image
 (ours warms up on all tokens, which captures its CUDA graphs); each phase gets a slice of the time left and is
 stopped at its deadline, keeping the rows it finished. Configurations that did not fit are listed with the
@@ -91,9 +94,22 @@ def plan(args, engines: list[str]) -> list[Phase]:
     baselines = [e for e in engines if e != "ours"]
     if ours and not args.skip_generate:
         for i, preset in enumerate(args.presets):
+            count = ["--count-kernels"] if preset == args.presets[0] else []  # kernels/step of one preset
             phases.append(Phase(f"generate ours GPT-{preset}",
                                 [py, "benchmarks/bench_generate.py", "--engines", *ours, "--preset", preset,
-                                 *common], share=1.0 / (len(args.presets) - i + 1.5)))
+                                 *common, *count], share=1.0 / (len(args.presets) - i + 2.5)))
+        phases.append(Phase("targets ours GPT-XL 576 tokens",
+                            [py, "benchmarks/bench_generate.py", "--engines", *ours, "--preset", "XL", "--device",
+                             "cuda", "--dtype", "bf16", "--tokens", "576", "--repeats", "1", "--batch", "64",
+                             "--modes", "cfg", "fast"], share=0.25))
+        phases.append(Phase("targets t2i GPT-XL 512 px", [py, "benchmarks/bench_t2i.py", "--preset", "XL",
+                                                          "--batch", "8", "--modes", "slow", "cfg"], share=0.3))
+    if "baseline-compiled" in baselines and not args.skip_generate:  # the headline peer first: one compile
+        phases.append(Phase("targets baseline-compiled GPT-XL b8 CFG",
+                            [py, "benchmarks/bench_generate.py", "--engines", "baseline-compiled", "--preset", "XL",
+                             "--device", "cuda", "--dtype", "bf16", "--tokens", str(TOKENS), "--repeats", "1",
+                             "--batch", "8", "--modes", "cfg", "--warmup-tokens", str(BASELINE_WARMUP_TOKENS)],
+                            share=0.3))
     if baselines and not args.skip_generate:
         for i, preset in enumerate(args.presets):
             phases.append(Phase(f"generate {'/'.join(baselines)} GPT-{preset}",
@@ -176,7 +192,47 @@ def render(meta: dict, phases: list[Phase], args) -> str:
         out += kernel_table(csv_rows(kernels.stdout, "device"))
     out += ["", f"## Generation (bench_generate.py; {TOKENS} tokens, bf16, CFG 4.0, top-k 2000)", ""]
     out += generate_table(phases, args, meta.get("engines", []))
+    out += ["", "## Decode-engine targets (issue 12; H100, bf16, CFG 4.0, top-k 2000)", ""]
+    out += targets_table(phases)
     return "\n".join(out) + "\n"
+
+
+def targets_table(phases: list[Phase]) -> list[str]:
+    """Each target with its measured value, from the rows the phases printed ('not measured' otherwise)."""
+    gen = {(r["preset"], int(r["tokens"]), int(r["batch"]), r["mode"], r["engine"]): r
+           for p in phases if "bench_generate.py" in p.command for r in csv_rows(p.stdout, "engine")
+           if r["status"] == "ok"}
+    t2i = {r["mode"]: r for p in phases if "bench_t2i.py" in p.command for r in csv_rows(p.stdout, "preset")}
+
+    def ms(preset, batch, mode="cfg", engine="ours", tokens=TOKENS):
+        r = gen.get((preset, tokens, batch, mode, engine))
+        return None if r is None else float(r["ms_per_step"])
+
+    def ratio(num, den):
+        return None if num is None or den is None else num / den
+
+    xl64 = gen.get(("GPT-XL", TOKENS, 64, "cfg", "ours"))
+    checks = [
+        ("GPT-XL b8 CFG ms/step", ms("GPT-XL", 8), "<=", 1.0),
+        ("GPT-XL b8 CFG: compiled LlamaGen ms/step / ours", ratio(ms("GPT-XL", 8, engine="baseline-compiled"),
+                                                                  ms("GPT-XL", 8)), ">=", 2.7),
+        ("GPT-XL b64 CFG ms/step", ms("GPT-XL", 64), "<=", 2.3),
+        ("GPT-XL b64 CFG % of the bandwidth floor", None if xl64 is None else float(xl64["pct_of_floor"]), ">=", 65),
+        ("GPT-B b1 CFG ms/step", ms("GPT-B", 1), "<=", 0.30),
+        ("GPT-XL b1 CFG ms/step", ms("GPT-XL", 1), "<=", 1.0),
+        ("CoRe^2 fast / CFG images/s, GPT-XL b64 x 256", ratio(ms("GPT-XL", 64), ms("GPT-XL", 64, "fast")), ">=", 1.4),
+        ("CoRe^2 fast / CFG images/s, GPT-XL b64 x 576", ratio(ms("GPT-XL", 64, tokens=576),
+                                                             ms("GPT-XL", 64, "fast", tokens=576)), ">=", 1.5),
+        ("T2I GPT-XL 512 px b8 CoRe^2 slow, s/image incl. VQ decode",
+         float(t2i["slow"]["seconds_per_image"]) if "slow" in t2i else None, "<=", 1.0),
+        ("first-call warm-up of a new shape (all CUDA graphs of a GPT-XL b64 CFG run), s",
+         None if xl64 is None else float(xl64["warmup_s"]), "<=", 5.0),
+    ]
+    lines = ["| target | measured | goal | met |", "|---|---|---|---|"]
+    for name, value, op, goal in checks:
+        met = "–" if value is None else ("yes" if (value <= goal if op == "<=" else value >= goal) else "no")
+        lines.append(f"| {name} | {'not measured' if value is None else _num(value, 3)} | {op} {goal} | {met} |")
+    return lines
 
 
 def kernel_table(rows: list[dict]) -> list[str]:

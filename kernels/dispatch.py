@@ -1,16 +1,21 @@
-"""Kernel dispatch: the one place that decides between the fused Triton kernel and torch.
+"""Kernel dispatch: the one place that decides between the Triton kernels and their torch references.
+
+One decision covers every kernel module in `KERNEL_MODULES` (the fused sampler and the transformer
+block's non-GEMM ops): the engine asks once per device and passes the answer down.
 
 `LLAMAGEN_CORE2_KERNELS` (read on every call, so tests can flip it):
-    auto   (default) Triton when the logits are on CUDA and triton imports; otherwise the torch
-           reference, announced with one log line per process and reason.
-    triton the fused kernel or an error (KernelUnavailable): CUDA tensors, or CPU tensors when
-           the kernel module was built under the interpreter (TRITON_INTERPRET=1 set before
-           triton was imported -- how the tests run it on CPU).
-    torch  always the pure-torch reference in `llamagen_core2.guidance`.
+    auto   (default) Triton when the tensors are on CUDA and every kernel module imports; otherwise
+           the torch references, announced with one log line per process and reason.
+    triton the Triton kernels or an error (KernelUnavailable): CUDA tensors, or CPU tensors when
+           the kernel modules were built under the interpreter (TRITON_INTERPRET=1 set before
+           triton was imported -- how the tests run them on CPU).
+    torch  always the pure-torch references (`llamagen_core2.guidance`, `llamagen_core2.block_ops`).
 Importing this module never imports triton; `select_backend` does, lazily, once.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import os
 from typing import Optional
@@ -21,6 +26,8 @@ from ..errors import InvalidArgument
 
 ENV_VAR = "LLAMAGEN_CORE2_KERNELS"
 CHOICES = ("auto", "triton", "torch")
+# Every module holding Triton kernels; each exposes INTERPRETED (see `interpreted`).
+KERNEL_MODULES = ("fused_guided_sample", "add_rmsnorm", "rope_kv_write", "swiglu", "decode_attention")
 
 logger = logging.getLogger("llamagen_core2.kernels")
 _logged_reasons: set[str] = set()
@@ -29,7 +36,7 @@ _imported = False
 
 
 class KernelUnavailable(RuntimeError):
-    """LLAMAGEN_CORE2_KERNELS=triton was requested but the fused kernel cannot run here."""
+    """LLAMAGEN_CORE2_KERNELS=triton was requested but the Triton kernels cannot run here."""
 
 
 def requested_backend() -> str:
@@ -39,12 +46,22 @@ def requested_backend() -> str:
     return value
 
 
+def interpreted(jit_function) -> bool:
+    """True when triton.jit produced an interpreter function (TRITON_INTERPRET=1 was set before triton
+    was imported): the kernel then runs on CPU tensors, slowly -- tests only."""
+    return type(jit_function).__name__ == "InterpretedFunction"
+
+
+def _kernel_modules():
+    return [importlib.import_module(f"{__package__}.{name}") for name in KERNEL_MODULES]
+
+
 def _triton_import_error() -> Optional[str]:
-    """None when the fused kernel module imports, else why not (cached)."""
+    """None when every kernel module imports, else why not (cached)."""
     global _imported, _import_error
     if not _imported:
         try:
-            from . import fused_guided_sample  # noqa: F401  (imports triton)
+            _kernel_modules()  # imports triton
         except Exception as exc:  # ImportError, or triton failing to find a backend
             _import_error = f"triton unavailable ({type(exc).__name__}: {exc})"
         _imported = True
@@ -52,23 +69,27 @@ def _triton_import_error() -> Optional[str]:
 
 
 def triton_unavailable_reason(device: torch.device) -> Optional[str]:
-    """None when the fused kernel can run on tensors on `device`, else a human-readable reason."""
+    """None when the Triton kernels can run on tensors on `device`, else a human-readable reason."""
     error = _triton_import_error()
     if error is not None:
         return error
-    from .fused_guided_sample import INTERPRETED
-
-    if device.type == "cuda" and not INTERPRETED:
+    modes = {module.__name__.rsplit(".", 1)[-1]: module.INTERPRETED for module in _kernel_modules()}
+    if len(set(modes.values())) > 1:  # TRITON_INTERPRET flipped between imports: no consistent target
+        return f"kernel modules were built for different targets (interpreted: {modes})"
+    is_interpreted = next(iter(modes.values()))
+    if device.type == "cuda" and not is_interpreted:
         return None
-    if device.type == "cpu" and INTERPRETED:
+    if device.type == "cpu" and is_interpreted:
         return None
-    if INTERPRETED:
-        return f"the kernel was built for the CPU interpreter (TRITON_INTERPRET=1) but the logits are on {device}"
-    return f"the fused kernel needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 before importing triton to run it on CPU"
+    if is_interpreted:
+        return f"the kernels were built for the CPU interpreter (TRITON_INTERPRET=1) but the tensors are on {device}"
+    return (f"the Triton kernels need CUDA tensors (got {device}); set TRITON_INTERPRET=1 before importing triton "
+            f"to run them on CPU")
 
 
 def select_backend(device: torch.device) -> str:
-    """'triton' or 'torch' for logits on `device`, per LLAMAGEN_CORE2_KERNELS (see module doc)."""
+    """'triton' or 'torch' for tensors on `device`, per LLAMAGEN_CORE2_KERNELS (see module doc).
+    The engine calls this once per generate() and passes the answer to every kernel entry point."""
     requested = requested_backend()
     if requested == "torch":
         return "torch"
@@ -81,9 +102,15 @@ def select_backend(device: torch.device) -> str:
     if device.type == "cuda" and reason is None:
         return "triton"
     # auto on CPU never picks the interpreter: it is orders of magnitude slower than torch.
-    reason = reason if device.type == "cuda" else f"logits on {device}"
+    reason = reason if device.type == "cuda" else f"tensors on {device}"
     if reason not in _logged_reasons:
         _logged_reasons.add(reason)
         level = logging.WARNING if device.type == "cuda" else logging.INFO
-        logger.log(level, "guided sampling uses the torch reference path: %s", reason)
+        logger.log(level, "fused kernels use the torch reference path: %s", reason)
     return "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (launch configs size their grids to fill them)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count

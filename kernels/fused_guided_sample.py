@@ -1,42 +1,52 @@
-"""Fused guidance + sampling: mix + temperature + top-k + top-p + sample in one Triton kernel.
+"""Fused guidance + sampling: mix + temperature + top-k + top-p + sample in two Triton launches.
 
 Contract (same semantics as `llamagen_core2.guidance.guided_sample`, the torch reference):
     cond, uncond, weak : [B, V] logits (any float dtype, read once, computed in fp32)
     mode               : "cond" | "cfg" | "fast" | "slow"  (see guidance.py for the formulas)
     cfg_scale, w2s_scale, temperature, top_k, top_p : Python numbers or per-row tensors [B]
-    seed, offset       : int64 tensors with one element (or Python ints) -- the Philox key and
-                         the first counter; token draws use counters offset + row * V + column,
-                         so a caller that reuses `seed` must advance `offset` by B * V per call.
+    seeds, offset      : Philox keys (an int, or an int64 tensor [1] or [B]) and the counter base
+                         (an int, or an int64 tensor [1] that may live on the device); the counter
+                         layout is `llamagen_core2.philox`'s, and the torch reference draws the same
+                         uniforms, so both backends give the same tokens
     returns tokens LongTensor [B] (and the fp32 mixed logits [B, V] when return_mixed=True).
 
-How it works, per row (no sort, no host synchronisation -- built to be captured in a CUDA graph,
-which has not yet been exercised on a GPU):
-  * the row is loaded once into registers (vocab <= MAX_VOCAB = 65536), mixed in fp32, divided by
-    the temperature with IEEE division. Under the interpreter the mixed logits are bit-identical
-    to the reference; compiled for a GPU, Triton may contract `u + s (c - u)` into an FMA, which
-    can move a result by an ulp;
-  * top-k: a 32-step bisection over the order-preserving int32 image of the fp32 values finds the
-    exact k-th largest value; every logit >= it is kept, so ties at the k-th value survive exactly
-    as in LlamaGen's `logits < topk(...)[-1]` filter;
-  * top-p: a second 32-step bisection finds the smallest kept value v whose strictly-larger mass
-    M(v) = sum_{x_j > v} softmax_j is <= p; every kept logit >= v survives. For distinct values
-    this is LlamaGen's "smallest sorted prefix whose mass reaches p, including the token that
-    crosses p". Difference at exact ties at the top-p cut: the kernel keeps *all* tokens tied
-    with the crossing token, the reference keeps the tied tokens that `torch.sort` happens to
-    put first (sort-order dependent). Rounding differs too (a sum vs a sequential cumsum), so a
-    token whose cumulative mass is within ~1e-6 of p may be kept by one and not the other;
-  * sampling: an exponential race / Gumbel-max, argmax_j (x_j - log E_j), E_j = -log U_j with
-    U_j = tl.rand(seed, counter) (Philox), which draws exactly from softmax over the kept set;
-  * temperature 0 = greedy: argmax of the mixed logits (first index on ties, like torch.argmax).
-NaN logits give an unspecified token (the engine detects NaN/inf separately, DESIGN §7).
+Two launches, no sort, no host synchronisation, scratch sized from (B, V) only -- graph-capturable.
+docs/sampling.md has the design, the cost model and what is measured.
 
-Grid: one program per row for vocabularies >= 4096 on a GPU; smaller vocabularies (and the CPU
-interpreter, TRITON_INTERPRET=1, where Python overhead per op dominates) pack several rows into
-one program -- every reduction is along the vocab axis, so rows never interact.
+1. `_mix_race_kernel`, grid (row groups, blocks per row): each program takes a block of columns of
+   its rows and loops over it in chunks: mixes in fp32 (the reference association `u + s (c - u)`;
+   FMA contraction is disabled, so the result is bit-identical to `guidance.mix_guidance`), divides
+   by the temperature with IEEE division (x), adds the race noise s = x - log(-log U) with
+   U = tl.rand(key, counter), writes x and s to scratch (only when top-k / top-p can be on) and
+   per-block partials: the first index of the largest s (the unfiltered race winner) and, when a
+   row may be greedy, of the largest x.
+2. `_select_kernel`, one program per row (or per group of small rows): combines the partials. With
+   no top-k / top-p the token is the unfiltered race winner and no row is re-read. Otherwise it
+   loads the row's keys (the order-preserving int32 image of x) from scratch into registers and
+   * top-k: the exact k-th largest key -- a radix select (12 + 10 + 10-bit histograms) with one
+     row per program, a 32-step bisection for packed rows. Every logit >= it is kept, so ties at
+     the k-th value survive exactly as in LlamaGen's `logits < topk(...)[-1]` filter. The race
+     winner stands if its key clears the threshold; if not, the argmax of s over the kept set is
+     taken (a pass that streams s from scratch);
+   * top-p: the kept set is {key >= v}, v the smallest kept key whose strictly-larger mass
+     M(v) = sum_{x_j > v} softmax_j is <= p (LlamaGen's "smallest sorted prefix whose mass reaches
+     p, including the crossing token", for distinct values). A kept token t survives iff
+     M(x_t) <= p, so the race is finished by rejection: test the current winner (one masked sum);
+     if it is cut, its key bounds v from below and the next winner is the argmax of s above it.
+     The first accepted token is the argmax of s over the top-p set, since every rejected token
+     lies below v. After TOP_P_ROUNDS rejections (rare: a rejection needs the winner in the last
+     1 - p of the mass) an exact bisection for v finishes the row. Exact ties at the cut and
+     rounding differ from the reference as docs/sampling.md describes;
+   * temperature 0 = greedy: the first index of the largest mixed logit (like torch.argmax).
+NaN logits give an unspecified token (the engine detects NaN/inf separately).
+
+Every launch setting comes from `launch_config(batch, vocab, device)` (documented there).
 """
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -45,9 +55,13 @@ import triton.language as tl
 
 from ..errors import InvalidArgument, check_finite_scale, check_sampling_args
 from ..guidance_config import MODE_TABLE
+from ..philox import check_offset, check_seeds, counter_strides
 
-MAX_VOCAB = 65536  # a whole row lives in registers: 65536 fp32 over 32 warps = 64 per thread
+MAX_VOCAB = 65536  # the select kernel holds a row in registers
 MODE_IDS = {"cond": 0, "cfg": 1, "fast": 2, "slow": 3}
+INT32_MIN = tl.constexpr(-2147483648)
+INT32_MAX = tl.constexpr(2147483647)
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
@@ -59,102 +73,386 @@ def _ordered_key(x):
 
 
 @triton.jit
+def _key_value(key):
+    """Inverse of _ordered_key (up to the sign of zero)."""
+    return tl.where(key >= 0, key, key ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _floor_mid(lo, hi):
     """floor((lo + hi) / 2) for int32 without overflow."""
     return (lo >> 1) + (hi >> 1) + (lo & hi & 1)
 
 
 @triton.jit
-def _fused_guided_sample_kernel(
-    cond_ptr, uncond_ptr, weak_ptr,          # [B, V] logits, unit stride along V
-    cfg_scale_ptr, w2s_scale_ptr,            # [B] fp32
-    temperature_ptr, top_p_ptr,              # [B] fp32
-    top_k_ptr,                               # [B] int64
-    seed_ptr, offset_ptr,                    # [1] int64 Philox key / first counter
-    tokens_ptr, mixed_ptr,                   # [B] int64 out, [B, V] fp32 out (if WRITE_MIXED)
-    n_rows, vocab,
-    stride_cond, stride_uncond, stride_weak, stride_mixed,
-    MODE: tl.constexpr,                      # 0 cond, 1 cfg, 2 fast, 3 slow
-    WRITE_MIXED: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)   # [R]
-    cols = tl.arange(0, BLOCK_V)                                      # [V]
-    row_ok = rows < n_rows
-    valid = row_ok[:, None] & (cols[None, :] < vocab)                # [R, V]
-    rows64 = rows.to(tl.int64)
+def _row_knob(ptr, value, rows, row_ok, PER_ROW: tl.constexpr, DTYPE: tl.constexpr):
+    """[R] knob: loaded per row, or the scalar kernel argument broadcast."""
+    if PER_ROW:
+        return tl.load(ptr + rows, mask=row_ok, other=0).to(DTYPE)
+    else:
+        return tl.zeros(rows.shape, dtype=DTYPE) + value
 
-    # ---- mix (fp32, reference association u + s (c - u) and w + a (cfg - w)) ----
-    c = tl.load(cond_ptr + rows64[:, None] * stride_cond + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+
+# ------------------------------------------------------------------ phase 1: mix + race noise
+
+
+@triton.jit
+def _mixed_tile(cond_ptr, uncond_ptr, weak_ptr, s_cfg, a_w2s, rows64, cols, valid,
+                stride_c, stride_u, stride_w, MODE: tl.constexpr, CFG_MIX: tl.constexpr):
+    """fp32 mixed logits [R, C] with the reference association (guidance.mix_guidance)."""
+    c = tl.load(cond_ptr + rows64[:, None] * stride_c + cols[None, :], mask=valid, other=0.0).to(tl.float32)
     if MODE == 0:
         mixed = c
     elif MODE == 2:
-        mixed = tl.load(weak_ptr + rows64[:, None] * stride_weak + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+        mixed = tl.load(weak_ptr + rows64[:, None] * stride_w + cols[None, :], mask=valid, other=0.0).to(tl.float32)
     else:
-        u = tl.load(uncond_ptr + rows64[:, None] * stride_uncond + cols[None, :], mask=valid, other=0.0).to(tl.float32)
-        s = tl.load(cfg_scale_ptr + rows, mask=row_ok, other=1.0)[:, None]
-        mixed = tl.where(s > 1.0, u + s * (c - u), c)   # a scale <= 1 means cond-only
+        mixed = c
+        if CFG_MIX:
+            u = tl.load(uncond_ptr + rows64[:, None] * stride_u + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+            mixed = tl.where(s_cfg[:, None] > 1.0, u + s_cfg[:, None] * (c - u), c)  # a scale <= 1 means cond-only
         if MODE == 3:
-            w = tl.load(weak_ptr + rows64[:, None] * stride_weak + cols[None, :], mask=valid, other=0.0).to(tl.float32)
-            a = tl.load(w2s_scale_ptr + rows, mask=row_ok, other=1.0)[:, None]
-            mixed = w + a * (mixed - w)
-    if WRITE_MIXED:
-        tl.store(mixed_ptr + rows64[:, None] * stride_mixed + cols[None, :], mixed, mask=valid)
-    mixed = tl.where(valid, mixed, float("-inf"))
-    greedy_token = tl.argmax(mixed, axis=1)                           # [R], first index on ties
+            w = tl.load(weak_ptr + rows64[:, None] * stride_w + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+            mixed = w + a_w2s[:, None] * (mixed - w)
+    return mixed
 
-    # ---- temperature (IEEE division so thresholds match the reference bit for bit) ----
-    temp = tl.load(temperature_ptr + rows, mask=row_ok, other=1.0)
-    is_greedy = temp == 0.0
-    x = tl.fdiv(mixed, tl.where(is_greedy, 1.0, temp)[:, None], ieee_rounding=True)
-    x = tl.where(valid, x, float("-inf"))
-    key = _ordered_key(x)                                             # [R, V] int32
 
-    # ---- top-k: largest key K with count(key >= K) >= k (= exact k-th largest value) ----
-    k = tl.load(top_k_ptr + rows, mask=row_ok, other=0).to(tl.int32)
-    topk_on = (k > 0) & (k < vocab)
-    kept = valid
+@triton.jit
+def _mix_race_kernel(
+    cond_ptr, uncond_ptr, weak_ptr,          # [B, V] logits, unit stride along V
+    mixed_ptr,                               # [B, V] fp32 out (WRITE_MIXED)
+    x_ptr, s_ptr,                            # [B, V] fp32 scratch: scaled logits, race scores (STORE_ROWS)
+    part_f_ptr, part_i_ptr,                  # [2, B, NB] fp32 / int32 per-block partials (max, first index)
+    cfg_ptr, cfg_val, w2s_ptr, w2s_val, temp_ptr, temp_val,   # knobs: [B] tensors or scalars
+    seeds_ptr, offset_ptr, offset_val,       # int64 Philox keys [1] or [B]; counter base
+    n_rows, vocab, n_blocks, seed_stride, counter_row_stride,
+    stride_c, stride_u, stride_w, stride_m,
+    MODE: tl.constexpr, CFG_MIX: tl.constexpr, KNOBS_PER_ROW: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr,
+    WRITE_MIXED: tl.constexpr, SCALE: tl.constexpr, GREEDY: tl.constexpr, SAMPLE: tl.constexpr,
+    STORE_ROWS: tl.constexpr, BLOCK_ROWS: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+):
+    """Per (row group, column block): mix, x = mixed / temperature (SCALE; else the temperature is
+    1 or 0 and x = mixed), s = x + Gumbel noise (SAMPLE), x and s to scratch (STORE_ROWS), and the
+    block's (max, first index) of x (GREEDY: some row may have temperature 0) and of s."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)       # [R]
+    block = tl.program_id(1)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    s_cfg = _row_knob(cfg_ptr, cfg_val, rows, row_ok, KNOBS_PER_ROW, tl.float32)
+    a_w2s = _row_knob(w2s_ptr, w2s_val, rows, row_ok, KNOBS_PER_ROW, tl.float32)
+    if SCALE:
+        temp = _row_knob(temp_ptr, temp_val, rows, row_ok, KNOBS_PER_ROW, tl.float32)
+        divisor = tl.where(temp == 0.0, 1.0, temp)[:, None]              # greedy rows keep x = mixed
+    if SAMPLE:
+        seed = tl.load(seeds_ptr + rows64 * seed_stride, mask=row_ok, other=0)
+        if OFFSET_FROM_PTR:
+            base = tl.load(offset_ptr) + rows64 * counter_row_stride
+        else:
+            base = offset_val + rows64 * counter_row_stride
+
+    best_x = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
+    best_xi = tl.zeros([BLOCK_ROWS], tl.int32)
+    best_s = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
+    best_si = tl.zeros([BLOCK_ROWS], tl.int32)
+    for chunk in range(CHUNKS):
+        start = (block * CHUNKS + chunk) * CHUNK
+        cols = start + tl.arange(0, CHUNK)                               # [C]
+        valid = row_ok[:, None] & (cols < vocab)[None, :]                # [R, C]
+        mixed = _mixed_tile(cond_ptr, uncond_ptr, weak_ptr, s_cfg, a_w2s, rows64, cols, valid,
+                            stride_c, stride_u, stride_w, MODE, CFG_MIX)
+        if WRITE_MIXED:
+            tl.store(mixed_ptr + rows64[:, None] * stride_m + cols[None, :], mixed, mask=valid)
+        if SCALE:
+            mixed = tl.fdiv(mixed, divisor, ieee_rounding=True)          # IEEE, like torch's division
+        x = tl.where(valid, mixed, float("-inf"))
+        row_at = rows64[:, None] * vocab + cols[None, :]
+        if STORE_ROWS:
+            tl.store(x_ptr + row_at, x, mask=valid)
+        if GREEDY:
+            # strict > keeps the earlier chunk on ties: first index, like torch.argmax
+            cx, ci = tl.max(x, axis=1, return_indices=True)
+            better = cx > best_x
+            best_xi = tl.where(better, start + ci, best_xi)
+            best_x = tl.where(better, cx, best_x)
+        if SAMPLE:
+            uniform = tl.rand(seed[:, None], base[:, None] + cols[None, :])
+            s = x - tl.log(-tl.log(uniform))
+            s = tl.where(valid, tl.maximum(s, -FLT_MAX), float("-inf"))  # U = 0 must not tie with removed tokens
+            if STORE_ROWS:
+                tl.store(s_ptr + row_at, s, mask=valid)
+            cs, csi = tl.max(s, axis=1, return_indices=True)
+            better = cs > best_s
+            best_si = tl.where(better, start + csi, best_si)
+            best_s = tl.where(better, cs, best_s)
+
+    plane = n_rows * n_blocks
+    at = rows * n_blocks + block
+    if GREEDY:
+        tl.store(part_f_ptr + at, best_x, mask=row_ok)
+        tl.store(part_i_ptr + at, best_xi, mask=row_ok)
+    if SAMPLE:
+        tl.store(part_f_ptr + plane + at, best_s, mask=row_ok)
+        tl.store(part_i_ptr + plane + at, best_si, mask=row_ok)
+
+
+@triton.jit
+def _combine_argmax(part_f_ptr, part_i_ptr, at, pmask):
+    """Per row: first index of the largest value over the block partials (blocks in column order)."""
+    best = tl.load(part_f_ptr + at, mask=pmask, other=float("-inf"))
+    top = tl.max(best, axis=1)
+    index = tl.load(part_i_ptr + at, mask=pmask, other=INT32_MAX)
+    return tl.min(tl.where(pmask & (best == top[:, None]), index, INT32_MAX), axis=1)
+
+
+# ------------------------------------------------------------------ phase 2: select + finish the race
+
+
+@triton.jit
+def _pick_bucket(hist, need, NBINS: tl.constexpr):
+    """Largest bin b with count(bins >= b) >= need, and count(bins > b)."""
+    at_least = tl.cumsum(hist, 0, reverse=True)
+    bins = tl.arange(0, NBINS)
+    pick = tl.max(tl.where(at_least >= need, bins, -1), axis=0)
+    above = tl.sum(tl.where(bins > pick, hist, 0), axis=0)
+    return pick, above
+
+
+@triton.jit
+def _kth_key_radix(key, k, BLOCK_V: tl.constexpr):
+    """Exact k-th largest key of one row ([1, V] keys, INT32_MIN = padding; [1] k with 0 < k <= #real
+    keys): three histogram passes over the top 12, middle 10 and low 10 bits, each narrowing to the
+    bucket that holds the k-th largest. Digits come from arithmetic shifts of the signed key, whose
+    floor semantics keep bucket order == key order (no second row-sized tensor stays live)."""
+    key = tl.reshape(key, [BLOCK_V])
+    need = tl.sum(k, axis=0)
+    pick, above = _pick_bucket(tl.histogram((key >> 20) + 2048, 4096, mask=key > INT32_MIN), need, 4096)
+    need -= above
+    prefix = pick - 2048                                                    # == key >> 20 of the k-th
+    pick, above = _pick_bucket(tl.histogram((key >> 10) & 1023, 1024, mask=(key >> 20) == prefix), need, 1024)
+    need -= above
+    prefix = prefix * 1024 + pick                                           # == key >> 10 of the k-th
+    pick, above = _pick_bucket(tl.histogram(key & 1023, 1024, mask=(key >> 10) == prefix), need, 1024)
+    return tl.zeros([1], tl.int32) + (prefix * 1024 + pick)
+
+
+@triton.jit
+def _kth_key_bisect(key, k):
+    """Exact k-th largest key per row ([R, V] keys, INT32_MIN = padding): the largest K with
+    count(key >= K) >= k, by bisection."""
+    lo = tl.min(tl.where(key > INT32_MIN, key, INT32_MAX), axis=1)      # count(>= lo) = #real >= k
+    hi = tl.max(key, axis=1) + 1                                        # count(>= hi) = 0 < k
+    for _ in range(32):
+        mid = _floor_mid(lo, hi)
+        enough = tl.sum((key >= mid[:, None]).to(tl.int32), axis=1) >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    return lo
+
+
+@triton.jit
+def _streamed_argmax(x_rows, s_rows, row_ok, vocab, above, at_least, BLOCK_ROWS: tl.constexpr,
+                     BLOCK_V: tl.constexpr, SCAN: tl.constexpr):
+    """First index (and key) of the largest race score among the entries with above < key and
+    key >= at_least, per row. Streams x and s from scratch in SCAN-column steps: this rare path
+    then needs no row-sized tensor beside the resident keys (x_rows, s_rows: [R] row pointers)."""
+    best = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
+    t = tl.zeros([BLOCK_ROWS], tl.int32)
+    key_t = tl.full([BLOCK_ROWS], INT32_MIN, tl.int32)
+    for start in tl.static_range(0, BLOCK_V, SCAN):
+        cols = start + tl.arange(0, SCAN)
+        in_row = row_ok[:, None] & (cols < vocab)[None, :]
+        key = _ordered_key(tl.load(x_rows[:, None] + cols[None, :], mask=in_row, other=float("-inf")))
+        take = in_row & (key > above[:, None]) & (key >= at_least[:, None])
+        s = tl.where(take, tl.load(s_rows[:, None] + cols[None, :], mask=in_row, other=float("-inf")), float("-inf"))
+        cs, ci = tl.max(s, axis=1, return_indices=True)
+        ck = tl.max(tl.where(tl.arange(0, SCAN)[None, :] == ci[:, None], key, INT32_MIN), axis=1)
+        better = cs > best                                                # strict: the earlier step wins ties
+        t = tl.where(better, start + ci, t)
+        key_t = tl.where(better, ck, key_t)
+        best = tl.where(better, cs, best)
+    return t, key_t
+
+
+@triton.jit
+def _mass(key, keep, shift):
+    """Softmax numerators exp(x - shift) where `keep`, else 0. The mask goes into the exponent, so a
+    loop-variant mask keeps the compiler from hoisting a row-sized exp tensor out of the loop."""
+    return tl.exp(tl.where(keep, _key_value(key) - shift[:, None], float("-inf")))
+
+
+@triton.jit
+def _filtered_race(x_ptr, s_ptr, rows64, row_ok, vocab, win, k, p, topk_on, topp_on,
+                   BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr, SCAN: tl.constexpr,
+                   TOP_P_ROUNDS: tl.constexpr):
+    """Token per row: argmax of s over the top-k / top-p kept set (module doc). Only the keys stay
+    live as a row tensor (masks and softmax numerators are recomputed from them), which keeps a
+    16384-entry row in registers without spills."""
+    cols = tl.arange(0, BLOCK_V)
+    in_row = row_ok[:, None] & (cols < vocab)[None, :]
+    # [R] row pointers + int32 columns: no row-sized 64-bit address tensor stays live
+    x_rows = x_ptr + rows64 * vocab
+    s_rows = s_ptr + rows64 * vocab
+    key = _ordered_key(tl.load(x_rows[:, None] + cols[None, :], mask=in_row, other=float("-inf")))
+    key = tl.where(in_row, key, INT32_MIN)                                # padding: below every kept key
+
+    threshold = tl.full([BLOCK_ROWS], INT32_MIN + 1, tl.int32)            # kept <=> key >= threshold
     if tl.max(topk_on.to(tl.int32), axis=0) > 0:
-        lo = tl.min(tl.where(valid, key, 2147483647), axis=1)         # count(>= lo) = V >= k
-        hi = tl.max(tl.where(valid, key, -2147483647), axis=1) + 1    # count(>= hi) = 0 < k
-        for _ in range(32):
-            mid = _floor_mid(lo, hi)
-            count = tl.sum((valid & (key >= mid[:, None])).to(tl.int32), axis=1)
-            enough = count >= k
-            lo = tl.where(enough, mid, lo)
-            hi = tl.where(enough, hi, mid)
-        kept = valid & ((key >= lo[:, None]) | ~topk_on[:, None])
+        if BLOCK_ROWS == 1:
+            kth = _kth_key_radix(key, k, BLOCK_V)
+        else:
+            kth = _kth_key_bisect(key, k)
+        threshold = tl.where(topk_on, kth, threshold)
 
-    # ---- softmax numerators over the kept set ----
-    row_max = tl.max(tl.where(kept, x, float("-inf")), axis=1)
-    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)       # padding rows: avoid inf - inf
-    e = tl.where(kept, tl.exp(x - row_max[:, None]), 0.0)
-    total = tl.sum(e, axis=1)
-    total = tl.where(total > 0.0, total, 1.0)
+    t = win
+    key_t = _ordered_key(tl.load(x_rows + win, mask=row_ok, other=0.0))
+    lost = key_t < threshold                                              # the winner was cut by top-k
+    if tl.max(lost.to(tl.int32), axis=0) > 0:
+        no_bound = tl.full([BLOCK_ROWS], INT32_MIN, tl.int32)
+        t2, key_t2 = _streamed_argmax(x_rows, s_rows, row_ok, vocab, no_bound, threshold, BLOCK_ROWS, BLOCK_V, SCAN)
+        t = tl.where(lost, t2, t)
+        key_t = tl.where(lost, key_t2, key_t)
 
-    # ---- top-p: smallest kept key K with mass(key > K) / total <= p ----
-    p = tl.load(top_p_ptr + rows, mask=row_ok, other=1.0)
-    topp_on = p < 1.0
     if tl.max(topp_on.to(tl.int32), axis=0) > 0:
-        lo_p = tl.min(tl.where(kept, key, 2147483647), axis=1) - 1    # mass(> lo_p) = 1 > p
-        hi_p = tl.max(tl.where(kept, key, -2147483647), axis=1)       # mass(> hi_p) = 0 <= p
-        for _ in range(32):
-            mid = _floor_mid(lo_p, hi_p)
-            above = tl.sum(tl.where(key > mid[:, None], e, 0.0), axis=1)
-            small = above / total <= p
-            hi_p = tl.where(small, mid, hi_p)
-            lo_p = tl.where(small, lo_p, mid)
-        kept = kept & ((key >= hi_p[:, None]) | ~topp_on[:, None])
+        shift = tl.where(row_ok, _key_value(tl.max(key, axis=1)), 0.0)   # the row max; padding rows: 0
+        total = tl.sum(_mass(key, key >= threshold[:, None], shift), axis=1)
+        total = tl.where(row_ok, total, 1.0)                              # >= 1: the row max is kept
+        lo = tl.full([BLOCK_ROWS], INT32_MIN, tl.int32)                   # invariant: M(lo) > p
+        pending = topp_on
+        rounds = 0
+        while (rounds < TOP_P_ROUNDS) & (tl.max(pending.to(tl.int32), axis=0) > 0):
+            above = tl.sum(_mass(key, key > key_t[:, None], shift), axis=1)
+            rejected = pending & (above / total > p)
+            lo = tl.where(rejected, key_t, lo)
+            pending = rejected
+            if tl.max(rejected.to(tl.int32), axis=0) > 0:
+                t2, key_t2 = _streamed_argmax(x_rows, s_rows, row_ok, vocab, key_t, threshold,
+                                              BLOCK_ROWS, BLOCK_V, SCAN)
+                t = tl.where(rejected, t2, t)
+                key_t = tl.where(rejected, key_t2, key_t)
+            rounds += 1
+        if tl.max(pending.to(tl.int32), axis=0) > 0:
+            # exact cut: the smallest key v in (lo, max] with M(v) <= p (a key that is present and kept)
+            e = _mass(key, key >= threshold[:, None], shift)
+            hi = tl.max(key, axis=1)                                      # M(max) = 0 <= p
+            while tl.max((lo + 1 < hi).to(tl.int32), axis=0) > 0:         # <= 32 steps
+                mid = _floor_mid(lo, hi)
+                small = tl.sum(tl.where(key > mid[:, None], e, 0.0), axis=1) / total <= p
+                hi = tl.where(small, mid, hi)
+                lo = tl.where(small, lo, mid)
+            t2, _ = _streamed_argmax(x_rows, s_rows, row_ok, vocab, lo, threshold, BLOCK_ROWS, BLOCK_V, SCAN)
+            t = tl.where(pending, t2, t)
+    return t
 
-    # ---- exponential race over the kept set: argmax x - log(E), E = -log U ----
-    seed = tl.load(seed_ptr)
-    counter = tl.load(offset_ptr) + rows64[:, None] * vocab + cols[None, :]
-    uniform = tl.rand(seed, counter)
-    score = tl.where(kept, x - tl.log(-tl.log(uniform)), float("-inf"))
-    sampled = tl.argmax(score, axis=1)
-    token = tl.where(is_greedy, greedy_token, sampled)
+
+@triton.jit
+def _select_kernel(
+    x_ptr, s_ptr, part_f_ptr, part_i_ptr,    # scratch written by _mix_race_kernel
+    tokens_ptr,                              # [B] int64 out
+    temp_ptr, temp_val, top_k_ptr, top_k_val, top_p_ptr, top_p_val,
+    n_rows, vocab, n_blocks,
+    KNOBS_PER_ROW: tl.constexpr, GREEDY: tl.constexpr, SAMPLE: tl.constexpr, FILTERS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_NB: tl.constexpr, SCAN: tl.constexpr,
+    TOP_P_ROUNDS: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    blocks = tl.arange(0, BLOCK_NB)
+    pmask = row_ok[:, None] & (blocks < n_blocks)[None, :]
+    at = rows[:, None] * n_blocks + blocks[None, :]
+    plane = n_rows * n_blocks
+
+    token = tl.zeros([BLOCK_ROWS], tl.int32)
+    if GREEDY:  # the largest mixed logit, first index
+        token = _combine_argmax(part_f_ptr, part_i_ptr, at, pmask)
+    if SAMPLE:
+        win = _combine_argmax(part_f_ptr + plane, part_i_ptr + plane, at, pmask)  # the unfiltered race winner
+        temp = _row_knob(temp_ptr, temp_val, rows, row_ok, KNOBS_PER_ROW, tl.float32)
+        sampled = temp != 0.0
+        token = tl.where(sampled, win, token)
+        if FILTERS:
+            k = tl.minimum(_row_knob(top_k_ptr, top_k_val, rows, row_ok, KNOBS_PER_ROW, tl.int64), vocab).to(tl.int32)
+            p = _row_knob(top_p_ptr, top_p_val, rows, row_ok, KNOBS_PER_ROW, tl.float32)
+            topk_on = sampled & row_ok & (k > 0) & (k < vocab)
+            topp_on = sampled & row_ok & (p < 1.0)
+            if tl.max((topk_on | topp_on).to(tl.int32), axis=0) > 0:
+                t = _filtered_race(x_ptr, s_ptr, rows64, row_ok, vocab, win, k, p, topk_on, topp_on,
+                                   BLOCK_ROWS, BLOCK_V, SCAN, TOP_P_ROUNDS)
+                token = tl.where(topk_on | topp_on, t, token)
     tl.store(tokens_ptr + rows, token.to(tl.int64), mask=row_ok)
+
+
+# ------------------------------------------------------------------ launch configuration
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    rows_per_program: int   # R: rows per program in both kernels (power of 2)
+    blocks_per_row: int     # NB: phase-1 programs per row (the vocabulary split); 1 = one per row
+    chunk: int              # columns per phase-1 loop step (power of 2)
+    chunks_per_block: int   # loop steps per phase-1 program; NB * chunk * chunks >= V
+    mix_warps: int
+    select_warps: int
+    scan_chunk: int         # columns per step when the select kernel streams a row from scratch
+    top_p_rounds: int       # rejection rounds before the exact top-p bisection
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def launch_config(batch: int, vocab: int, device, *, blocks_per_row: Optional[int] = None,
+                  rows_per_program: Optional[int] = None, top_p_rounds: int = 4) -> LaunchConfig:
+    """Every launch setting of `fused_guided_sample`, from (batch, vocab, device) alone.
+
+    GPU (why, for V = 16384 on an H100 with 132 SMs -- see docs/sampling.md):
+      * select kernel: one program per row (rows of < 4096 entries are packed up to 4096 elements),
+        num_warps = elements / 1024 clamped to [4, 32] (8 at least for packed rows): the row's
+        keys live in registers (16 warps for V = 16384: 32 keys per thread; compiled for sm_90a it
+        uses 128 registers and spills ~80 bytes of scalars, nothing in the per-element passes).
+        Beyond V = 16384 a row no longer fits: ptxas spills it to local memory (V = 32768: ~600
+        bytes per thread) -- correct, slower;
+      * mix/race kernel: light 4-warp programs (~55 registers) over 1024-column chunks. This phase
+        carries the bandwidth and the Philox arithmetic (~135 instructions per element), so it is
+        split until there are ~8 programs per SM (enough resident warps to hide load latency) or
+        the blocks shrink to 1024 columns: batch 1, 8 and 64 -> 16 blocks per row, batch 256 -> 8;
+        a batch of >= 8 x SMs rows gets one program per row.
+    CPU interpreter (TRITON_INTERPRET=1): every op costs Python overhead, so rows are packed up to
+    65536 elements and a row is one block unless `blocks_per_row` asks otherwise.
+    `blocks_per_row` / `rows_per_program` override the split (tests force the split path at small
+    shapes; tuning); `top_p_rounds=0` sends every top-p row to the bisection (tests).
+    """
+    device = torch.device(device)
+    on_gpu = device.type == "cuda" and not INTERPRETED
+    row_block = triton.next_power_of_2(vocab)
+    if rows_per_program is None:
+        rows_per_program = max(1, min(256, (4096 if on_gpu else 65536) // row_block))
+    rows = triton.next_power_of_2(max(1, int(rows_per_program)))
+    max_blocks = max(1, row_block // 1024) if on_gpu else row_block
+    if blocks_per_row is None:
+        if on_gpu:
+            row_programs = math.ceil(batch / rows)
+            wanted = math.ceil(8 * sm_count(device) / row_programs)
+            blocks_per_row = min(triton.next_power_of_2(wanted), max_blocks)
+        else:
+            blocks_per_row = 1
+    blocks = min(triton.next_power_of_2(max(1, int(blocks_per_row))), row_block)
+    block_cols = row_block // blocks
+    chunk = min(block_cols, max(1, (1024 if on_gpu else 65536) // rows))
+    # packed rows run the bisection on 2-D tiles: 8 warps keep them at ~16 values per thread
+    select_warps = max(4 if rows == 1 else 8, min(32, rows * row_block // 1024)) if on_gpu else 4
+    scan_chunk = min(row_block, max(1, (2048 if on_gpu else 65536) // rows))
+    return LaunchConfig(rows_per_program=rows, blocks_per_row=blocks, chunk=chunk,
+                        chunks_per_block=block_cols // chunk, mix_warps=4, select_warps=select_warps,
+                        scan_chunk=scan_chunk, top_p_rounds=int(top_p_rounds))
+
+
+# ------------------------------------------------------------------ launcher
 
 
 def _as_logits(name: str, t: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -196,29 +494,8 @@ def _check_knob(name: str, value) -> None:
                             value if name == "top_p" else 1.0)
 
 
-def _philox_tensor(value, name: str, device) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.dtype not in (torch.int64, torch.int32):
-            raise InvalidArgument(f"{name} must be an integer tensor with one element, got "
-                                  f"{value.dtype} with shape {list(value.shape)}")
-        return value.to(device=device, dtype=torch.int64).reshape(1)
-    if isinstance(value, bool) or not isinstance(value, int) or not (0 <= value < 2 ** 63):
-        raise InvalidArgument(f"{name} must be an int in [0, 2**63) or a one-element int64 tensor, got {value!r}")
-    return torch.full((1,), value, device=device, dtype=torch.int64)  # a fill kernel: no host copy
-
-
-def launch_config(vocab: int, on_gpu: bool, rows_per_program: Optional[int] = None) -> tuple[int, int, int]:
-    """(BLOCK_ROWS, BLOCK_V, num_warps). On a GPU: one row per program once a row has >= 4096
-    entries, smaller rows packed up to 4096 elements; on the CPU interpreter, where every op costs
-    Python overhead, rows are packed up to 65536 elements. num_warps keeps <= 32 fp32 per thread
-    per live tensor up to 32K elements (V = 16384: 16 warps, 128 registers, no spills when
-    compiled for sm_90a with ptxas 13.4; V = 65536 at the 32-warp cap spills ~4 KB per thread)."""
-    block_v = triton.next_power_of_2(vocab)
-    if rows_per_program is None:
-        rows_per_program = max(1, min(256, (4096 if on_gpu else 65536) // block_v))
-    block_rows = triton.next_power_of_2(max(1, int(rows_per_program)))
-    num_warps = max(4, min(32, block_rows * block_v // 1024))
-    return block_rows, block_v, num_warps
+KNOB_DTYPES = {"cfg_scale": torch.float32, "w2s_scale": torch.float32, "temperature": torch.float32,
+               "top_k": torch.int64, "top_p": torch.float32}
 
 
 def fused_guided_sample(
@@ -232,16 +509,18 @@ def fused_guided_sample(
     temperature=1.0,
     top_k=0,
     top_p=1.0,
-    seed=0,
+    seeds=0,
     offset=0,
     return_mixed: bool = False,
     check_values: bool = True,
-    rows_per_program: Optional[int] = None,
+    config: Optional[LaunchConfig] = None,
 ):
-    """Launch the fused kernel on [B, V] logits; tokens LongTensor [B] (and mixed fp32 [B, V]).
+    """Launch the two kernels on [B, V] logits; tokens LongTensor [B] (and mixed fp32 [B, V]).
 
-    Per-row knobs given as tensors are value-checked (a host sync) unless check_values=False,
-    which the engine passes inside CUDA-graph capture after validating the request once.
+    Python-number knobs are passed as kernel arguments (no device tensors are built for them). If
+    any knob is a tensor, all become [B] tensors, value-checked (a host sync) unless
+    check_values=False, which the engine passes inside CUDA-graph capture after validating the
+    request once. `config` overrides `launch_config(B, V, device)` (tests, tuning).
     """
     if mode not in MODE_IDS:
         raise InvalidArgument(f"mode must be one of {tuple(MODE_IDS)}, got {mode!r}")
@@ -255,34 +534,71 @@ def fused_guided_sample(
     if MODE_TABLE[mode].uncond and uncond is None:
         if isinstance(cfg_scale, torch.Tensor) or float(cfg_scale) > 1.0:
             raise InvalidArgument(f"mode {mode!r} with cfg_scale > 1 needs the unconditional output `uncond`")
-        uncond = cond  # never read: a scale <= 1 selects cond
+    seeds = check_seeds(seeds, batch, vocab, device)
+    offset = check_offset(offset, batch, vocab, seeds.numel())
+    seed_stride, counter_row_stride = counter_strides(seeds.numel(), vocab)
 
-    f32 = torch.float32
-    cfg_t = _per_row(cfg_scale, "cfg_scale", batch, device, f32, check_values)
-    w2s_t = _per_row(w2s_scale, "w2s_scale", batch, device, f32, check_values)
-    temp_t = _per_row(temperature, "temperature", batch, device, f32, check_values)
-    top_k_t = _per_row(top_k, "top_k", batch, device, torch.int64, check_values)
-    top_p_t = _per_row(top_p, "top_p", batch, device, f32, check_values)
-    seed_t = _philox_tensor(seed, "seed", device)
-    offset_t = _philox_tensor(offset, "offset", device)
+    knobs = dict(cfg_scale=cfg_scale, w2s_scale=w2s_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    per_row = any(isinstance(v, torch.Tensor) for v in knobs.values())
+    if per_row:
+        ptrs = {name: _per_row(v, name, batch, device, KNOB_DTYPES[name], check_values) for name, v in knobs.items()}
+        vals = dict(cfg_scale=1.0, w2s_scale=1.0, temperature=1.0, top_k=0, top_p=1.0)
+    else:
+        for name, v in knobs.items():
+            _check_knob(name, v)
+        ptrs = dict.fromkeys(knobs, seeds)  # never read
+        vals = dict(cfg_scale=float(cfg_scale), w2s_scale=float(w2s_scale), temperature=float(temperature),
+                    top_k=min(int(top_k), vocab), top_p=float(top_p))
+    cfg_mix = MODE_TABLE[mode].uncond and (per_row or vals["cfg_scale"] > 1.0)
+    sample = per_row or vals["temperature"] != 0.0
+    greedy = per_row or vals["temperature"] == 0.0
+    scale = per_row or vals["temperature"] not in (0.0, 1.0)
+    filters = sample and (per_row or 0 < vals["top_k"] < vocab or vals["top_p"] < 1.0)
 
+    cfg = config or launch_config(batch, vocab, device)
+    nb = cfg.blocks_per_row
+    if nb * cfg.chunk * cfg.chunks_per_block < vocab or nb > triton.next_power_of_2(vocab):
+        raise InvalidArgument(f"config {cfg} does not cover vocab {vocab}")
+    row_elems = batch * vocab if filters else 0
+    scratch = torch.empty(2 * row_elems + 4 * batch * nb, device=device, dtype=torch.int32)
+    x_buf = scratch[:row_elems].view(torch.float32)
+    s_buf = scratch[row_elems:2 * row_elems].view(torch.float32)
+    part_f = scratch[2 * row_elems:2 * row_elems + 2 * batch * nb].view(torch.float32)
+    part_i = scratch[2 * row_elems + 2 * batch * nb:]
+    if not filters:
+        x_buf = s_buf = part_f  # never read or written
     tokens = torch.empty(batch, device=device, dtype=torch.int64)
-    mixed = torch.empty(batch, vocab, device=device, dtype=f32) if return_mixed else tokens  # dummy ptr
-    block_rows, block_v, num_warps = launch_config(vocab, device.type == "cuda" and not INTERPRETED,
-                                                   rows_per_program)
-    grid = (math.ceil(batch / block_rows),)
-    _fused_guided_sample_kernel[grid](
-        cond, uncond if uncond is not None else cond, weak if weak is not None else cond,
-        cfg_t, w2s_t, temp_t, top_p_t, top_k_t, seed_t, offset_t, tokens, mixed,
-        batch, vocab,
-        cond.stride(0), (uncond if uncond is not None else cond).stride(0),
-        (weak if weak is not None else cond).stride(0), mixed.stride(0) if return_mixed else 0,
-        MODE=MODE_IDS[mode], WRITE_MIXED=return_mixed, BLOCK_ROWS=block_rows, BLOCK_V=block_v,
-        num_warps=num_warps,
+    mixed = torch.empty(batch, vocab, device=device, dtype=torch.float32) if return_mixed else part_f
+    uncond_t = uncond if uncond is not None else cond   # never read when cfg_mix is off
+    weak_t = weak if weak is not None else cond         # never read outside fast/slow
+    offset_on_device = isinstance(offset, torch.Tensor)
+    offset_t = offset.to(device=device, dtype=torch.int64).reshape(1) if offset_on_device else seeds
+    offset_val = 0 if offset_on_device else offset
+
+    row_groups = math.ceil(batch / cfg.rows_per_program)
+    _mix_race_kernel[(row_groups, nb)](
+        cond, uncond_t, weak_t, mixed, x_buf, s_buf, part_f, part_i,
+        ptrs["cfg_scale"], vals["cfg_scale"], ptrs["w2s_scale"], vals["w2s_scale"],
+        ptrs["temperature"], vals["temperature"],
+        seeds, offset_t, offset_val,
+        batch, vocab, nb, seed_stride, counter_row_stride,
+        cond.stride(0), uncond_t.stride(0), weak_t.stride(0), mixed.stride(0) if return_mixed else 0,
+        MODE=MODE_IDS[mode], CFG_MIX=cfg_mix, KNOBS_PER_ROW=per_row,
+        OFFSET_FROM_PTR=offset_on_device, WRITE_MIXED=return_mixed, SCALE=scale, GREEDY=greedy, SAMPLE=sample,
+        STORE_ROWS=filters, BLOCK_ROWS=cfg.rows_per_program, CHUNK=cfg.chunk, CHUNKS=cfg.chunks_per_block,
+        num_warps=cfg.mix_warps, enable_fp_fusion=False,
+    )
+    _select_kernel[(row_groups,)](
+        x_buf, s_buf, part_f, part_i, tokens,
+        ptrs["temperature"], vals["temperature"], ptrs["top_k"], vals["top_k"], ptrs["top_p"], vals["top_p"],
+        batch, vocab, nb,
+        KNOBS_PER_ROW=per_row, GREEDY=greedy, SAMPLE=sample, FILTERS=filters, BLOCK_ROWS=cfg.rows_per_program,
+        BLOCK_V=triton.next_power_of_2(vocab), BLOCK_NB=triton.next_power_of_2(nb), SCAN=cfg.scan_chunk,
+        TOP_P_ROUNDS=cfg.top_p_rounds, num_warps=cfg.select_warps, enable_fp_fusion=False,
     )
     return (tokens, mixed) if return_mixed else tokens
 
 
 # True when triton.jit produced an interpreter function (TRITON_INTERPRET=1 was set before triton
-# was imported): the kernel then runs on CPU tensors, slowly -- tests only.
-INTERPRETED = type(_fused_guided_sample_kernel).__name__ == "InterpretedFunction"
+# was imported): the kernels then run on CPU tensors, slowly -- tests only.
+INTERPRETED = type(_select_kernel).__name__ == "InterpretedFunction"

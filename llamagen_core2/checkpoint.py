@@ -164,7 +164,8 @@ def save_pretrained(
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    # clone: tensors may be views of one storage (w1 | w3 of FeedForward.w13), which safetensors refuses to save
+    tensors = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in state.items()}
     check_all_finite(f"refusing to write {directory}", tensors)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

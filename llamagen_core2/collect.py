@@ -29,7 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import CheckpointError, InvalidArgument, check_all_finite, check_int, check_number, check_token_ids
-from .generate import StepRecord, generate
+from .engine import Engine, StepRecord
+from .generate import generate
 from .guidance_config import GuidanceConfig
 from .seeding import check_seed
 from .shards import ShardReader, ShardWriter
@@ -158,6 +159,7 @@ def collect(
     device = gpt.output.weight.device
     started = time.perf_counter()
     bar = tqdm(todo, desc=f"collect rank {writer.rank}/{writer.world_size}", disable=not progress, unit="batch")
+    engine = Engine(gpt)  # decoding state kept across groups: on a GPU its CUDA graphs are captured once
     with writer:
         for gid in bar:
             g = int(gid[1:])
@@ -175,7 +177,7 @@ def collect(
             tokens = generate(gpt, cond.to(device), cond_mask=None if mask is None else mask.to(device),
                               num_tokens=N, mode="cfg", cfg_scale=float(cfg_scale), cfg_interval=-1,
                               temperature=temperature, top_k=top_k, top_p=top_p, seed=group_seed(seed, g),
-                              on_step=record)
+                              on_step=record, engine=engine)
             check_all_finite(f"collect: group {gid} not written (the base model's hidden states are NaN/inf, or "
                              f"beyond the {store_dtype} store dtype's range: try --store-dtype float32)",
                              {"hidden_cond": h_c, "hidden_uncond": h_u})

@@ -20,7 +20,8 @@ from typing import Optional, Union
 import torch
 
 from .errors import InvalidArgument, check_finite_scale, check_sampling_args
-from .guidance_config import MODE_TABLE, MODES, check_mode
+from .guidance_config import MODE_TABLE, check_mode
+from .philox import check_offset, check_seeds, draw_keys, race_uniforms
 
 Scale = Union[float, int, torch.Tensor]
 
@@ -130,34 +131,48 @@ def sample_logits(
     top_k=0,
     top_p=1.0,
     generator: Optional[torch.Generator] = None,
+    seeds=None,
+    offset=0,
 ) -> torch.Tensor:
-    """Sample one token per row from fp32 logits [B, V] -> LongTensor [B].
+    """Sample one token per row from logits [B, V] -> LongTensor [B].
 
-    temperature 0 means greedy. Sampling is an exponential race (argmax p / E, E ~ Exp(1)), which
-    draws exactly from p like torch.multinomial but without a host synchronisation.
+    temperature 0 means greedy (first index on ties). Sampling is a Gumbel race over the kept
+    tokens: argmax_j x_j - log(-log U_j), x = logits / temperature in fp32, which draws exactly
+    from softmax(x) over the kept set without a host synchronisation. U is Philox noise
+    (`llamagen_core2.philox`): with `seeds` (an int, or an int64 tensor [1] or [B]) and `offset`
+    (an int, or an int64 tensor [1]) the uniforms -- and so the tokens -- are those of the fused
+    Triton kernel for the same arguments; otherwise one key per row is drawn from `generator`
+    (the default generator of the logits' device when None) and `offset` (0 by default) is the
+    counter base.
     """
     if logits.dim() != 2 or logits.shape[0] == 0:
         raise InvalidArgument(f"logits must be [B, V] with B > 0, got shape {list(logits.shape)}")
     check_sampling_args(temperature, top_k, top_p)
-    batch = logits.shape[0]
+    batch, vocab = logits.shape
+    seeds, offset = race_key(generator, seeds, offset, batch, vocab, logits.device)
     logits = logits.float()
     temps = _row_values(temperature, "temperature", batch, logits.device, torch.float32)
     greedy_rows = temps == 0
     scaled = logits / torch.where(greedy_rows, torch.ones_like(temps), temps).unsqueeze(1)
     filtered = filter_logits(scaled, top_k=top_k, top_p=top_p)
-    probs = torch.softmax(filtered, dim=-1)
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    score = torch.where(probs > 0, probs / race, torch.full_like(probs, -1.0))
+    uniform = race_uniforms(seeds, offset, batch, vocab)
+    # the kernel's race: kept scores are clamped to >= -FLT_MAX so that U = 0 never ties a removed token
+    score = (filtered - torch.log(-torch.log(uniform))).clamp(min=-torch.finfo(torch.float32).max)
+    score = torch.where(filtered > float("-inf"), score, torch.full_like(score, float("-inf")))
     sampled = score.argmax(dim=-1)
     return torch.where(greedy_rows, logits.argmax(dim=-1), sampled)
 
 
-def _philox_seed(generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    """A fresh int64 Philox key [1] for the fused kernel, drawn on the generator's own device
-    (no host sync on CUDA); with no generator, from the default generator of `device`."""
-    gen_device = generator.device if generator is not None else device
-    seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=gen_device, dtype=torch.int64)
-    return seed.to(device)
+def race_key(generator: Optional[torch.Generator], seeds, offset, batch: int, vocab: int, device):
+    """The (keys, offset) a draw uses, checked, for either backend: `seeds` and `offset` as given,
+    or -- without seeds -- one fresh key per row from `generator` (drawn on its own device, no host
+    sync) and `offset`."""
+    if seeds is not None and generator is not None:
+        raise InvalidArgument("pass either seeds (with offset) or generator, not both")
+    if seeds is None:
+        seeds = draw_keys(generator, batch, device)
+    seeds = check_seeds(seeds, batch, vocab, device)
+    return seeds, check_offset(offset, batch, vocab, seeds.numel())
 
 
 def guided_sample(
@@ -172,36 +187,45 @@ def guided_sample(
     top_k=0,
     top_p=1.0,
     generator: Optional[torch.Generator] = None,
+    seeds=None,
+    offset=0,
     return_mixed: bool = False,
     check_values: bool = True,
+    backend: Optional[str] = None,
 ):
     """Mix then sample: [B, V] logits in, LongTensor [B] out (and the fp32 mixed logits if asked).
 
     The backend is chosen in one place, `llamagen_core2.kernels.dispatch.select_backend`
-    (LLAMAGEN_CORE2_KERNELS=auto|triton|torch). RNG contract: the torch path draws its
-    exponential race from `generator`; the fused Triton path takes a Philox seed + offset, and
-    here the seed is drawn from `generator` with torch.randint on the generator's device (no host
-    sync) and the offset is 0, so the same generator state gives the same tokens per backend and
-    device (the two backends give different, equally distributed, tokens). `check_values=False`
-    skips the host-syncing value checks of per-row tensor knobs on the Triton path (for CUDA
-    graph capture once the request was validated); the torch path always checks.
+    (LLAMAGEN_CORE2_KERNELS=auto|triton|torch), unless the caller passes the `backend` it already chose
+    (the decode engine decides once per request for the block ops and the sampler). RNG contract (the same for both backends, so they
+    give the same tokens for the same arguments up to the ulps of `log`, docs/sampling.md):
+    with `seeds` the race uses Philox keys `seeds` (an int or int64 tensor [1]: one key, counters
+    offset + row * V + column; an int64 tensor [B]: one key per row, counters offset + column) and
+    the counter base `offset` (an int or a device-resident int64 tensor [1]); a caller reusing its
+    keys advances offset by V per draw with per-row keys (B * V with one key). Without seeds, one
+    key per row is drawn from `generator` with torch.randint on the generator's device (no host
+    sync) and the offset is `offset` (0 by default). `check_values=False` skips the host-syncing
+    value checks of per-row tensor knobs on the Triton path (for CUDA graph capture once the
+    request was validated); the torch path always checks.
     """
     from .kernels.dispatch import select_backend
 
     if not isinstance(cond, torch.Tensor) or cond.dim() != 2 or cond.shape[0] == 0:
         shape = list(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
         raise InvalidArgument(f"cond must be [B, V] logits with B > 0, got {shape}")
-    if select_backend(cond.device) == "triton":
+    seeds, offset = race_key(generator, seeds, offset, cond.shape[0], cond.shape[1], cond.device)
+    if backend not in (None, "torch", "triton"):
+        raise InvalidArgument(f"backend must be None (dispatch decides), 'torch' or 'triton', got {backend!r}")
+    if (backend or select_backend(cond.device)) == "triton":
         from .kernels.fused_guided_sample import fused_guided_sample
 
         return fused_guided_sample(
             cond, uncond, weak, mode=mode, cfg_scale=cfg_scale, w2s_scale=w2s_scale,
-            temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=_philox_seed(generator, cond.device), offset=0,
+            temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, offset=offset,
             return_mixed=return_mixed, check_values=check_values)
 
     mixed = mix_guidance(cond.float(), None if uncond is None else uncond.float(),
                          None if weak is None else weak.float(),
                          cfg_scale=cfg_scale, w2s_scale=w2s_scale, mode=mode)
-    tokens = sample_logits(mixed, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    tokens = sample_logits(mixed, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, offset=offset)
     return (tokens, mixed) if return_mixed else tokens

@@ -1,7 +1,7 @@
 """Memory estimates for generation, and a refusal that happens before the allocator fails.
 
 Contract:
-  * `kv_cache_bytes(config, rows, max_len, dtype)` is exactly what `GPT.setup_caches` allocates
+  * `kv_cache_bytes(config, rows, max_len, dtype)` is exactly what `GPT.new_cache` (a `KVCache`) allocates
     (K and V, every layer, [rows, n_head, max_len, head_dim]).
   * `sampling_workspace_bytes(rows, vocab)` bounds the per-step logits workspace: the fp32 logits of every
     row plus the sampler's temporaries (mixed, filtered, probs, random race, scores, sort keys + int64

@@ -1,21 +1,24 @@
-"""LlamaGen-compatible GPT: a Llama decoder over [condition prefix; VQ image tokens] with a static KV cache.
+"""LlamaGen-compatible GPT: a Llama decoder over [condition prefix; VQ image tokens], with caller-owned KV caches.
 
-Contract (facts: shared/DESIGN.md §3):
+Contract (LlamaGen compatibility facts: docs/design.md#llamagen-compatibility):
   * State-dict keys are LlamaGen's, unchanged (`tok_embeddings`, `cls_embedding.*`, `layers.{i}.attention.wqkv`,
     `...wo`, `...feed_forward.w1/w2/w3`, `...attention_norm`, `...ffn_norm`, `norm`, `output`), so official
-    checkpoints load with `GPT.from_pretrained`. The KV cache and RoPE tables are NOT in the state dict.
+    checkpoints load with `GPT.from_pretrained`. The KV cache and RoPE tables are NOT in the state dict; w1 and w3
+    are stored as one [2F, d] parameter (one GEMM) but saved and loaded under their LlamaGen keys.
   * Sequence layout: positions 0..T-1 hold the condition prefix (T = cls_token_num: 1 class embedding, or 120
     projected caption features), image token i sits at position T + i. 2D RoPE with T rows of zeros in front
     (q and k at prefix positions are zero vectors — LlamaGen's quirk, replicated on purpose).
-  * `forward_hidden(x [R, L, d], start, rows)` runs positions start..start+L-1 for cache rows `rows` (a slice),
-    writes their K/V into the static cache and attends only over the filled part `[:start+L]`; it returns the
-    final *normed* hidden state [R, L, d]. `head(h)` -> fp32 logits. Decode, prefill and catch-up prefill of
-    rows that skipped steps are all this one call.
+  * `run_blocks` is the only implementation of the transformer block stack, for GPT and the weak model alike:
+    training (no cache), prefill / catch-up prefill at host positions, and the decode step at a device position
+    (CUDA-graph capturable). The non-GEMM ops go through `block_ops` (torch reference or fused Triton kernels,
+    `backend` chosen once by the caller). `gpt.forward_hidden(x, cache, ...)` returns the final *normed* hidden
+    state [R, L, d]; `head(h)` -> fp32 logits. The cache is a `KVCache` the caller owns (`gpt.new_cache`).
   * `logits(cond, tokens)` -> fp32 [B, N, V], teacher-forced full recompute without the cache (logit i predicts
     token i); it is the oracle the cached decode is tested against and the training forward.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -25,13 +28,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import block_ops
 from .checkpoint import read_config, read_state_dict, save_pretrained as save_state_pretrained, validate_state_dict
 from .config import GPT_PRESETS, GPTConfig, check_gpt_preset
 from .errors import CheckpointError, InvalidArgument, check_token_ids
 
 
 class RMSNorm(nn.Module):
-    """LlamaGen's RMSNorm: normalise in fp32, cast back, then scale (the order matters in bf16)."""
+    """LlamaGen's RMSNorm (normalise in fp32, cast back, then scale); the math is `block_ops.add_rmsnorm`."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -39,48 +43,189 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return block_ops.add_rmsnorm(x, None, self.weight, self.eps, backend="torch")[0]
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x), no biases."""
+    """SwiGLU: w2(silu(w1 x) * w3 x), no biases.
+
+    w1 and w3 live in one [2F, d] parameter `w13` (rows w1 | w3) so that both projections are one GEMM; state
+    dicts keep LlamaGen's separate `w1.weight` / `w3.weight` keys (hooks split on save and join on load)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.w1 = nn.Linear(config.dim, config.ffn_dim, bias=False)
-        self.w3 = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.hidden_dim = config.ffn_dim
+        self.w13 = nn.Parameter(torch.empty(2 * config.ffn_dim, config.dim))
         self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        nn.init.kaiming_uniform_(self.w13, a=math.sqrt(5))  # nn.Linear's default, as w1 and w3 had
+        self._register_state_dict_hook(_split_w13)
+        self._register_load_state_dict_pre_hook(_join_w13, with_module=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+        return self.w2(block_ops.swiglu(F.linear(x, self.w13), backend=backend))
+
+
+def _split_w13(module: FeedForward, state: dict, prefix: str, local_metadata) -> None:
+    w13 = state.pop(prefix + "w13")
+    state[prefix + "w1.weight"], state[prefix + "w3.weight"] = w13.split(module.hidden_dim)
+
+
+def _join_w13(module: FeedForward, state: dict, prefix: str, local_metadata, strict, missing_keys,
+              unexpected_keys, error_msgs) -> None:
+    w1, w3 = prefix + "w1.weight", prefix + "w3.weight"
+    if w1 in state and w3 in state:
+        state[prefix + "w13"] = torch.cat([state.pop(w1), state.pop(w3)])
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """LlamaGen's init: normal(0, std) for every linear / embedding weight, in module order (w13 counts as w1
+    then w3, which draws the same numbers as two separate [F, d] weights)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, FeedForward):
+            nn.init.normal_(m.w13, std=std)
 
 
 class KVCache:
-    """Static per-layer K/V buffers [rows, n_head, max_len, head_dim]; a plain object so it never enters state_dict."""
+    """Caller-owned static K/V buffers of every layer of one transformer (never part of a state dict).
 
-    def __init__(self, rows: int, n_head: int, max_len: int, head_dim: int, dtype, device):
+    k[l], v[l]: [rows, n_head, max_len, head_dim]. key_valid: None, or bool [rows, max_len] that is False at
+    padded t2i prefix keys (LlamaGen hides them from every query but their own position)."""
+
+    def __init__(self, n_layer: int, rows: int, n_head: int, max_len: int, head_dim: int, *, dtype, device):
         shape = (rows, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.key_valid: Optional[torch.Tensor] = None
 
-    def update(self, rows: slice, start: int, k: torch.Tensor, v: torch.Tensor):
-        """k, v [R, H, L, D] written at positions start..start+L-1; returns views of the filled part [:start+L]."""
-        end = start + k.shape[2]
-        self.k[rows, :, start:end] = k
-        self.v[rows, :, start:end] = v
-        return self.k[rows, :, :end], self.v[rows, :, :end]
+    @classmethod
+    def for_config(cls, config: GPTConfig, rows: int, max_len: Optional[int] = None, *, dtype, device) -> "KVCache":
+        return cls(config.n_layer, rows, config.n_head, config.max_seq_len if max_len is None else max_len,
+                   config.head_dim, dtype=dtype, device=device)
+
+    @property
+    def rows(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def fits(self, rows: int, max_len: int, dtype, device) -> bool:
+        k = self.k[0]
+        return k.shape[0] >= rows and k.shape[2] >= max_len and k.dtype == dtype and k.device == torch.device(device)
+
+    def set_prefix_mask(self, prefix_valid: Optional[torch.Tensor], copies: int = 1) -> None:
+        """prefix_valid [B, T] bool (t2i caption padding) for rows 0..B-1, repeated for `copies` halves (LlamaGen
+        masks the uncond half identically); None = every key visible."""
+        if prefix_valid is None:
+            self.key_valid = None
+            return
+        B, T = prefix_valid.shape
+        valid = torch.ones(self.rows, self.max_len, dtype=torch.bool, device=self.k[0].device)
+        valid[:B * copies, :T] = prefix_valid.to(device=valid.device, dtype=torch.bool).repeat(copies, 1)
+        self.key_valid = valid
 
 
-def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """x [R, L, H, D], rope [L, D/2, 2] (cos, sin) -> rotated x; interleaved pairs (2m, 2m+1), computed in fp32."""
-    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos = rope[None, :, None, :, 0]
-    sin = rope[None, :, None, :, 1]
-    rotated = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin,
-                           pairs[..., 1] * cos + pairs[..., 0] * sin], dim=-1)
-    return rotated.flatten(3).type_as(x)
+class ForwardContext:
+    """What every block of one forward shares: where the inputs sit and how attention reads the cache."""
+
+    def __init__(self, rope: torch.Tensor, positions: torch.Tensor, max_end: int, row_start: int,
+                 key_valid: Optional[torch.Tensor], fused_decode: bool, backend: str, mask: Optional[torch.Tensor]):
+        self.rope, self.positions, self.max_end, self.row_start = rope, positions, max_end, row_start
+        self.key_valid, self.fused_decode, self.backend, self.mask = key_valid, fused_decode, backend, mask
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.wqkv = nn.Linear(config.dim, 3 * config.dim, bias=False)  # rows q | k | v, heads contiguous
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, kv: Optional[tuple]) -> torch.Tensor:
+        """x [R, L, d]; kv = (cache_k, cache_v) of this layer [rows_total, H, S, D], or None (no cache)."""
+        R, L, d = x.shape
+        qkv = self.wqkv(x)
+        if kv is None:  # training / the full-recompute oracle: attend over x itself
+            q, k, v = qkv.view(R, L, 3, self.n_head, self.head_dim).unbind(2)
+            table = ctx.rope.index_select(0, ctx.positions)
+            q, k = block_ops.apply_rotary(q, table).transpose(1, 2), block_ops.apply_rotary(k, table).transpose(1, 2)
+            v = v.transpose(1, 2)
+        else:
+            cache_k, cache_v = kv
+            q = block_ops.rope_kv_write(qkv, ctx.rope, ctx.positions, cache_k, cache_v, ctx.row_start,
+                                        backend=ctx.backend)
+            if ctx.fused_decode:  # walks only the filled keys 0..position, read on the device
+                out = block_ops.decode_attention(q, cache_k, cache_v, ctx.row_start, ctx.positions, ctx.key_valid,
+                                                 ctx.max_end, backend=ctx.backend)
+                return self.wo(out.transpose(1, 2).reshape(R, L, d))
+            rows = slice(ctx.row_start, ctx.row_start + R)
+            k, v = cache_k[rows, :, :ctx.max_end], cache_v[rows, :, :ctx.max_end]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
+        return self.wo(out.transpose(1, 2).reshape(R, L, d))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, h: torch.Tensor, pending: Optional[torch.Tensor], ctx: ForwardContext, kv: Optional[tuple]):
+        """h [R, L, d] residual stream, pending = the previous block's FFN output not yet added to it (None in the
+        first block) -> (h, this block's FFN output). LlamaGen: h = x + attn(norm(x)); out = h + ffn(norm(h));
+        the residual adds are fused into the next norm (float addition commutes, so the sums are the same)."""
+        x, residual = (h, None) if pending is None else (pending, h)
+        normed, h = block_ops.add_rmsnorm(x, residual, self.attention_norm.weight, self.attention_norm.eps,
+                                          backend=ctx.backend)
+        attn = self.attention(normed, ctx, kv)
+        normed, h = block_ops.add_rmsnorm(attn, h, self.ffn_norm.weight, self.ffn_norm.eps, backend=ctx.backend)
+        return h, self.feed_forward(normed, ctx.backend)
+
+
+def run_blocks(layers: nn.ModuleList, final_norm: RMSNorm, rope: torch.Tensor, x: torch.Tensor,
+               cache: Optional[KVCache] = None, *, start: int = 0, position: Optional[torch.Tensor] = None,
+               row_start: int = 0, max_end: Optional[int] = None, prefix_valid: Optional[torch.Tensor] = None,
+               backend: str = "torch") -> torch.Tensor:
+    """The one forward of a LlamaGen-style trunk (GPT and the CoRe^2 weak model): x [R, L, w] -> final normed
+    hidden [R, L, w]. Three uses:
+      * no cache (training, the full-recompute oracle): positions 0..L-1, causal; prefix_valid [R, T] hides
+        padded t2i caption keys;
+      * prefill / catch-up with a cache: positions start..start+L-1 (host ints), K/V written into cache rows
+        row_start.., keys read up to max_end (default start + L), cache.key_valid hides padded prefix keys;
+      * decode step with a cache: L == 1 at `position` (a device LongTensor [1], never read on the host, so the
+        step can be captured in a CUDA graph); max_end is a host bound >= position + 1. With the Triton backend
+        the decode-attention kernel walks only keys 0..position; the torch reference reads [:max_end] masked.
+    """
+    R, L, _ = x.shape
+    if position is not None:
+        positions = position
+    else:
+        positions = torch.arange(start, start + L, device=x.device)
+    if cache is None:
+        end = L
+        key_valid = None
+        if prefix_valid is not None:
+            key_valid = torch.ones(R, L, dtype=torch.bool, device=x.device)
+            T = min(prefix_valid.shape[1], L)
+            key_valid[:, :T] = prefix_valid[:, :T].to(device=x.device, dtype=torch.bool)
+    else:
+        end = max_end if max_end is not None else start + L
+        key_valid = None if cache.key_valid is None else cache.key_valid[row_start:row_start + R]
+    fused_decode = position is not None and backend != "torch"
+    mask = None
+    if not fused_decode and not (position is None and L == 1 and key_valid is None and end == start + 1):
+        mask = block_ops.attention_mask(positions, end, key_valid)
+    ctx = ForwardContext(rope, positions, end, row_start, None if cache is None else cache.key_valid, fused_decode,
+                         backend, mask)
+    h, pending = x, None
+    for i, layer in enumerate(layers):
+        h, pending = layer(h, pending, ctx, None if cache is None else (cache.k[i], cache.v[i]))
+    return block_ops.add_rmsnorm(pending, h, final_norm.weight, final_norm.eps, backend=backend)[0]
 
 
 def rope_table_2d(grid_size: int, head_dim: int, cls_token_num: int, base: float = 10000.0) -> torch.Tensor:
@@ -100,40 +245,6 @@ def keep_rope_fp32(module: nn.Module, config: GPTConfig) -> None:
     if module.rope.dtype != torch.float32 and module.rope.device.type != "meta":
         c = config
         module.rope = rope_table_2d(c.grid_size, c.head_dim, c.cls_token_num, c.rope_base).to(module.rope.device)
-
-
-class Attention(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.n_head, self.head_dim = config.n_head, config.head_dim
-        self.wqkv = nn.Linear(config.dim, 3 * config.dim, bias=False)  # rows q | k | v, heads contiguous
-        self.wo = nn.Linear(config.dim, config.dim, bias=False)
-
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor],
-                cache: Optional[KVCache], rows: slice, start: int) -> torch.Tensor:
-        """x [R, L, d]; mask None (attend to every key given) or bool [R|1, 1, L, keys]."""
-        R, L, d = x.shape
-        q, k, v = self.wqkv(x).split(d, dim=-1)
-        q = apply_rotary(q.view(R, L, self.n_head, self.head_dim), rope).transpose(1, 2)
-        k = apply_rotary(k.view(R, L, self.n_head, self.head_dim), rope).transpose(1, 2)
-        v = v.view(R, L, self.n_head, self.head_dim).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(rows, start, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.wo(out.transpose(1, 2).reshape(R, L, d))
-
-
-class TransformerBlock(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.attention = Attention(config)
-        self.feed_forward = FeedForward(config)
-        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
-        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-
-    def forward(self, x, rope, mask, cache, rows, start):
-        h = x + self.attention(self.attention_norm(x), rope, mask, cache, rows, start)
-        return h + self.feed_forward(self.ffn_norm(h))
 
 
 class LabelEmbedder(nn.Module):
@@ -185,9 +296,6 @@ class GPT(nn.Module):
         self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
         self.register_buffer("rope", rope_table_2d(c.grid_size, c.head_dim, c.cls_token_num, c.rope_base),
                              persistent=False)
-        self.caches: list[KVCache] = []
-        self.cache_rows = 0
-        self.cache_len = 0
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -228,68 +336,33 @@ class GPT(nn.Module):
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.tok_embeddings(tokens)
 
-    # ------------------------------------------------------------------ cache
-    def setup_caches(self, rows: int, max_len: Optional[int] = None, dtype=None, device=None) -> None:
-        """Allocate the static KV cache once; a later call with a size that fits reuses it (no reallocation)."""
-        max_len = self.config.max_seq_len if max_len is None else max_len
-        weight = self.output.weight
-        dtype, device = dtype or weight.dtype, device or weight.device
-        if (self.caches and self.cache_rows >= rows and self.cache_len >= max_len
-                and self.caches[0].k.dtype == dtype and self.caches[0].k.device == torch.device(device)):
-            return
-        self.caches = [KVCache(rows, self.config.n_head, max_len, self.config.head_dim, dtype, device)
-                       for _ in self.layers]
-        self.cache_rows, self.cache_len = rows, max_len
-
-    def release_caches(self) -> None:
-        self.caches, self.cache_rows, self.cache_len = [], 0, 0
-
     # ------------------------------------------------------------------ forward
-    def attention_mask(self, start: int, length: int, prefix_valid: Optional[torch.Tensor]):
-        """Bool mask [R|1, 1, L, start+L] for queries start..start+L-1, or None when every key is visible.
+    def new_cache(self, rows: int, max_len: Optional[int] = None, dtype=None, device=None) -> KVCache:
+        """A KV cache for `rows` sequences of up to max_len positions (default: the whole sequence), in the
+        weights' dtype and device unless given. The caller owns it (generate()'s Engine, a benchmark, a test)."""
+        weight = self.output.weight
+        return KVCache.for_config(self.config, rows, max_len, dtype=dtype or weight.dtype,
+                                  device=device or weight.device)
 
-        prefix_valid [R, T] (t2i padding) masks prefix keys for every query; the diagonal stays visible, as in
-        LlamaGen, so a padded prefix position still attends to itself.
-        """
-        end = start + length
-        if length == 1 and prefix_valid is None:
-            return None
-        device = self.rope.device
-        q_pos = torch.arange(start, end, device=device)[:, None]
-        k_pos = torch.arange(end, device=device)[None, :]
-        mask = (k_pos <= q_pos)[None, None]  # [1, 1, L, end]
-        if prefix_valid is not None:
-            T = prefix_valid.shape[1]
-            key_ok = torch.ones(prefix_valid.shape[0], end, dtype=torch.bool, device=device)
-            key_ok[:, :min(T, end)] = prefix_valid[:, :min(T, end)].to(device=device, dtype=torch.bool)
-            mask = (mask & key_ok[:, None, None, :]) | (k_pos == q_pos)[None, None]
-        return mask
-
-    def forward_hidden(self, x: torch.Tensor, start: int, rows: Optional[slice] = None,
-                       prefix_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [R, L, d] embeddings at positions start..start+L-1 -> final normed hidden [R, L, d].
-
-        With caches set up, `rows` selects the cache rows (default 0..R-1); keys are read only up to start+L.
-        Without caches (training / oracle) start must be 0 and attention is causal over x itself.
-        """
+    def forward_hidden(self, x: torch.Tensor, cache: Optional[KVCache] = None, *, start: int = 0,
+                       position: Optional[torch.Tensor] = None, row_start: int = 0, max_end: Optional[int] = None,
+                       prefix_valid: Optional[torch.Tensor] = None, backend: str = "torch") -> torch.Tensor:
+        """x [R, L, d] embeddings -> final normed hidden [R, L, d]; see `run_blocks` for the three uses
+        (no cache / prefill at host positions start.. / decode step at a device position)."""
         R, L, _ = x.shape
-        end = start + L
-        use_cache = bool(self.caches)
-        if use_cache:
-            rows = slice(0, R) if rows is None else rows
-            if rows.stop > self.cache_rows or end > self.cache_len or rows.stop - rows.start != R:
-                raise InvalidArgument(f"cache of {self.cache_rows} rows x {self.cache_len} positions cannot hold rows "
-                                      f"{rows.start}:{rows.stop} (batch {R}) at positions {start}:{end}")
-        elif start != 0:
-            raise InvalidArgument("forward_hidden without a KV cache must start at position 0")
-        if end > self.rope.shape[0]:
-            raise InvalidArgument(f"positions up to {end} exceed the model's {self.rope.shape[0]} positions")
-        rope = self.rope[start:end].float()  # fp32 rotation even if the module was cast to bf16
-        mask = self.attention_mask(start, L, prefix_valid)
-        h = x
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, mask, self.caches[i] if use_cache else None, rows, start)
-        return self.norm(h)
+        if cache is None and (start != 0 or position is not None):
+            raise InvalidArgument("forward_hidden without a KV cache runs positions 0..L-1 (start=0, no position)")
+        if position is not None and (L != 1 or max_end is None):
+            raise InvalidArgument("a decode step at a device position takes one input per row (L == 1) and max_end")
+        end = max_end if max_end is not None else start + L
+        if cache is not None and (row_start + R > cache.rows or end > cache.max_len or start + L > end):
+            raise InvalidArgument(f"cache of {cache.rows} rows x {cache.max_len} positions cannot hold rows "
+                                  f"{row_start}:{row_start + R} at positions {start}:{start + L} (reading to {end})")
+        if end > self.rope.shape[0] or start + L > self.rope.shape[0]:
+            raise InvalidArgument(f"positions up to {max(end, start + L)} exceed the model's {self.rope.shape[0]} "
+                                  f"positions")
+        return run_blocks(self.layers, self.norm, self.rope, x, cache, start=start, position=position,
+                          row_start=row_start, max_end=max_end, prefix_valid=prefix_valid, backend=backend)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final normed hidden [..., d] -> fp32 logits [..., V] (linear, no bias, so CFG commutes with it)."""
@@ -307,12 +380,7 @@ class GPT(nn.Module):
             raise InvalidArgument(f"tokens must hold 1..{self.config.num_image_tokens} image tokens, got {N}")
         T = self.config.cls_token_num
         x = torch.cat([self.condition_embeddings(cond), self.embed_tokens(tokens[:, :-1])], dim=1)
-        saved, self.caches = self.caches, []
-        try:
-            hidden = self.forward_hidden(x, 0, prefix_valid=cond_mask)
-        finally:
-            self.caches = saved
-        return self.head(hidden[:, T - 1:])
+        return self.head(self.forward_hidden(x, prefix_valid=cond_mask)[:, T - 1:])
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

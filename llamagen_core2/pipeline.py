@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .engine import Engine
 from .errors import InvalidArgument
 from .generate import generate
 from .guidance_config import GuidanceConfig, needs_weak
@@ -70,15 +71,14 @@ class LlamaGenPipeline:
 
     def __init__(self, gpt, vq, caption_encoder=None, weak_model=None, guidance: Optional[GuidanceConfig] = None):
         c = gpt.config
-        if vq.config.codebook_size != c.vocab_size or vq.downsample != c.downsample:
-            raise InvalidArgument(f"the VQ model (codebook {vq.config.codebook_size}, downsample {vq.downsample}) "
-                                  f"does not match the GPT (vocab {c.vocab_size}, downsample {c.downsample})")
+        vq.check_matches(c)
         if guidance is not None and not isinstance(guidance, GuidanceConfig):
             raise InvalidArgument(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
         if weak_model is not None and hasattr(weak_model, "check_compatible"):
             weak_model.check_compatible(gpt)
         self.gpt, self.vq, self.caption_encoder, self.weak_model = gpt, vq, caption_encoder, weak_model
         self.guidance = guidance if guidance is not None else default_guidance(c.model_type)
+        self.engine = Engine(gpt)  # decoding state kept across calls: on a GPU its CUDA graphs are captured once
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -220,7 +220,8 @@ class LlamaGenPipeline:
             tokens, gen_stats = generate(self.gpt, cond[rows].to(device),
                                          cond_mask=None if mask is None else mask[rows].to(device),
                                          guidance=guidance, seeds=keys[start:start + step],
-                                         weak_model=self.weak_model, progress=progress, return_stats=True)
+                                         weak_model=self.weak_model, progress=progress, return_stats=True,
+                                         engine=self.engine)
             t1 = time.perf_counter()
             stats["base_rows"] += gen_stats["base_rows"]
             stats["catchup_rows"] += gen_stats["catchup_rows"]
@@ -228,7 +229,10 @@ class LlamaGenPipeline:
             stats["generate_seconds"] += t1 - t0
             tokens_out.append(tokens.cpu())
             if output_type != "tokens":
-                decoded = self.vq.decode_codes(tokens.to(vq_device))
+                # One image at a time: a batched convolution rounds differently at other batch sizes (seen: 1/255
+                # at one pixel), and image i must not depend on the batch it was generated in. Each image of a
+                # 256 px decode already fills a GPU, so this costs little.
+                decoded = torch.cat([self.vq.decode_codes(t[None]) for t in tokens.to(vq_device)])
                 images_out.append(decoded.float().cpu() if output_type == "pt" else to_uint8(decoded))
             stats["decode_seconds"] += time.perf_counter() - t1
         tokens = torch.cat(tokens_out)

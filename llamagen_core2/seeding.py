@@ -4,8 +4,9 @@ Contract:
   * Image `i` of a request with integer seed `s` samples with the 63-bit Philox key `image_key(s, i)`
     (splitmix64 of (s, i)), so image i is the same whether it is generated alone, in a batch of 8 or as the
     i-th image of a 1000-image CLI run split into batches of any size.
-  * A `torch.Generator` stands for the seed it yields: one 63-bit draw `b` from it, then image j of the
-    generator's images gets `image_key(b, j)`. A list of generators gives image i the first key of generator i.
+  * A `torch.Generator` stands for the seed it yields: one 63-bit draw `b` from it (advancing it), then image j
+    of the generator's images gets `image_key(b, j)`. A list of generators gives image i the key
+    `image_key(b_i, 0)` of its own generator.
   * No seed and no generator: a fresh random seed (non-reproducible, like torch's default).
 The sampler (guidance.guided_sample / the fused kernel) turns key + draw counter into uniforms with Philox, so
 the keys are all the state a generation's randomness has: nothing else is drawn per token.
@@ -34,7 +35,7 @@ def image_key(seed: int, index: int) -> int:
 
 def image_keys(seed: int, first_index: int, count: int) -> torch.Tensor:
     """Keys of images first_index .. first_index+count-1 of seed `seed` -> LongTensor [count] (CPU)."""
-    check_seed(seed)
+    seed = check_seed(seed)
     return torch.tensor([image_key(seed, first_index + j) for j in range(count)], dtype=torch.int64)
 
 
@@ -59,6 +60,9 @@ def row_keys(batch: int, *, seed: Optional[int] = None,
     if seed is not None and generator is not None:
         raise InvalidArgument("give seed or generator, not both")
     if generator is not None and not isinstance(generator, torch.Generator):
+        if not isinstance(generator, Sequence) or not all(isinstance(g, torch.Generator) for g in generator):
+            raise InvalidArgument(f"generator must be a torch.Generator or a list of them (one per image), got "
+                                  f"{type(generator).__name__}")
         generators = list(generator)
         if len(generators) != batch:
             raise InvalidArgument(f"a list of generators needs one per image ({batch}), got {len(generators)}")

@@ -9,8 +9,11 @@ Contract (design: docs/design.md#weak-model):
     proj_in(h_c[0..N-1])] with h_c[i] at position T + i (the grid cell of the token it predicts).
     Output h_w = h_c * (1 + skip_scale) + proj_out(norm(trunk)); skip_scale and proj_out start at zero, so an
     untrained weak model predicts exactly the conditional output (residual parametrisation).
-  * generate() protocol: `start(gpt, cond, cond_mask)`, `step(hidden_cond [B, d], index) -> fp32 logits [B, V]`
-    (steps must come in order 0, 1, ...), `check_compatible(gpt)`. `step_hidden` returns the hidden prediction.
+  * Decoding protocol (the engine owns the cache, as for the base): `new_cache(rows)`, `prefill(cond, cache,
+    cond_mask)` (the condition prefix at positions 0..T-1), then for token i in order
+    `step_hidden(hidden_cond [B, d], cache, start=T + i)` (or `position=` a device tensor holding T + i, inside
+    a CUDA graph) -> predicted CFG hidden [B, d]; the engine turns it into logits with the frozen `gpt.head`.
+    `check_compatible(gpt)` refuses a weak model built for another base.
   * Training forward (no cache): `forward(cond, hidden_cond [B, N, d], cond_mask) -> predicted hidden [B, N, d]`.
   * Checkpoints: safetensors + config.json {"kind": "weak", "config", "base", "cfg_scale", ...}; `base` records
     the base model's shape facts and a weights fingerprint. Using it with another base raises CheckpointError
@@ -31,7 +34,7 @@ import torch.nn as nn
 from .checkpoint import read_config, read_state_dict, save_pretrained as save_state_pretrained, validate_state_dict
 from .config import DictConfig, GPTConfig
 from .errors import CheckpointError, InvalidArgument, NonFiniteError, check_all_finite
-from .model import KVCache, RMSNorm, TransformerBlock, keep_rope_fp32, rope_table_2d
+from .model import KVCache, RMSNorm, TransformerBlock, init_weights, keep_rope_fp32, rope_table_2d, run_blocks
 
 # name -> trunk shape. Width 512 keeps the trunk a few % of a GPT-B step; the shared head dominates the rest.
 WEAK_PRESETS: dict[str, dict] = {
@@ -153,17 +156,10 @@ class WeakModel(nn.Module):
         tc = self.trunk_config
         self.register_buffer("rope", rope_table_2d(tc.grid_size, tc.head_dim, tc.cls_token_num, tc.rope_base),
                              persistent=False)
-        self.caches: list[KVCache] = []
-        self._base_model: tuple = ()  # (gpt,) while started; a tuple so the base is never registered as a submodule
-        self.next_index = 0
-        self.cache_batch = 0
-        self.prefix_valid: Optional[torch.Tensor] = None
-        self._verified: Optional[tuple] = None
+        self._verified: Optional[tuple] = None  # memo of the last base check_compatible accepted
 
     def reset_parameters(self) -> None:
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
+        init_weights(self)
         nn.init.zeros_(self.proj_out.weight)  # residual start: an untrained model predicts h_c exactly
         nn.init.zeros_(self.skip_scale)
 
@@ -203,32 +199,6 @@ class WeakModel(nn.Module):
         self._verified = key
 
     # ------------------------------------------------------------------ forward
-    def _mask(self, start: int, length: int, prefix_valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """Same masking as the base (GPT.attention_mask): causal, padded prefix keys hidden, diagonal visible."""
-        end = start + length
-        if length == 1 and prefix_valid is None:
-            return None
-        device = self.rope.device
-        q_pos = torch.arange(start, end, device=device)[:, None]
-        k_pos = torch.arange(end, device=device)[None, :]
-        mask = (k_pos <= q_pos)[None, None]
-        if prefix_valid is not None:
-            T = prefix_valid.shape[1]
-            key_ok = torch.ones(prefix_valid.shape[0], end, dtype=torch.bool, device=device)
-            key_ok[:, :min(T, end)] = prefix_valid[:, :min(T, end)].to(device=device, dtype=torch.bool)
-            mask = (mask & key_ok[:, None, None, :]) | (k_pos == q_pos)[None, None]
-        return mask
-
-    def _trunk(self, x: torch.Tensor, start: int, prefix_valid: Optional[torch.Tensor], use_cache: bool):
-        """x [B, L, w] at positions start..start+L-1 -> trunk output [B, L, w] (normed)."""
-        B, L, _ = x.shape
-        rope = self.rope[start:start + L].float()
-        mask = self._mask(start, L, prefix_valid)
-        rows = slice(0, B)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, self.caches[i] if use_cache else None, rows, start)
-        return self.norm(x)
-
     def _prefix(self, cond: torch.Tensor) -> torch.Tensor:
         """cond (class ids [B] or caption features [B, T, C]) -> prefix [B, T, w]."""
         if self.base["model_type"] == "c2i":
@@ -248,53 +218,34 @@ class WeakModel(nn.Module):
             raise InvalidArgument(f"hidden_cond must be [B, N <= {self.base['grid_size'] ** 2}, {self.base['dim']}], "
                                   f"got {list(hidden_cond.shape)}")
         x = torch.cat([self._prefix(cond), self.proj_in(hidden_cond.to(self.proj_in.weight.dtype))], dim=1)
-        out = self._trunk(x, 0, cond_mask, use_cache=False)[:, T:]
+        out = run_blocks(self.layers, self.norm, self.rope, x, prefix_valid=cond_mask)[:, T:]
         return self._output(hidden_cond, out)
 
-    # ------------------------------------------------------------------ generate() protocol
-    @torch.no_grad()
-    def start(self, gpt, cond: torch.Tensor, cond_mask: Optional[torch.Tensor] = None) -> None:
-        """Prefill the condition prefix for a batch of B conditions; allocates the cache once per size."""
-        self.check_compatible(gpt)
-        self._base_model = (gpt,)
-        B = cond.shape[0]
-        tc = self.trunk_config
-        dtype, device = self.proj_in.weight.dtype, self.proj_in.weight.device
-        if not self.caches or self.caches[0].k.shape[0] < B or self.caches[0].k.dtype != dtype \
-                or self.caches[0].k.device != device:
-            self.caches = [KVCache(B, tc.n_head, tc.max_seq_len, tc.head_dim, dtype, device) for _ in self.layers]
-        self.cache_batch = B
-        self.prefix_valid = None if cond_mask is None else cond_mask.to(device=device, dtype=torch.bool)
-        # Decode steps need the caption padding mask too (padded prefix keys stay hidden), so keep it.
-        self._trunk(self._prefix(cond.to(device)), 0, self.prefix_valid, use_cache=True)
-        self.next_index = 0
+    # ------------------------------------------------------------------ decoding (caller-owned cache)
+    def new_cache(self, rows: int, dtype=None, device=None) -> KVCache:
+        weight = self.proj_in.weight
+        return KVCache.for_config(self.trunk_config, rows, dtype=dtype or weight.dtype, device=device or weight.device)
 
     @torch.no_grad()
-    def step_hidden(self, hidden_cond: torch.Tensor, index: int) -> torch.Tensor:
-        """hidden_cond [B, d] for token `index` -> predicted CFG hidden [B, d] (same dtype as the weak model)."""
-        if not self._base_model:
-            raise InvalidArgument("call weak.start(gpt, cond) before step()")
-        if index != self.next_index:
-            raise InvalidArgument(f"weak-model steps must come in order: expected token index {self.next_index}, "
-                                  f"got {index} (its KV cache must not have holes)")
-        B = hidden_cond.shape[0]
-        if B != self.cache_batch or hidden_cond.shape[1] != self.base["dim"]:
-            raise InvalidArgument(f"hidden_cond must be [{self.cache_batch}, {self.base['dim']}], "
-                                  f"got {list(hidden_cond.shape)}")
-        T = self.base["cls_token_num"]
+    def prefill(self, cond: torch.Tensor, cache: KVCache, cond_mask: Optional[torch.Tensor] = None,
+                backend: str = "torch") -> None:
+        """Run the condition prefix [B] / [B, T, C] at positions 0..T-1 into cache rows 0..B-1."""
+        cache.set_prefix_mask(cond_mask)  # decode steps keep hiding padded prefix keys
+        run_blocks(self.layers, self.norm, self.rope, self._prefix(cond.to(self.proj_in.weight.device)), cache,
+                   backend=backend)
+
+    @torch.no_grad()
+    def step_hidden(self, hidden_cond: torch.Tensor, cache: KVCache, *, start: Optional[int] = None,
+                    position: Optional[torch.Tensor] = None, max_end: Optional[int] = None,
+                    backend: str = "torch") -> torch.Tensor:
+        """hidden_cond [B, d] of token i at sequence position T + i (`start`, or the device tensor `position`) ->
+        predicted CFG hidden [B, d] in the weak model's dtype. Steps must come in token order (no cache holes)."""
+        if hidden_cond.dim() != 2 or hidden_cond.shape[1] != self.base["dim"]:
+            raise InvalidArgument(f"hidden_cond must be [B, {self.base['dim']}], got {list(hidden_cond.shape)}")
         x = self.proj_in(hidden_cond.to(self.proj_in.weight.dtype))[:, None]  # [B, 1, w]
-        out = self._trunk(x, T + index, self.prefix_valid, use_cache=True)
-        self.next_index += 1
+        out = run_blocks(self.layers, self.norm, self.rope, x, cache, start=start or 0, position=position,
+                         max_end=max_end, backend=backend)
         return self._output(hidden_cond, out[:, 0])
-
-    def step(self, hidden_cond: torch.Tensor, index: int) -> torch.Tensor:
-        """hidden_cond [B, d] -> predicted CFG logits [B, V] (fp32) through the frozen base head."""
-        hidden = self.step_hidden(hidden_cond, index)
-        gpt = self._base_model[0]
-        return gpt.head(hidden.to(gpt.output.weight.dtype))
-
-    def release_caches(self) -> None:
-        self.caches, self._base_model = [], ()
 
     # ------------------------------------------------------------------ checkpoints
     def describe(self) -> dict:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from llamagen_core2.cli import main
+from llamagen_core2.engine import Engine
 from llamagen_core2.errors import InvalidArgument
 from llamagen_core2.generate import generate
 from llamagen_core2.weak_model import WeakModel
@@ -92,8 +93,11 @@ def test_cuda_graphs_are_captured_once_and_replayed():
     gpt, _ = _models()
     cond = torch.tensor([1, 4], device=CUDA)
     kw = dict(mode="cfg", seed=11, **KNOBS)
-    first = generate(gpt, cond, engine="static", **kw)  # captures
-    again, names = _profile(lambda: generate(gpt, cond, engine="static", **kw))
+    engine = Engine(gpt)  # the caller's decoding state: its graphs outlive the call
+    first = generate(gpt, cond, engine=engine, **kw)  # captures
+    graphs = dict(engine.graphs.graphs)
+    again, names = _profile(lambda: generate(gpt, cond, engine=engine, **kw))
+    assert engine.graphs.graphs == graphs and len(graphs) > 0  # replayed, not captured again
     assert torch.equal(first, again)  # a replayed graph computes what the captured one did
     assert any("cudaGraphLaunch" in n for n in names), "the static engine did not replay a CUDA graph"
     eager, eager_names = _profile(lambda: generate(gpt, cond, engine="eager", **kw))
@@ -108,10 +112,12 @@ def test_sampling_inside_the_graph_adds_no_host_sync_per_token(mode):
     gpt, _ = _models(image_size=128)  # 8x8 grid: 64 image tokens
     cond = torch.tensor([3, 8], device=CUDA)
 
-    def run(n):
-        return generate(gpt, cond, engine="static", mode=mode, num_tokens=n, seed=2, cfg_scale=3.0, top_k=0)
+    engine = Engine(gpt)
 
-    run(64), run(16)  # capture every (rows, length bucket) graph first
+    def run(n):
+        return generate(gpt, cond, engine=engine, mode=mode, num_tokens=n, seed=2, cfg_scale=3.0, top_k=0)
+
+    run(64), run(16)  # capture every chunk graph first
     _, short = _profile(lambda: run(16))
     _, long = _profile(lambda: run(64))
     syncs = [sum("Synchronize" in n for n in names) for names in (short, long)]

@@ -44,7 +44,7 @@ def test_plan_covers_the_grid_with_bench_generates_own_engines():
     phases = report.plan(args, engines)
     commands = [p.command for p in phases]
     assert any("-m pytest -m gpu" in c for c in commands) and any("bench_kernels.py" in c for c in commands)
-    generate = [p for p in phases if "bench_generate.py" in p.command]
+    generate = [p for p in phases if p.name.startswith("generate")]
     assert {p.argv[p.argv.index("--preset") + 1] for p in generate} == {"B", "XL", "XXL"}
     for p in generate:
         assert "--batch 8 64 1" in p.command and "--modes cfg cond fast slow" in p.command
@@ -61,7 +61,7 @@ def test_tables_read_bench_generate_rows_and_name_what_was_not_measured():
         values = dict(engine=engine, preset="GPT-XL", device="H100", dtype="bfloat16", batch=batch, tokens=256,
                       mode=mode, status="ok", seconds=1, images_per_s=batch / (ms * 0.256), tokens_per_s=1,
                       ms_per_step=ms, bytes_per_step=1, achieved_GBps=1, floor_ms_per_step=0.64, pct_of_floor=12.3,
-                      peak_mem_MB=1, weak_model="", note="")
+                      peak_mem_MB=1, warmup_s=1, kernels_per_step="", weak_model="", note="")
         return ",".join(str(values[f]) for f in fields)
 
     stdout = "\n".join([",".join(fields), row("ours", 8, "cfg", 2.0), row("baseline", 8, "cfg", 5.0), '{"rows": []}'])
@@ -71,3 +71,29 @@ def test_tables_read_bench_generate_rows_and_name_what_was_not_measured():
     assert "| GPT-XL | 8 | cfg | 0.640 | 2.000 (15.62) | 5.000 (6.25) | 12.3% | 2.50x |" in table
     assert "ours GPT-XL b8 fast" in table and "baseline GPT-XL b8 fast" in table
     assert "--preset XL --batch 8 --modes fast --engines baseline ours" in table
+
+
+def test_engine_targets_are_checked_against_the_measured_rows():
+    report = _load("gpu_report")
+    fields = _load("bench_generate").FIELDS
+
+    def row(engine, preset, batch, mode, ms, tokens=256, pct=50.0, warmup=3.0):
+        values = {f: "" for f in fields}
+        values.update(engine=engine, preset=preset, batch=batch, tokens=tokens, mode=mode, status="ok",
+                      ms_per_step=ms, pct_of_floor=pct, warmup_s=warmup)
+        return ",".join(str(values[f]) for f in fields)
+
+    gen = "\n".join([",".join(fields), row("ours", "GPT-XL", 8, "cfg", 0.9), row("baseline-compiled", "GPT-XL", 8,
+                                                                                   "cfg", 2.72),
+                     row("ours", "GPT-XL", 64, "cfg", 2.5, pct=61.6), row("ours", "GPT-XL", 64, "fast", 1.6)])
+    t2i = "preset,mode,seconds_per_image\nGPT-XL-t2i,slow,0.8"
+    phases = [report.Phase("generate ours GPT-XL", ["python", "benchmarks/bench_generate.py"], 1.0, stdout=gen),
+              report.Phase("targets t2i", ["python", "benchmarks/bench_t2i.py"], 1.0, stdout=t2i)]
+    table = "\n".join(report.targets_table(phases))
+    assert "| GPT-XL b8 CFG ms/step | 0.900 | <= 1.0 | yes |" in table
+    assert "| GPT-XL b8 CFG: compiled LlamaGen ms/step / ours | 3.022 | >= 2.7 | yes |" in table
+    assert "| GPT-XL b64 CFG ms/step | 2.500 | <= 2.3 | no |" in table
+    assert "| GPT-XL b64 CFG % of the bandwidth floor | 61.600 | >= 65 | no |" in table
+    assert "| CoRe^2 fast / CFG images/s, GPT-XL b64 x 256 | 1.562 | >= 1.4 | yes |" in table
+    assert "| GPT-B b1 CFG ms/step | not measured | <= 0.3 | – |" in table
+    assert "s/image incl. VQ decode | 0.800 | <= 1.0 | yes |" in table

@@ -200,6 +200,28 @@ def test_same_generator_seed_gives_same_tokens():
     assert not torch.equal(a, d)
 
 
+def test_single_key_rows_are_independent_draws():
+    """One int key for the batch: row b races on counters b * V + j (the layout of
+    llamagen_core2.philox), so the rows are independent draws from the same distribution."""
+    row = spread_logits(111, 7)
+    tokens = sample_logits(row.expand(8000, -1), top_k=30, seeds=2024)
+    assert_follows(tokens, hand_probs(row.numpy(), top_k=30), "one key")
+
+
+def test_seeds_and_offset_fix_the_draw_and_the_generator_draws_one_key_per_row():
+    c, u, _ = _three(batch=64, vocab=1000)
+    keys = torch.arange(64) * 104729 + 2 ** 35
+    a = guided_sample(c, u, cfg_scale=2.0, top_k=100, seeds=keys, offset=3000)
+    assert torch.equal(a, guided_sample(c, u, cfg_scale=2.0, top_k=100, seeds=keys, offset=torch.tensor([3000])))
+    assert not torch.equal(a, guided_sample(c, u, cfg_scale=2.0, top_k=100, seeds=keys, offset=4000))
+    # a generator gives one key per row from torch.randint on its device, and offset 0
+    b = guided_sample(c, u, cfg_scale=2.0, top_k=100, generator=torch.Generator().manual_seed(5))
+    drawn = torch.randint(0, 2 ** 63 - 1, (64,), generator=torch.Generator().manual_seed(5), dtype=torch.int64)
+    assert torch.equal(b, guided_sample(c, u, cfg_scale=2.0, top_k=100, seeds=drawn, offset=0))
+    with pytest.raises(InvalidArgument, match="either seeds .with offset. or generator"):
+        guided_sample(c, u, cfg_scale=2.0, seeds=keys, generator=torch.Generator())
+
+
 # ---------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 
 from llamagen_core2.config import GPTConfig
 from llamagen_core2.errors import CheckpointError, InvalidArgument
-from llamagen_core2.model import GPT, apply_rotary, rope_table_2d
+from llamagen_core2.block_ops import apply_rotary
+from llamagen_core2.model import GPT, rope_table_2d
 from tiny_models import captions, tiny_gpt, tiny_gpt_config
 
 
@@ -58,16 +59,17 @@ def test_apply_rotary_is_complex_multiplication_on_interleaved_pairs():
     assert torch.count_nonzero(apply_rotary(x, table)[:, 0]) == 0  # prefix position: q/k become zero
 
 
-def _cached_logits(model, cond, tokens, mask=None, chunks=(1,)):
+def _cached_logits(model, cond, tokens, mask=None, chunks=(1,), cache=None):
     """Prefill + decode through the KV cache, one token (or chunk) at a time -> fp32 logits [B, N, V]."""
     B, N = tokens.shape
     T = model.config.cls_token_num
-    model.setup_caches(B, T + N)
-    out = [model.head(model.forward_hidden(model.condition_embeddings(cond), 0, prefix_valid=mask)[:, -1:])]
+    cache = cache or model.new_cache(B, T + N)
+    cache.set_prefix_mask(mask)
+    out = [model.head(model.forward_hidden(model.condition_embeddings(cond), cache)[:, -1:])]
     pos, i = T, 0
     while i < N - 1:
         step = min(chunks[len(out) % len(chunks)], N - 1 - i)
-        h = model.forward_hidden(model.embed_tokens(tokens[:, i:i + step]), pos, prefix_valid=mask)
+        h = model.forward_hidden(model.embed_tokens(tokens[:, i:i + step]), cache, start=pos)
         out.append(model.head(h))
         pos, i = pos + step, i + step
     return torch.cat(out, dim=1)
@@ -104,22 +106,38 @@ def test_decode_reads_only_the_filled_cache():
     tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model.logits(cond, tokens)
-        model.setup_caches(2, model.config.max_seq_len)
-        for c in model.caches:  # poison every slot: a read of an unfilled entry would produce NaN
-            c.k.fill_(float("nan"))
-            c.v.fill_(float("nan"))
-        assert torch.allclose(_cached_logits(model, cond, tokens), full, atol=1e-5)
+        cache = model.new_cache(2)
+        for t in cache.k + cache.v:  # poison every slot: a read of an unfilled entry would produce NaN
+            t.fill_(float("nan"))
+        assert torch.allclose(_cached_logits(model, cond, tokens, cache=cache), full, atol=1e-5)
 
 
-def test_setup_caches_allocates_once_and_reuses():
+def test_kv_cache_is_owned_by_the_caller_not_the_model():
     model = tiny_gpt()
-    model.setup_caches(4, 17)
-    first = model.caches[0].k
-    model.setup_caches(2, 10)
-    assert model.caches[0].k is first
-    model.setup_caches(8, 17)
-    assert model.caches[0].k is not first and model.caches[0].k.shape[0] == 8
-    assert not any("cache" in k for k in model.state_dict())
+    cache = model.new_cache(4, 17)
+    assert len(cache.k) == model.config.n_layer and cache.k[0].shape == (4, model.config.n_head, 17,
+                                                                          model.config.head_dim)
+    assert cache.fits(2, 10, torch.float32, "cpu") and not cache.fits(8, 17, torch.float32, "cpu")
+    assert not cache.fits(2, 10, torch.bfloat16, "cpu")
+    assert not any("cache" in k for k in model.state_dict()) and not hasattr(model, "caches")
+    with pytest.raises(InvalidArgument, match="cannot hold rows"):
+        model.forward_hidden(torch.zeros(5, 1, model.config.dim), cache)
+
+
+def test_ffn_keeps_llamagen_keys_and_one_gemm_weight():
+    model = tiny_gpt()
+    state = model.state_dict()
+    ff = model.layers[0].feed_forward
+    assert "layers.0.feed_forward.w1.weight" in state and "layers.0.feed_forward.w13" not in state
+    assert torch.equal(torch.cat([state["layers.0.feed_forward.w1.weight"],
+                                  state["layers.0.feed_forward.w3.weight"]]), ff.w13)
+    x = torch.randn(3, model.config.dim)
+    w1, w3 = state["layers.0.feed_forward.w1.weight"], state["layers.0.feed_forward.w3.weight"]
+    reference = ff.w2(torch.nn.functional.silu(x @ w1.T) * (x @ w3.T))  # LlamaGen: w2(silu(w1 x) * w3 x)
+    assert torch.allclose(ff(x), reference, atol=1e-6)
+    other = tiny_gpt()
+    other.load_state_dict(state)
+    assert torch.equal(other.layers[0].feed_forward.w13, ff.w13)
 
 
 def test_bf16_weights_run_and_stay_close_to_fp32():

@@ -194,3 +194,11 @@ def test_readme_python_block_runs_as_written(tmp_path, monkeypatch, single_threa
     written = sorted(p.name for p in tmp_path.glob("*.png"))
     assert written, "the README example should write an image"
     assert all(Image.open(tmp_path / name).size == (24, 24) for name in written)
+
+
+@needs_world
+def test_pipeline_keeps_one_engine_across_calls(pipe):
+    pipe(class_labels=[1, 2], seed=0, output_type="tokens", progress=False)
+    cache, binding = pipe.engine.cache, pipe.engine.binding
+    pipe(class_labels=[3, 4], seed=1, output_type="tokens", progress=False)
+    assert pipe.engine.cache is cache and pipe.engine.binding == binding  # buffers (and, on a GPU, graphs) reused

@@ -87,10 +87,13 @@ def test_class_id_lists_are_checked_before_expanding(text, message):
     (dict(generator=0), "generator must be a torch.Generator"),
 ])
 def test_generate_refuses_bad_arguments_before_any_work(kwargs, message):
+    from llamagen_core2.engine import Engine
+
     gpt = tiny_gpt()
+    engine = Engine(gpt)
     with pytest.raises(InvalidArgument, match=message):
-        generate(gpt, torch.tensor([1, 2]), **kwargs)
-    assert gpt.caches == []  # refused before the KV cache was even allocated
+        generate(gpt, torch.tensor([1, 2]), engine=engine, **kwargs)
+    assert engine.cache is None  # refused before the KV cache was even allocated
 
 
 def test_generate_refuses_a_float_caption_mask():
@@ -322,7 +325,7 @@ def test_torchrun_environment_is_checked(tmp_path, monkeypatch):
 
 
 def test_weak_model_protocol_and_vq_inputs_are_checked():
-    with pytest.raises(InvalidArgument, match="weak_model must have start"):
+    with pytest.raises(InvalidArgument, match="weak_model must have new_cache"):
         generate(tiny_gpt(), torch.tensor([1]), mode="fast", weak_model=object(), seed=0)
     torch.manual_seed(0)
     vq = VQModel(VQConfig(**TINY_VQ)).eval()

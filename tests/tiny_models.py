@@ -2,7 +2,7 @@
 import torch
 
 from llamagen_core2.config import GPTConfig
-from llamagen_core2.model import GPT
+from llamagen_core2.model import GPT, KVCache
 
 
 def tiny_gpt_config(model_type="c2i", **overrides) -> GPTConfig:
@@ -34,21 +34,28 @@ def captions(model: GPT, batch: int, valid_counts, seed=1):
     return feats * mask[..., None], mask
 
 
-class ScaledCondWeak:
-    """A stand-in weak model for plumbing tests: predicts 1.5 x the conditional logits (no cache needed)."""
+class ScaledCondWeak(torch.nn.Module):
+    """A stand-in weak model for plumbing tests: predicts 1.5 x the conditional hidden state, hence 1.5 x the
+    conditional logits through the linear head. It records the token index of every step (CPU only: it reads
+    the device position on the host)."""
 
-    def __init__(self):
+    def __init__(self, cls_token_num: int = 1):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(1.5))
+        self.cls_token_num = cls_token_num
         self.started = 0
         self.steps = []
 
-    def start(self, gpt, cond, cond_mask=None):
-        self.gpt = gpt
+    def new_cache(self, rows, dtype=None, device=None):
+        return KVCache(1, rows, 1, 1100, 2, dtype=dtype or torch.float32, device=device or "cpu")
+
+    def prefill(self, cond, cache, cond_mask=None, backend="torch"):
         self.started += 1
         self.steps = []
 
-    def step(self, hidden_cond, index):
-        self.steps.append(index)
-        return 1.5 * self.gpt.head(hidden_cond)
+    def step_hidden(self, hidden_cond, cache, *, start=None, position=None, max_end=None, backend="torch"):
+        self.steps.append((start if position is None else int(position)) - self.cls_token_num)
+        return self.scale * hidden_cond
 
 
 TINY_VQ = dict(ch=16, z_channels=16, codebook_size=97, codebook_embed_dim=8, norm_groups=8, ch_mult=(1, 1, 1))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import GPTConfig
-from ..model import GPT
+from ..model import GPT, init_weights
 from ..vq import VQModel
 from .dataset import IMAGE_SIZE, NUM_CLASSES, make_dataset
 
@@ -70,10 +70,7 @@ def main(argv=None) -> None:
 
     config = world_gpt_config(vq.config.codebook_size, vq.config.downsample, args.dim, args.n_layer, args.n_head)
     gpt = GPT(config)
-    # Small init as in LlamaGen (normal std 0.02 for linears and embeddings).
-    for module in gpt.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-            torch.nn.init.normal_(module.weight, std=0.02)
+    init_weights(gpt)  # small init as in LlamaGen (normal std 0.02 for linears and embeddings)
     n_params = sum(p.numel() for p in gpt.parameters())
     print(f"GPT dim {config.dim} layers {config.n_layer} heads {config.n_head} vocab {config.vocab_size} "
           f"tokens {config.num_image_tokens}: {n_params / 1e6:.2f}M params", flush=True)

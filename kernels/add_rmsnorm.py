@@ -1,0 +1,93 @@
+"""Residual add + LlamaGen RMSNorm in one pass (reference: llamagen_core2.block_ops.add_rmsnorm_reference).
+
+    x, residual [..., d] (same dtype), weight [d] -> normed [..., d] in promote(x.dtype, weight.dtype),
+                                                      h = x + residual [..., d] in x.dtype (x itself when None)
+
+One program per row: the row is read once, h is rounded to x.dtype exactly like torch's `x + residual`
+(an fp32 add of two bf16/fp16 values rounded once is the correctly rounded sum), the mean of squares is
+accumulated in fp32, 1/sqrt uses IEEE sqrt and division (torch CPU's rsqrt is the same two roundings), the
+normalised row is cast to x.dtype and then multiplied by the weight in fp32 and rounded once (the product of
+two bf16/fp16 values is exact in fp32, so this is torch's `normed.type_as(x) * weight`). The only difference
+from the reference is the order of the sum of squares (a tree instead of torch's): ~1 ulp of fp32 in the
+normalised value.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..block_ops import check_add_rmsnorm_args
+from ..errors import InvalidArgument
+from .dispatch import interpreted
+
+
+@triton.jit
+def _add_rmsnorm_kernel(
+    x_ptr, residual_ptr, weight_ptr,     # [M, d] rows (unit stride along d), [M, d], [d]
+    normed_ptr, h_ptr,                   # [M, d] outputs (h only written when HAS_RESIDUAL)
+    n_cols, eps,
+    stride_x, stride_residual, stride_normed, stride_h,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    ok = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + row * stride_residual + cols, mask=ok, other=0.0)
+        h = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
+        tl.store(h_ptr + row * stride_h + cols, h, mask=ok)
+    else:
+        h = x
+    hf = h.to(tl.float32)
+    mean_square = tl.sum(hf * hf, axis=0) / n_cols
+    inv_rms = tl.div_rn(1.0, tl.sqrt_rn(mean_square + eps))
+    normed = (hf * inv_rms).to(x.dtype).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(normed_ptr + row * stride_normed + cols, (normed * weight).to(normed_ptr.dtype.element_ty), mask=ok)
+
+
+def launch_config(dim: int) -> tuple[int, int]:
+    """(BLOCK_D, num_warps): the whole row in one block (dims up to 3200 for GPT-3B -> 4096); warps grow with
+    the row so each thread holds <= 16 fp32 values (4 warps up to 2048, then 8, then 16), as Liger's RMSNorm."""
+    block_d = triton.next_power_of_2(dim)
+    num_warps = 4 if block_d <= 2048 else 8 if block_d <= 4096 else 16
+    return block_d, num_warps
+
+
+MAX_DIM = 65536  # one row per program in registers
+
+
+def add_rmsnorm_triton(x: torch.Tensor, residual, weight: torch.Tensor, eps: float):
+    """Launcher: see the module doc. x's last dimension must have unit stride (rows may be strided)."""
+    check_add_rmsnorm_args(x, residual, weight, eps)
+    dim = x.shape[-1]
+    if dim > MAX_DIM:
+        raise InvalidArgument(f"x's last dimension must be <= {MAX_DIM} for the fused RMSNorm, got {dim}")
+    x2 = _rows(x, "x")
+    res2 = _rows(residual, "residual") if residual is not None else x2
+    if weight.stride(0) != 1:
+        weight = weight.contiguous()
+    normed = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x
+    normed2 = normed.view(-1, dim)
+    h2 = h.view(-1, dim) if residual is not None else normed2  # dummy pointer when there is no residual
+    block_d, num_warps = launch_config(dim)
+    if x2.shape[0] > 0:
+        _add_rmsnorm_kernel[(x2.shape[0],)](
+            x2, res2, weight, normed2, h2, dim, float(eps),
+            x2.stride(0), res2.stride(0), normed2.stride(0), h2.stride(0),
+            HAS_RESIDUAL=residual is not None, BLOCK_D=block_d, num_warps=num_warps)
+    return normed, h
+
+
+def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
+    """[..., d] -> [M, d] view with unit stride along d (a copy only when the leading dims cannot be merged)."""
+    if t.stride(-1) != 1:
+        raise InvalidArgument(f"{name} must have unit stride along its last dimension, got strides {t.stride()}")
+    return t.reshape(-1, t.shape[-1])
+
+
+INTERPRETED = interpreted(_add_rmsnorm_kernel)
