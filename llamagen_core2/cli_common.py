@@ -325,9 +325,8 @@ def load_refine(args, gpt):
         from .hub import resolve
 
         weak_dir = resolve(args.weak, allow_patterns=("*.json", "*.safetensors"), what="--weak")
-        weak = WeakModel.from_pretrained(weak_dir, gpt, device=args.device, dtype=DTYPES[args.dtype])
-        if args.allow_other_base_weights:
-            weak.require_same_weights = False
+        weak = WeakModel.from_pretrained(weak_dir, gpt, device=args.device, dtype=DTYPES[args.dtype],
+                                         require_same_weights=not args.allow_other_base_weights)
     schedule = build_schedule(gpt.config.num_image_tokens, mode=args.mode, slow_first=args.slow_first,
                               fast_first=args.fast_first, slow_first_tokens=args.slow_first_tokens,
                               fast_first_tokens=args.fast_first_tokens)

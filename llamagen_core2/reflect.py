@@ -297,6 +297,8 @@ def reflect(
         out_dir.mkdir(parents=True, exist_ok=True)
         if start_step == 0 and log_path.exists():
             log_path.unlink()  # a run that starts over logs afresh instead of appending to another run's log
+        if start_step == 0:  # an earlier run's checkpoints would outrank (and prune) the new run's ones
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     bar = tqdm(range(start_step, steps), desc="reflect", disable=not (progress and is_main), initial=start_step,
                total=steps)
     started = time.perf_counter()

@@ -256,8 +256,10 @@ class WeakModel(nn.Module):
         return save_state_pretrained(directory, self.state_dict(), self.describe())
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, gpt=None, *, device=None, dtype=None) -> "WeakModel":
-        """Load a directory written by save_pretrained; with `gpt`, check it was built for that base."""
+    def from_pretrained(cls, directory: str | os.PathLike, gpt=None, *, device=None, dtype=None,
+                        require_same_weights: bool = True) -> "WeakModel":
+        """Load a directory written by save_pretrained; with `gpt`, check it was built for that base (shape facts,
+        and its weights fingerprint unless require_same_weights=False)."""
         directory = Path(directory)
         saved = read_config(directory)
         if saved.get("kind") != "weak" or not isinstance(saved.get("config"), dict) \
@@ -287,6 +289,7 @@ class WeakModel(nn.Module):
         model.load_state_dict(state, strict=True)
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
+        model.require_same_weights = bool(require_same_weights)
         if gpt is not None:
             model.check_compatible(gpt)
         return model.eval()

@@ -134,3 +134,24 @@ def test_precision_alias_and_t2i_sampling_defaults(tmp_path):
                                   "--top-k", "0", "--device", "cpu"])
         load_gpt(args)
         assert (args.cfg_scale, args.top_k, args.dtype) == (2.0, 0, "float32")  # explicit values win
+
+
+def test_allow_other_base_weights_lets_a_same_shape_base_use_the_weak_model(tmp_path, capsys):
+    from llamagen_core2.model import GPT
+    from llamagen_core2.world.pipeline import default_checkpoint_dir
+
+    root = default_checkpoint_dir()
+    if not (root / "world_weak" / "config.json").is_file():
+        import pytest
+
+        pytest.skip("mini-world checkpoints not built")
+    other = GPT.from_pretrained(root / "world_gpt")
+    with torch.no_grad():
+        other.output.weight.mul_(1.01)  # same shapes, other weights: another fingerprint
+    other.save_pretrained(tmp_path / "other_gpt")
+    argv = ["generate", "--gpt", str(tmp_path / "other_gpt"), "--vq", str(root / "world_vq"), "--weak",
+            str(root / "world_weak"), "--mode", "fast", "--classes", "1", "--top-k", "0", "--device", "cpu", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "refused")]) == 2
+    assert "weights fingerprint" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "allowed"), "--allow-other-base-weights"]) == 0
+    assert (tmp_path / "allowed" / "grid.png").is_file()

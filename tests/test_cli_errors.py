@@ -253,3 +253,16 @@ def test_threads_option_sets_torch_threads(world, tmp_path, capsys):
     finally:
         torch.set_num_threads(before)
     assert cli_common.DEFAULT_THREADS == 1
+
+
+def test_reflect_starting_over_keeps_its_own_checkpoints(world, tmp_path):
+    """--no-resume after a longer run: the new run's checkpoints must not be pruned in favour of the old run's."""
+    out = tmp_path / "weak"
+    base = ["reflect", "--gpt", world["gpt"], "--shards", str(world["shards"]), "--out", str(out), "--batch-size", "4",
+            "--holdout", "0.2", "--weak-preset", "W-1", "--weak-heads", "4", "--weak-dim", "32", "--quiet",
+            "--device", "cpu", "--checkpoint-every", "1"]
+    assert main([*base, "--steps", "4"]) == 0
+    assert main([*base, "--steps", "2", "--no-resume"]) == 0
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == 2 and (out / "checkpoints" / latest["name"]).is_dir()
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-0000001", "step-0000002"]
