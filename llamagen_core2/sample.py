@@ -70,9 +70,10 @@ def _atomic_savez(path: Path, **arrays) -> None:
     atomic_write(path, write)
 
 
-def _check_settings(out_dir: Path, settings: dict) -> None:
-    """Refuse other settings once the directory holds an image; until then the new settings replace any
-    settings.json a refused or failed run left, so it never blocks the corrected rerun."""
+def _check_settings(out_dir: Path, settings: dict, write: bool) -> None:
+    """Refuse other settings once the directory holds an image (every rank checks, before generating); until then
+    the new settings replace (rank 0: `write`) any settings.json a refused or failed run left, so it never blocks
+    the corrected rerun."""
     path = out_dir / "settings.json"
     settings = json.loads(json.dumps(settings))
     if path.is_file() and any((out_dir / "images").glob("*.png")):
@@ -81,7 +82,7 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
             raise InvalidArgument(f"{out_dir} holds samples made with other settings "
                                   f"({describe_differences(old, settings)}); use a new --out directory or the "
                                   f"same settings to resume")
-    else:
+    elif write:
         atomic_write_json(path, settings)
 
 
@@ -132,12 +133,11 @@ def sample_images(
     out_dir = Path(out_dir)
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    settings = dict(conditions=cond_meta, num_conditions=M, per_condition=per_condition, batch_size=batch_size,
-                    mode=mode, schedule=None if schedule is None else list(schedule), weak=weak_path,
+    # Not the batch size: image n does not depend on it (the seed rule), so a rerun with another one resumes.
+    settings = dict(conditions=cond_meta, num_conditions=M, per_condition=per_condition, mode=mode, schedule=None if schedule is None else list(schedule), weak=weak_path,
                     cfg_scale=float(cfg_scale), w2s_scale=float(w2s_scale), temperature=float(temperature),
                     top_k=int(top_k), top_p=float(top_p), seed=int(seed), seed_rule=SEED_RULE, gpt=c.to_dict())
-    if rank == 0:
-        _check_settings(out_dir, settings)
+    _check_settings(out_dir, settings, write=rank == 0)
 
     def png(i: int) -> Path:
         return image_dir / f"{i:06d}.png"
