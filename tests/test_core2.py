@@ -372,9 +372,9 @@ def test_sample_image_n_does_not_depend_on_the_batch_size(trained, tmp_path):
         assert (runs[0] / "images" / f"{i:06d}.png").read_bytes() == (runs[1] / "images" / f"{i:06d}.png").read_bytes()
     # so a run interrupted at one batch size resumes at another (e.g. after an out-of-memory refusal)
     (runs[0] / "images" / "000004.png").unlink()
-    assert core2_cli.main(["sample", "--gpt", str(trained["gpt_dir"]), "--vq", str(vq_dir), "--classes", "0-2",
-                           "--per-class", "2", "--batch-size", "1", "--seed", "9", "--out", str(runs[0]),
-                           "--quiet"]) == 0
+    resumed = core2_cli.main(["sample", "--gpt", str(trained["gpt_dir"]), "--vq", str(vq_dir), "--classes", "0-2",
+                              "--per-class", "2", "--batch-size", "1", "--seed", "9", "--out", str(runs[0]), "--quiet"])
+    assert resumed["images_written"] == 1
     assert (runs[0] / "images" / "000004.png").read_bytes() == (runs[1] / "images" / "000004.png").read_bytes()
 
 
