@@ -152,39 +152,39 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def check_finite_scale(name: str, value, *, minimum: float = 0.0) -> None:
-    """Scalar or per-row tensor scale: finite and >= minimum."""
+def _knob_values(name: str, value, integral: bool) -> list:
+    """A knob given as a number or a tensor of them -> its values as Python numbers (bools and strings refused,
+    numpy scalars accepted)."""
     import torch
 
     if isinstance(value, torch.Tensor):
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise InvalidArgument(f"{name} must be finite, got a tensor containing NaN/inf")
-        if bool((value < minimum).any()):
-            raise InvalidArgument(f"{name} must be >= {minimum}, got a tensor with min {value.min().item()}")
-        return
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"{name} must be a number, got {value!r}") from None
-    if math.isnan(v) or math.isinf(v):
-        raise InvalidArgument(f"{name} must be a finite number >= {minimum}, got {value}")
-    if v < minimum:
-        raise InvalidArgument(f"{name} must be >= {minimum}, got {value}")
+        if value.dtype == torch.bool or value.is_complex() or (integral and value.is_floating_point()):
+            raise InvalidArgument(f"{name} must be {'integers' if integral else 'numbers'}, got a {value.dtype} tensor")
+        return value.flatten().tolist()
+    kind = numbers.Integral if integral else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise InvalidArgument(f"{name} must be {'an integer' if integral else 'a number'}, got {value!r}")
+    return [int(value) if integral else float(value)]
+
+
+def check_finite_scale(name: str, value, *, minimum: float = 0.0) -> None:
+    """Scalar or per-row tensor scale: finite and >= minimum."""
+    for v in _knob_values(name, value, integral=False):
+        if not math.isfinite(v):
+            raise InvalidArgument(f"{name} must be a finite number >= {minimum}, got {v}")
+        if v < minimum:
+            raise InvalidArgument(f"{name} must be >= {minimum}, got {v}")
 
 
 def check_sampling_args(temperature, top_k, top_p) -> None:
-    """LlamaGen sampling knobs: temperature >= 0 (0 = greedy), top_k >= 0 (0 = off), top_p in (0, 1]."""
-    import torch
-
-    def values(x):
-        return x.flatten().tolist() if isinstance(x, torch.Tensor) else [x]
-
-    for t in values(temperature):
-        if t is None or not isinstance(t, (int, float)) or math.isnan(t) or t < 0 or math.isinf(t):
+    """LlamaGen sampling knobs, numbers or per-row tensors: temperature >= 0 (0 = greedy), top_k an integer >= 0
+    (0 = off), top_p in (0, 1]."""
+    for t in _knob_values("temperature", temperature, integral=False):
+        if not math.isfinite(t) or t < 0:
             raise InvalidArgument(f"temperature must be a finite number >= 0 (0 = greedy), got {t}")
-    for k in values(top_k):
-        if k is None or isinstance(k, bool) or not float(k).is_integer() or k < 0:
+    for k in _knob_values("top_k", top_k, integral=True):
+        if k < 0:
             raise InvalidArgument(f"top_k must be an integer >= 0 (0 = full vocabulary), got {k}")
-    for p in values(top_p):
-        if p is None or not isinstance(p, (int, float)) or math.isnan(p) or not (0.0 < p <= 1.0):
+    for p in _knob_values("top_p", top_p, integral=False):
+        if math.isnan(p) or not (0.0 < p <= 1.0):
             raise InvalidArgument(f"top_p must be in (0, 1] (1 = off), got {p}")

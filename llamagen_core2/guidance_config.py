@@ -16,12 +16,13 @@ Scales may be Python numbers or per-row tensors [B] (generate() checks the batch
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 
-from .errors import InvalidArgument, check_finite_scale, check_sampling_args
+from .errors import InvalidArgument, check_finite_scale, check_int, check_sampling_args
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,6 @@ def needs_weak(modes: Sequence[str]) -> bool:
     return any(MODE_TABLE[m].weak for m in modes)
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidArgument(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class Schedule:
     """`first` for the first K image tokens, then `then`; K = first_tokens, or round(first_fraction * num_tokens)."""
@@ -74,8 +69,8 @@ class Schedule:
         if (self.first_tokens is None) == (self.first_fraction is None):
             raise InvalidArgument("a schedule needs exactly one of first_tokens (K) or first_fraction")
         if self.first_tokens is not None:
-            _check_int("schedule first_tokens", self.first_tokens, 0)
-        elif isinstance(self.first_fraction, bool) or not isinstance(self.first_fraction, (int, float)) \
+            object.__setattr__(self, "first_tokens", check_int("schedule first_tokens", self.first_tokens, minimum=0))
+        elif isinstance(self.first_fraction, bool) or not isinstance(self.first_fraction, numbers.Real) \
                 or not (0.0 <= float(self.first_fraction) <= 1.0):
             raise InvalidArgument(f"schedule first_fraction must be in [0, 1], got {self.first_fraction!r}")
 
@@ -95,7 +90,7 @@ class Schedule:
 def make_schedule(num_tokens: int, *, first: str = "slow", then: str = "fast", first_tokens: Optional[int] = None,
                   first_fraction: Optional[float] = None) -> list[str]:
     """The per-token mode list of `Schedule(first, then, first_tokens, first_fraction)` over num_tokens tokens."""
-    return Schedule(first, then, first_tokens, first_fraction).modes(_check_int("num_tokens", num_tokens, 1))
+    return Schedule(first, then, first_tokens, first_fraction).modes(check_int("num_tokens", num_tokens, minimum=1))
 
 
 ScheduleLike = Union[Schedule, Sequence[str], None]
@@ -126,7 +121,7 @@ class GuidanceConfig:
         check_finite_scale("cfg_scale", self.cfg_scale)
         check_finite_scale("w2s_scale", self.w2s_scale)
         check_sampling_args(self.temperature, self.top_k, self.top_p)
-        _check_int("cfg_interval", self.cfg_interval, -1)
+        object.__setattr__(self, "cfg_interval", check_int("cfg_interval", self.cfg_interval, minimum=-1))
 
     def replace(self, **changes) -> "GuidanceConfig":
         return dataclasses.replace(self, **changes)

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import Engine
-from .errors import InvalidArgument
+from .errors import InvalidArgument, check_int
 from .generate import generate
 from .guidance_config import GuidanceConfig, needs_weak
 from .images import to_pil_images, to_uint8
@@ -57,13 +57,6 @@ class LlamaGenPipelineOutput:
     images: object  # list[PIL.Image] | np.ndarray uint8 [B, H, W, 3] | torch.Tensor [B, 3, H, W] | None
     tokens: torch.Tensor  # [B, N] image token ids (CPU)
     stats: dict = field(default_factory=dict)
-
-
-def _check_positive_int(name: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgument(f"{name} must be an integer >= 1, got {value!r}")
 
 
 class LlamaGenPipeline:
@@ -186,12 +179,11 @@ class LlamaGenPipeline:
                  generator: Generators = None, seed: Optional[int] = None, first_image_index: int = 0,
                  batch_size: Optional[int] = None, output_type: str = "pil", return_dict: bool = True,
                  progress: bool = True):
-        _check_positive_int("num_images_per_prompt", num_images_per_prompt)
-        _check_positive_int("batch_size", batch_size, allow_none=True)
+        num_images_per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, minimum=1)
+        batch_size = None if batch_size is None else check_int("batch_size", batch_size, minimum=1)
         if output_type not in OUTPUT_TYPES:
             raise InvalidArgument(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if isinstance(first_image_index, bool) or not isinstance(first_image_index, int) or first_image_index < 0:
-            raise InvalidArgument(f"first_image_index must be an integer >= 0, got {first_image_index!r}")
+        first_image_index = check_int("first_image_index", first_image_index, minimum=0)
         if first_image_index and generator is not None and not isinstance(generator, torch.Generator):
             raise InvalidArgument("first_image_index needs seed or one generator; a list of generators already "
                                   "gives every image its own key")

@@ -77,3 +77,15 @@ def test_generators_give_reproducible_keys():
         row_keys(2, seed=1, generator=gens[0])
     with pytest.raises(InvalidArgument, match="seed must be an integer"):
         row_keys(2, seed=-1)
+
+
+def test_knobs_take_numbers_not_strings_or_bools():
+    import numpy as np
+
+    for bad in (dict(cfg_scale="4"), dict(temperature=True), dict(top_p=True), dict(w2s_scale=True),
+                dict(top_k=3.0), dict(top_k=torch.tensor([2.0])), dict(cfg_scale=torch.tensor([True]))):
+        with pytest.raises(InvalidArgument, match="must be"):
+            GuidanceConfig(**bad)
+    ok = GuidanceConfig(temperature=np.float32(1.0), cfg_interval=np.int64(3), top_k=np.int64(5),
+                        schedule=Schedule(first_tokens=np.int64(2)))
+    assert ok.cfg_interval == 3 and type(ok.cfg_interval) is int and ok.token_modes(4)[:2] == ["slow", "slow"]
