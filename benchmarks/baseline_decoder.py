@@ -18,7 +18,7 @@ state, fast = weak logits, slow = weak + a (cfg - weak); as in LlamaGen, 2B rows
 
 The block math is the model's own (`gpt.forward_hidden`, torch backend): only the cache policy, the row policy
 and the sampling differ. With greedy sampling the tokens equal those of `llamagen_core2.generate`
-(tests/test_static_decode.py cross-checks both).
+(tests/test_engine.py cross-checks both).
 """
 from __future__ import annotations
 
@@ -69,11 +69,14 @@ class BaselineDecoder:
             options = dict(mode="reduce-overhead") if compile_backend == "inductor" else {}
             self.step = torch.compile(self._step, backend=compile_backend, fullgraph=True, **options)
 
-    def setup(self, rows: int, max_len: int, prefix_valid: Optional[torch.Tensor] = None) -> None:
-        """A full-length cache [rows, H, S, D] per layer; t2i padded prefix keys hidden for both halves."""
-        if self.cache is None or not self.cache.fits(rows, max_len, self.gpt.output.weight.dtype,
-                                                     self.gpt.output.weight.device) or self.cache.max_len != max_len:
-            self.cache = self.gpt.new_cache(rows, max_len)
+    def setup(self, rows: int, prefix_valid: Optional[torch.Tensor] = None) -> None:
+        """A cache [rows, H, S, D] per layer at the full length S = T + all image tokens (LlamaGen allocates the
+        whole image; the same shapes for any num_tokens, so a compiled step never recompiles for a shorter run);
+        t2i padded prefix keys hidden."""
+        full = self.gpt.config.max_seq_len
+        weight = self.gpt.output.weight
+        if self.cache is None or not self.cache.fits(rows, full, weight.dtype, weight.device):
+            self.cache = self.gpt.new_cache(rows, full)
             if self.compiled:  # like module buffers (LlamaGen's cache): fixed addresses the CUDA graphs may mutate
                 for t in self.cache.k + self.cache.v:
                     torch._dynamo.mark_static_address(t)
@@ -84,8 +87,10 @@ class BaselineDecoder:
         hidden = self.gpt.forward_hidden(x, self.cache, max_end=self.cache.max_len)[:, -1]
         return hidden, self.gpt.head(hidden)
 
-    def _step(self, x: torch.Tensor, input_pos: torch.Tensor):
-        """x [R, 1, d] at position input_pos [1] -> (hidden [R, d], fp32 logits [R, V]), all S keys read."""
+    def _step(self, tokens: torch.Tensor, input_pos: torch.Tensor):
+        """tokens [R] fed at position input_pos [1] -> (hidden [R, d], fp32 logits [R, V]), all S keys read.
+        The embedding is inside the step, as in LlamaGen's compiled model."""
+        x = self.gpt.embed_tokens(tokens)[:, None]
         hidden = self.gpt.forward_hidden(x, self.cache, position=input_pos, max_end=self.cache.max_len)[:, 0]
         return hidden, self.gpt.head(hidden)
 
@@ -109,16 +114,18 @@ class BaselineDecoder:
             prefix = torch.cat([prefix, gpt.condition_embeddings(gpt.null_condition(B, cond))])
             valid = None if valid is None else torch.cat([valid, valid])
         rows = prefix.shape[0]
-        self.setup(rows, T + N, valid)
+        self.setup(rows, valid)
         if mode in ("fast", "slow"):
             weak_cache = weak_model.new_cache(B)
             weak_model.prefill(cond, weak_cache, None if cond_mask is None else cond_mask.to(device))
         tokens = torch.zeros(B, N, dtype=torch.long, device=device)
+        input_pos = torch.tensor([T], device=device)  # advanced in place, as LlamaGen's decode loop does
         for i in range(N):
             if i == 0:
                 hidden, logits = self.prefill(prefix)  # [rows, d], [rows, V] fp32
             else:
-                hidden, logits = self.step(x, torch.tensor([T + i - 1], device=device))
+                hidden, logits = self.step(fed, input_pos)
+                input_pos += 1
             if with_uncond:
                 cond_logits, uncond_logits = torch.split(logits, B, dim=0)
                 use_cfg = cfg_interval == -1 or i <= cfg_interval + 1
@@ -133,5 +140,5 @@ class BaselineDecoder:
                 mixed = cfg if mode == "cfg" else cond_logits
             nxt = sample_reference(mixed, temperature, top_k, top_p, generator)
             tokens[:, i] = nxt
-            x = gpt.embed_tokens(nxt.repeat(rows // B))[:, None]  # the same token feeds both halves
+            fed = nxt.repeat(rows // B)  # the same token feeds both halves
         return tokens

@@ -19,12 +19,12 @@ Contract (why: docs/design.md#decode-engine):
     64-position bucket and reads keys up to the bucket's end (at most 63 masked extra keys).
   * Randomness: the sampler's Philox keys (one per image, `seeding.py`) and the draw counter (token index x V)
     live in device buffers, so eager, static and graph-replayed decoding draw the same numbers.
-  * The NaN/inf flag accumulates on the device over every hidden state a token is sampled from (cond / uncond
-    rows, the weak prediction; a fast step's cond rows feed the weak model, so a NaN there shows in its output)
-    and over catch-up prefills; the caller reads it once at the end.
+  * The NaN/inf flag accumulates on the device over every hidden state computed (the base rows of every step,
+    the weak model's predictions, catch-up prefills); the caller reads it once at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -68,6 +68,13 @@ class GenerationStats:
     def as_dict(self) -> dict:
         return dict(step_rows=list(self.step_rows), base_rows=self.base_rows, catchup_rows=self.catchup_rows,
                     catchup_calls=self.catchup_calls, weak_steps=self.weak_steps)
+
+
+def addresses(module) -> tuple:
+    """Where a module's tensors live (parameters and buffers, e.g. the RoPE table): graphs recorded them."""
+    if module is None:
+        return ()
+    return tuple(t.data_ptr() for t in (*module.parameters(), *module.buffers()))
 
 
 def chunk_sizes(length: int, limit: int) -> list[int]:
@@ -135,9 +142,8 @@ class Engine:
                 self.weak_cache = None
                 self.weak_cache, self.weak_owner = weak.new_cache(batch), weak
                 self.allocations += 1
-        binding = (self.allocations, id(weak), gpt.rope.data_ptr(),
-                   tuple(p.data_ptr() for p in gpt.parameters()),
-                   () if weak is None else tuple(p.data_ptr() for p in weak.parameters()))
+        # A request without a weak model keeps the weak cache (and the graphs) of the last one that had it.
+        binding = (self.allocations, addresses(gpt), addresses(self.weak_owner))
         if binding == self.binding:
             return
         cap_rows, cap_len, V = self.cache.rows, self.cache.max_len, gpt.config.vocab_size
@@ -171,12 +177,10 @@ class Engine:
         gpt = self.gpt
         spec = MODE_TABLE[mode]
         B = batch
-        parts = ([hidden[:B]] if spec.cond_logits else []) + ([hidden[B:2 * B]] if spec.uncond else []) \
-            + ([weak_hidden.to(hidden.dtype)] if spec.weak else [])
-        head_in = parts[0] if len(parts) == 1 else torch.cat(parts)
-        # NaN/inf in anything this token is sampled from (a fast step's cond rows feed the weak prediction)
-        self.finite.logical_and_(torch.isfinite(head_in).all())
-        logits = gpt.head(head_in)  # one GEMM, fp32 [k*B, V]
+        base_rows = hidden[:2 * B] if spec.cond_logits and spec.uncond else \
+            hidden[:B] if spec.cond_logits else hidden[B:2 * B] if spec.uncond else None
+        parts = ([] if base_rows is None else [base_rows]) + ([weak_hidden.to(hidden.dtype)] if spec.weak else [])
+        logits = gpt.head(parts[0] if len(parts) == 1 else torch.cat(parts))  # one GEMM, fp32 [k*B, V]
         split = list(logits.split(B))
         cond = split.pop(0) if spec.cond_logits else None
         uncond = split.pop(0) if spec.uncond else None
@@ -189,9 +193,8 @@ class Engine:
                                backend=self.backend_now)
         tokens, mixed = result if record else (result, None)
         self.tokens_out[:B].index_copy_(1, self.counters[2:3], tokens[:, None])
-        self.tokens_in[:B].copy_(tokens)
-        if self.tokens_in.shape[0] >= 2 * B:
-            self.tokens_in[B:2 * B].copy_(tokens)  # the same token feeds both halves
+        halves = 2 if self.tokens_in.shape[0] >= 2 * B else 1  # the same token feeds both halves
+        self.tokens_in[:halves * B].view(halves, B).copy_(tokens.expand(halves, B))
         if record:
             hidden_out, weak_logits_out, mixed_out = self.record_buffers
             hidden_out[:hidden.shape[0]].copy_(hidden)
@@ -205,10 +208,13 @@ class Engine:
         x = gpt.embed_tokens(self.tokens_in[:rows])[:, None]  # [R, 1, d]
         hidden = gpt.forward_hidden(x, self.cache, position=self.counters[0:1], max_end=max_end,
                                     backend=backend)[:, 0]  # [R, d]
+        finite = torch.isfinite(hidden).all()
         weak_hidden = None
         if weak is not None:  # stepped at every token so its cache never has holes
             weak_hidden = weak.step_hidden(hidden[:batch], self.weak_cache, position=self.counters[1:2],
                                            max_end=weak_max_end, backend=backend)
+            finite = finite & torch.isfinite(weak_hidden).all()
+        self.finite.logical_and_(finite)
         self._sample(mode, batch, hidden, weak_hidden, record)
         self.counters.add_(self.increments)
 
@@ -218,6 +224,11 @@ class Engine:
             knobs: dict, weak=None, compact_rows: bool = True, on_step: Optional[Callable] = None,
             progress_bar=None) -> tuple[torch.Tensor, GenerationStats]:
         """cond [B] / [B, T, C] (validated), modes [N] (one per token) -> (tokens [B, N] view, stats)."""
+        # Graph capture and Triton launches use the *current* CUDA device: make it the model's.
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            return self._run(cond, cond_mask, modes, keys, knobs, weak, compact_rows, on_step, progress_bar)
+
+    def _run(self, cond, cond_mask, modes, keys, knobs, weak, compact_rows, on_step, progress_bar):
         gpt = self.gpt
         B, N = cond.shape[0], len(modes)
         T = gpt.config.cls_token_num
@@ -247,17 +258,19 @@ class Engine:
         if run_u:
             prefix = torch.cat([prefix, self.null_prefix])
         hidden = gpt.forward_hidden(prefix, self.cache, backend=self.backend_now)[:, -1]
+        self.finite.logical_and_(torch.isfinite(hidden).all())
         uncond_filled = T if run_u else 0
         weak_hidden = None
         if weak is not None:
             weak.prefill(cond, self.weak_cache, mask, backend=self.backend_now)
             weak_hidden = weak.step_hidden(hidden[:B], self.weak_cache, start=T, backend=self.backend_now)
+            self.finite.logical_and_(torch.isfinite(weak_hidden).all())
         self._sample(modes[0], B, hidden, weak_hidden, record)
         # The first decode step feeds token 0 at position T (the weak model's h_c[1] goes to T + 1); token index 1.
         self.counters.copy_(torch.tensor([T, T + 1, 1, gpt.config.vocab_size]))
         stats.step_rows.append(2 * B if run_u else B)
         if record:
-            self._emit(on_step, 0, modes[0], B, hidden.shape[0])
+            self._emit(on_step, 0, modes[0], B)
         if progress_bar is not None:
             progress_bar.update(1)
 
@@ -281,7 +294,7 @@ class Engine:
             for k in chunk_sizes(run_end - i, limit):
                 self._run_chunk(mode, B, rows, k, T + i - 1, weak, record)
                 if record:
-                    self._emit(on_step, i, mode, B, rows)
+                    self._emit(on_step, i, mode, B)
                 stats.step_rows.extend([rows] * k)
                 i += k
                 if progress_bar is not None:
@@ -312,7 +325,7 @@ class Engine:
         if not self.graphs_now:
             chunk()
             return
-        key = (mode, batch, rows, steps, max_end, weak_end, self.cache.key_valid is not None, record)
+        key = (mode, batch, rows, steps, max_end, weak_end, self.cache.masked, record)
         self.graphs.run(key, chunk, self._save_state, self._restore_state)
 
     def _save_state(self):
@@ -346,7 +359,7 @@ class Engine:
                                    torch.zeros(rows, V, dtype=torch.float32, device=w.device),
                                    torch.zeros(rows, V, dtype=torch.float32, device=w.device))
 
-    def _emit(self, on_step, index: int, mode: str, batch: int, rows: int) -> None:
+    def _emit(self, on_step, index: int, mode: str, batch: int) -> None:
         spec = MODE_TABLE[mode]
         B = batch
         hidden_out, weak_logits_out, mixed_out = self.record_buffers

@@ -116,4 +116,6 @@ def test_whole_engine_step_is_the_fused_layers_plus_a_few_launches(counter, mode
     assert per_layer <= 10
     weak_layers = 1 if mode in ("fast", "slow") else 0  # W-1: one fused block + its in/out projections
     per_step = two - 2 * per_layer - weak_layers * (per_layer + 6)
-    assert per_step <= 14, per_step  # embedding, final norm, head, NaN flag, sampler (2), token write-back, counters
+    # embedding, final norm, the NaN flag over the base rows (and the weak prediction), the rows -> one head GEMM
+    # (a cat when the weak prediction joins them), the fused sampler (2), token write-back (2), counters (1)
+    assert per_step <= 16, per_step
