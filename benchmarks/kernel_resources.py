@@ -75,12 +75,12 @@ def select_consts(config: "F.LaunchConfig", vocab: int, **flags) -> dict:
 
 def h100_config(batch: int, vocab: int) -> "F.LaunchConfig":
     """launch_config as it decides on an H100, without one."""
-    real = F.sm_count
-    F.sm_count = lambda device: H100_SMS
+    real = F.multiprocessor_count
+    F.multiprocessor_count = lambda device: H100_SMS
     try:
         return F.launch_config(batch, vocab, "cuda")
     finally:
-        F.sm_count = real
+        F.multiprocessor_count = real
 
 
 def _tool(name: str) -> str:

@@ -112,5 +112,11 @@ def select_backend(device: torch.device) -> str:
 
 @functools.lru_cache(maxsize=None)
 def multiprocessor_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (launch configs size their grids to fill them)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    """Streaming multiprocessors of a CUDA device (launch configs size their grids to fill them; cached)."""
+    device = torch.device(device)
+    return _multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

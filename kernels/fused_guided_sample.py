@@ -44,7 +44,6 @@ Every launch setting comes from `launch_config(batch, vocab, device)` (documente
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -56,6 +55,7 @@ import triton.language as tl
 from ..errors import InvalidArgument, check_finite_scale, check_sampling_args
 from ..guidance_config import MODE_TABLE
 from ..philox import check_offset, check_seeds, counter_strides
+from .dispatch import interpreted, multiprocessor_count
 
 MAX_VOCAB = 65536  # the select kernel holds a row in registers
 MODE_IDS = {"cond": 0, "cfg": 1, "fast": 2, "slow": 3}
@@ -396,16 +396,6 @@ class LaunchConfig:
     top_p_rounds: int       # rejection rounds before the exact top-p bisection
 
 
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached)."""
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def launch_config(batch: int, vocab: int, device, *, blocks_per_row: Optional[int] = None,
                   rows_per_program: Optional[int] = None, top_p_rounds: int = 4) -> LaunchConfig:
     """Every launch setting of `fused_guided_sample`, from (batch, vocab, device) alone.
@@ -437,7 +427,7 @@ def launch_config(batch: int, vocab: int, device, *, blocks_per_row: Optional[in
     if blocks_per_row is None:
         if on_gpu:
             row_programs = math.ceil(batch / rows)
-            wanted = math.ceil(8 * sm_count(device) / row_programs)
+            wanted = math.ceil(8 * multiprocessor_count(device) / row_programs)
             blocks_per_row = min(triton.next_power_of_2(wanted), max_blocks)
         else:
             blocks_per_row = 1
@@ -601,4 +591,4 @@ def fused_guided_sample(
 
 # True when triton.jit produced an interpreter function (TRITON_INTERPRET=1 was set before triton
 # was imported): the kernels then run on CPU tensors, slowly -- tests only.
-INTERPRETED = type(_select_kernel).__name__ == "InterpretedFunction"
+INTERPRETED = interpreted(_select_kernel)
