@@ -92,7 +92,7 @@ def _philox(seeds: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
         k1 = (k1 + _KEY_B) & _LOW32
     # uint32 -> int32 bitcast; negative x becomes ~x = 2**32 - 1 - c0 as a non-negative int.
     folded = torch.where(c0 >= 2 ** 31, _LOW32 - c0, c0)
-    return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=counter.device)
+    return folded.to(torch.float32) * _UNIFORM_SCALE  # a Python float: no host-to-device copy per draw
 
 
 def counters_per_draw(n_seeds: int, batch: int, vocab: int) -> int:
