@@ -266,3 +266,14 @@ def test_reflect_starting_over_keeps_its_own_checkpoints(world, tmp_path):
     latest = json.loads((out / "checkpoints" / "latest.json").read_text())
     assert latest["step"] == 2 and (out / "checkpoints" / latest["name"]).is_dir()
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-0000001", "step-0000002"]
+
+
+def test_diffusion_commands_refuse_bad_settings_before_loading_or_writing(tmp_path, capsys):
+    out = tmp_path / "img"
+    one_line_error(["diffuse", "--pipeline", "sd3", "--model", "tiny", "--prompt", "x", "--mode", "fast", "--out",
+                    str(out)], capsys, contains=["noise"])
+    assert not out.exists()  # nothing left behind by the refused command
+    one_line_error(["diffuse-collect", "--pipeline", "sd3", "--model", "tiny", "--prompt", "x", "--seeds",
+                    "99999999999999999999999", "--out", str(tmp_path / "c")], capsys, contains=["--seeds"])
+    one_line_error(["diffuse-collect", "--pipeline", "sd3", "--model", "tiny", "--prompt", "x", "--cfg-scale", "1",
+                    "--out", str(tmp_path / "c")], capsys, contains=["--cfg-scale"])

@@ -119,16 +119,17 @@ def cmd_diffuse(args) -> int:
     check_output_dir(args.out)
     _log_progress(args)
     prompts = _prompts(args)
+    settings = GuidanceSettings(
+        mode=args.mode, cfg_scale=DEFAULT_CFG[args.pipeline] if args.cfg_scale is None else args.cfg_scale,
+        w2s_scale=DEFAULT_W2S[args.pipeline] if args.w2s_scale is None else args.w2s_scale,
+        end_timesteps=args.end_timesteps, inv_cfg=args.inv_cfg, zigzag_steps=args.zigzag_steps)
+    settings.validate(args.noise_model is not None)  # refused before the pipeline is loaded or --out is made
     device, dtype = _device_dtype(args)
     pipe = load_pipeline(args.pipeline, args.model, device, dtype, ddim=DIFFUSION_MODES[args.mode].zigzag)
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
     noise_model = None
     if args.noise_model:
         noise_model = load_noise_model(args.noise_model, preset=args.noise_model_preset, dtype=dtype, device=device)
-    settings = GuidanceSettings(
-        mode=args.mode, cfg_scale=DEFAULT_CFG[args.pipeline] if args.cfg_scale is None else args.cfg_scale,
-        w2s_scale=DEFAULT_W2S[args.pipeline] if args.w2s_scale is None else args.w2s_scale,
-        end_timesteps=args.end_timesteps, inv_cfg=args.inv_cfg, zigzag_steps=args.zigzag_steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     batches = [prompts[k:k + args.batch_size] for k in range(0, len(prompts), args.batch_size)]
@@ -162,11 +163,11 @@ def cmd_collect(args) -> int:
     check_output_dir(args.out)
     prompts = _prompts(args)
     try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise InvalidArgument(f"--seeds must be integers like '0,1,2', got {args.seeds!r}") from None
-    if not seeds or any(s < 0 for s in seeds):
-        raise InvalidArgument(f"--seeds must be non-negative integers like '0,1,2', got {args.seeds!r}")
+        seeds = [seed_int(s) for s in args.seeds.split(",") if s.strip()]
+    except argparse.ArgumentTypeError:
+        raise InvalidArgument(f"--seeds must be integers in [0, 2**63 - 1] like '0,1,2', got {args.seeds!r}") from None
+    if not seeds:
+        raise InvalidArgument(f"--seeds must list at least one seed like '0,1,2', got {args.seeds!r}")
     device, dtype = _device_dtype(args)
     pipe = load_pipeline(args.pipeline, args.model, device, dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -201,12 +202,14 @@ def cmd_reflect(args) -> int:
 
 def _common(p: argparse.ArgumentParser, *, collect: bool) -> None:
     p.add_argument("--pipeline", required=True, choices=PIPELINES, help="diffusers pipeline family")
-    p.add_argument("--model", required=True, help="local diffusers pipeline directory, or `tiny` (smoke test)")
+    p.add_argument("--model", required=True,
+                   help="local diffusers pipeline directory, a Hub repo id (HF cache), or `tiny` (smoke test)")
     p.add_argument("--prompt", action="append", help="repeatable")
     p.add_argument("--prompts-file", default=None, help="one prompt per line")
     p.add_argument("--negative-prompt", default=None, help="one negative prompt for every image (default: empty)")
     p.add_argument("--steps", type=positive_int, default=50, help="denoising steps")
-    p.add_argument("--cfg-scale", type=non_negative_float, default=5.5 if collect else None,
+    p.add_argument("--cfg-scale", type=float_in(above=1.0) if collect else non_negative_float,
+                   default=5.5 if collect else None,
                    help="CFG scale" + ("" if collect else " (default: 5.5 sdxl, 3.5 sd3/flux)"))
     p.add_argument("--flux-guidance", type=non_negative_float, default=3.5,
                    help="FLUX-dev distilled guidance embedding")

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import InvalidArgument, check_int, check_number
+from ..seeding import check_seed
 from ..shards import ShardWriter
 from .guided_denoiser import GuidanceSettings
 from .layouts import pipeline_kind
@@ -56,8 +57,7 @@ def collect_diffusion(pipe, prompts: Sequence[str], out_dir, *, seeds: Sequence[
     seeds = list(seeds)
     if not seeds:
         raise InvalidArgument("seeds must list at least one seed")
-    for seed in seeds:
-        check_int("seed", seed, minimum=0)
+    seeds = [check_seed(seed) for seed in seeds]
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise InvalidArgument("prompts must be a non-empty list of strings")
     kind = pipeline_kind(pipe)
