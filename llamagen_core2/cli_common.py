@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .device import DEVICE_FORMS, resolve_device as resolve_device_spec
+from .device import DEVICE_FORMS, parse_device, resolve_device as resolve_device_spec
 from .errors import InvalidArgument, rank_and_world
 from .guidance_config import MODES, GuidanceConfig, needs_weak
 
@@ -128,9 +128,10 @@ def seed_int(text: str) -> int:
 
 
 def device_arg(text: str) -> str:
-    if text.strip() not in ("auto", "cpu", "cuda", "mps") and not (
-            text.startswith("cuda:") and text[5:].isdigit()):
-        raise argparse.ArgumentTypeError(f"must be {DEVICE_FORMS}, got {text!r}")
+    try:
+        parse_device(text)
+    except InvalidArgument:
+        raise argparse.ArgumentTypeError(f"must be {DEVICE_FORMS}, got {text!r}") from None
     return text.strip()
 
 
@@ -146,7 +147,8 @@ def gpt_preset_arg(text: str) -> str:
 # ---------------------------------------------------------------------- shared arguments / loading
 def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", type=device_arg,
-                   help="auto = cuda if available else cpu; cuda = cuda:LOCAL_RANK under torchrun; or cuda:N, cpu")
+                   help="auto = cuda if available else cpu; cuda = cuda:LOCAL_RANK under torchrun; "
+                        "or cuda:N, cpu, mps")
 
 
 def add_threads_arg(p: argparse.ArgumentParser) -> None:
@@ -311,7 +313,7 @@ def check_refine_args(args) -> None:
     """Argument-only checks of add_refine_args' options, run before any model is loaded."""
     schedule_given = any(getattr(args, k) is not None for k in
                          ("slow_first", "fast_first", "slow_first_tokens", "fast_first_tokens"))
-    if (schedule_given or args.mode in ("fast", "slow")) and args.weak is None:
+    if (schedule_given or needs_weak([args.mode])) and args.weak is None:
         raise InvalidArgument("--mode fast/slow and --slow-first/--fast-first need --weak DIR (from `reflect`)")
 
 
@@ -330,6 +332,4 @@ def load_refine(args, gpt):
     schedule = build_schedule(gpt.config.num_image_tokens, mode=args.mode, slow_first=args.slow_first,
                               fast_first=args.fast_first, slow_first_tokens=args.slow_first_tokens,
                               fast_first_tokens=args.fast_first_tokens)
-    if needs_weak(schedule or [args.mode]) and weak is None:
-        raise InvalidArgument("--mode fast/slow and --slow-first/--fast-first need --weak DIR (from `reflect`)")
-    return weak, schedule
+    return weak, schedule  # check_refine_args refused fast/slow without --weak before anything was loaded

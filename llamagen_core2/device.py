@@ -36,13 +36,19 @@ def local_rank() -> Optional[int]:
     return int(value)
 
 
-def resolve_device(spec: Union[str, torch.device, None] = "auto") -> torch.device:
-    """`--device` text (or a torch.device) -> a concrete torch.device, by the rules in the module docstring."""
+def parse_device(spec: Union[str, torch.device, None]) -> tuple[str, Optional[str]]:
+    """`--device` text -> (kind, index or None), checking only the form (the CLI parses with it, no CUDA query)."""
     text = "auto" if spec is None else str(spec).strip()
     match = _PATTERN.fullmatch(text)
     if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
         raise InvalidArgument(f"device must be {DEVICE_FORMS}, got {text!r}")
-    kind, index = match.group(1), match.group(2)
+    return match.group(1), match.group(2)
+
+
+def resolve_device(spec: Union[str, torch.device, None] = "auto") -> torch.device:
+    """`--device` text (or a torch.device) -> a concrete torch.device, by the rules in the module docstring."""
+    text = "auto" if spec is None else str(spec).strip()
+    kind, index = parse_device(text)
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cpu":

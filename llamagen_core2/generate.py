@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .engine import Engine, GenerationStats, StepRecord  # noqa: F401  (StepRecord is part of the on_step API)
 from .errors import InvalidArgument, check_int
 from .guidance import guided_sample
-from .guidance_config import MODE_TABLE, GuidanceConfig, needs_uncond, needs_weak
+from .guidance_config import MODE_TABLE, GuidanceConfig, needs_uncond, needs_weak, require_weak
 from .memory import check_fits, estimate_generation_bytes
 from .seeding import row_keys
 
@@ -136,9 +136,8 @@ def generate(
         keys = row_keys(B, seed=seed, generator=generator)
     modes = guidance.token_modes(N)
     uses_uncond, uses_weak = needs_uncond(modes), needs_weak(modes)
+    require_weak(modes, weak_model)
     if uses_weak:
-        if weak_model is None:
-            raise InvalidArgument("modes 'fast' and 'slow' need a weak_model (train one with `llamagen-core2 reflect`)")
         if not all(callable(getattr(weak_model, name, None)) for name in ("new_cache", "prefill", "step_hidden")):
             raise InvalidArgument(f"weak_model must have new_cache(rows), prefill(cond, cache, cond_mask) and "
                                   f"step_hidden(hidden, cache, ...) (e.g. a WeakModel), got "

@@ -55,6 +55,13 @@ def needs_weak(modes: Sequence[str]) -> bool:
     return any(MODE_TABLE[m].weak for m in modes)
 
 
+def require_weak(modes: Sequence[str], weak_model) -> None:
+    """The one refusal of a fast/slow request without a CoRe^2 weak model."""
+    if weak_model is None and needs_weak(modes):
+        raise InvalidArgument("modes 'fast' and 'slow' need a weak_model, the CoRe^2 weak model (train one with "
+                              "`llamagen-core2 reflect`; on the command line: --weak DIR)")
+
+
 @dataclass(frozen=True)
 class Schedule:
     """`first` for the first K image tokens, then `then`; K = first_tokens, or round(first_fraction * num_tokens)."""

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .engine import Engine
 from .errors import InvalidArgument, check_int
 from .generate import generate
-from .guidance_config import GuidanceConfig, needs_weak
+from .guidance_config import GuidanceConfig, require_weak
 from .images import to_pil_images, to_uint8
 from .seeding import row_keys
 
@@ -191,9 +191,7 @@ class LlamaGenPipeline:
             guidance = self.guidance
         elif not isinstance(guidance, GuidanceConfig):
             raise InvalidArgument(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
-        if needs_weak(guidance.token_modes(self.gpt.config.num_image_tokens)) and self.weak_model is None:
-            raise InvalidArgument(f"guidance mode {guidance.mode!r} / its schedule needs the CoRe^2 weak model: build "
-                                  f"the pipeline with weak_model=... (trained by `llamagen-core2 reflect`)")
+        require_weak(guidance.token_modes(self.gpt.config.num_image_tokens), self.weak_model)
 
         cond, mask = self._conditions(class_labels, prompt, prompt_embeds, prompt_attention_mask)
         order = torch.arange(len(cond)).repeat_interleave(num_images_per_prompt)  # condition-major

@@ -31,7 +31,7 @@ from .checkpoint import read_json
 from .collect import check_conditions
 from .errors import InvalidArgument, check_int, describe_differences, rank_and_world
 from .files import atomic_write, atomic_write_json
-from .guidance_config import GuidanceConfig, Schedule, check_mode, needs_weak
+from .guidance_config import GuidanceConfig, Schedule, check_mode, require_weak
 from .images import save_png
 from .pipeline import LlamaGenPipeline
 from .seeding import check_seed
@@ -117,8 +117,7 @@ def sample_images(
         check_int(name, value, minimum=1)
     guidance = GuidanceConfig(mode=mode, schedule=schedule, cfg_scale=cfg_scale, w2s_scale=w2s_scale,
                               temperature=temperature, top_k=top_k, top_p=top_p)
-    if needs_weak(guidance.token_modes(c.num_image_tokens)) and weak_model is None:
-        raise InvalidArgument("modes 'fast' and 'slow' need a weak_model (train one with `llamagen-core2 reflect`)")
+    require_weak(guidance.token_modes(c.num_image_tokens), weak_model)
     check_seed(seed)
     rank, world_size = rank_and_world(rank, world_size)
     pipe = LlamaGenPipeline(gpt, vq, weak_model=weak_model, guidance=guidance)
