@@ -120,6 +120,7 @@ class BaselineDecoder:
             weak_model.prefill(cond, weak_cache, None if cond_mask is None else cond_mask.to(device))
         tokens = torch.zeros(B, N, dtype=torch.long, device=device)
         input_pos = torch.tensor([T], device=device)  # advanced in place, as LlamaGen's decode loop does
+        fed = None  # the tokens fed at the next step: the last sampled ones, for both halves
         for i in range(N):
             if i == 0:
                 hidden, logits = self.prefill(prefix)  # [rows, d], [rows, V] fp32

@@ -12,15 +12,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 
 from .cli_common import (Parser, add_condition_args, add_model_args, add_refine_args, add_sampling_args,
                          add_threads_arg, add_vq_args, apply_threads, check_refine_args, guidance_from_args,
-                         int_at_least, load_conditions, load_gpt, load_refine, load_vq, positive_float, positive_int)
-from .errors import user_error_message
+                         int_at_least, load_conditions, load_gpt, load_refine, load_vq, positive_float, positive_int,
+                         run_subcommand)
 from .files import check_output_dir
 
 SUBCOMMAND_MODULES = (
@@ -41,7 +40,6 @@ def cmd_generate(args) -> int:
     gpt = load_gpt(args)
     conds, cond_mask, _ = load_conditions(args, gpt)
     vq = load_vq(args)
-    vq.check_matches(gpt.config)
     weak, schedule = load_refine(args, gpt)
     pipe = LlamaGenPipeline(gpt, vq, weak_model=weak, guidance=guidance_from_args(args, schedule))
     condition = dict(class_labels=conds) if gpt.config.model_type == "c2i" else \
@@ -129,20 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(format="%(name)s: %(message)s")  # library code logs; warnings (and opted-in info) to stderr
     args = build_parser().parse_args(argv)
     apply_threads(args)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(f"llamagen-core2 {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 -- mapped by family below; anything unmapped is re-raised
-        message = user_error_message(e)
-        if message is None:
-            raise
-        print(f"llamagen-core2 {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    status, result = run_subcommand(f"llamagen-core2 {args.command}", args, args.func)
+    return status or int(result or 0)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import sys
 
 import torch
 
 from .device import DEVICE_FORMS, parse_device, resolve_device as resolve_device_spec
-from .errors import InvalidArgument, rank_and_world
+from .errors import InvalidArgument, rank_and_world, user_error_message
 from .guidance_config import MODES, GuidanceConfig, needs_weak
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -155,6 +157,24 @@ def add_threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int_in(0, MAX_THREADS), default=DEFAULT_THREADS,
                    help="torch CPU threads: 1 avoids OpenMP spin-waits on shared/busy CPUs and is all a GPU run "
                         "needs (docs/cli.md#threads); 0 = torch's choice (one per core)")
+
+
+def run_subcommand(prog: str, args, fn) -> tuple[int, object]:
+    """Run one subcommand -> (exit status, its result). The one place the error families a user can fix
+    (errors.user_error_message) become one line on stderr and status 2; Ctrl-C is 130; anything else is a bug
+    and keeps its traceback."""
+    logging.basicConfig(format="%(name)s: %(message)s")  # library code logs; warnings (and opted-in info) to stderr
+    try:
+        return 0, fn(args)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130, None
+    except Exception as e:  # noqa: BLE001 -- mapped by family; anything unmapped is re-raised
+        message = user_error_message(e)
+        if message is None:
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2, None
 
 
 def apply_threads(args) -> None:

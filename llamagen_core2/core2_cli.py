@@ -13,14 +13,13 @@ runs them standalone. Under torchrun the RANK / WORLD_SIZE environment variables
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 
 from .cli_common import (Parser, add_condition_args, add_model_args, add_refine_args, add_sampling_args, add_vq_args,
                          apply_threads, check_refine_args, float_in, load_conditions, load_gpt, load_refine, load_vq,
-                         non_negative_float, non_negative_int, positive_int, print_json, seed_int)
-from .errors import rank_and_world, user_error_message
+                         non_negative_float, non_negative_int, positive_int, print_json, run_subcommand, seed_int)
+from .errors import rank_and_world
 from .files import check_output_dir
 
 
@@ -187,14 +186,10 @@ def main(argv=None):
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     apply_threads(args)
-    try:
-        return args.run(args)
-    except Exception as e:  # noqa: BLE001 -- mapped by family; anything unmapped is re-raised
-        message = user_error_message(e)
-        if message is None:
-            raise
-        print(f"{parser.prog} {args.command}: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+    status, result = run_subcommand(f"{parser.prog} {args.command}", args, args.run)
+    if status:
+        raise SystemExit(status)
+    return result
 
 
 if __name__ == "__main__":

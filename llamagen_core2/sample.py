@@ -112,7 +112,6 @@ def sample_images(
 ) -> dict:
     """Generate and save images; returns {"images_written", "groups_run", "npz", "seconds", "base_rows", ...}."""
     c = gpt.config
-    vq.check_matches(c)
     for name, value in (("per_condition", per_condition), ("batch_size", batch_size)):
         check_int(name, value, minimum=1)
     guidance = GuidanceConfig(mode=mode, schedule=schedule, cfg_scale=cfg_scale, w2s_scale=w2s_scale,

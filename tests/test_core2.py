@@ -155,8 +155,8 @@ def test_reflect_resume_after_interruption_matches_unbroken_run(trained, tmp_pat
     unbroken = reflect(gpt, shards, tmp_path / "a", **kw)
     save = reflect_module._save_checkpoint
 
-    def save_then_die(out_dir, weak, optimizer, step, keep=2):
-        path = save(out_dir, weak, optimizer, step, keep)
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
         raise KeyboardInterrupt("simulated kill after the first checkpoint")
 
     monkeypatch.setattr(reflect_module, "_save_checkpoint", save_then_die)

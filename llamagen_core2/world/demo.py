@@ -18,7 +18,6 @@ import time
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 from ..cli_common import (add_threads_arg, apply_threads, class_names_help, int_in, non_negative_float,
@@ -98,17 +97,12 @@ def run_demo(out_png, classes: Optional[Sequence[int]] = None, modes: Sequence[s
                 seconds=time.time() - start, base_rows=base_rows)
 
 
-def _class_list(text: str) -> list[int]:
-    try:
-        return [int(c) for c in text.split(",")]
-    except ValueError:
-        raise InvalidArgument(f"--classes must be comma-separated class ids like '0,3,7', got {text!r}") from None
-
-
 def _main(args: argparse.Namespace) -> int:
     apply_threads(args)
     check_output_file(args.out)
-    classes = _class_list(args.classes) if args.classes else None
+    from ..collect import parse_class_ids
+
+    classes = parse_class_ids(args.classes, NUM_CLASSES) if args.classes else None
     sampling = {k: v for k, v in dict(cfg_scale=args.cfg_scale, w2s_scale=args.w2s_scale,
                                       temperature=args.temperature, top_k=args.top_k).items() if v is not None}
     info = run_demo(args.out, classes=classes, modes=args.modes.split(","), seed=args.seed,
