@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, check_int
 from .files import atomic_write
 
 
@@ -64,10 +64,8 @@ def to_pil_images(images) -> list[Image.Image]:
 def make_grid(images_uint8, nrow: int = 8, padding: int = 2, pad_value: int = 0) -> np.ndarray:
     """uint8 [B, H, W, 3] -> one uint8 image [rows*(H+p)+p, cols*(W+p)+p, 3], `nrow` images per row."""
     batch = _as_uint8_batch(images_uint8)
-    if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
-        raise InvalidArgument(f"nrow must be an integer >= 1, got {nrow!r}")
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise InvalidArgument(f"padding must be an integer >= 0, got {padding!r}")
+    nrow = check_int("nrow", nrow, minimum=1)
+    padding = check_int("padding", padding, minimum=0)
     if not 0 <= int(pad_value) <= 255:
         raise InvalidArgument(f"pad_value must be in [0, 255], got {pad_value!r}")
     b, h, w, c = batch.shape
@@ -106,8 +104,7 @@ def to_model_range(images) -> torch.Tensor:
 def center_crop(image: Image.Image, size: int) -> Image.Image:
     """ADM / LlamaGen centre crop: halve with BOX while the short side >= 2*size, bicubic-resize
     the short side to `size`, then cut the central size x size square."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise InvalidArgument(f"size must be an integer >= 1, got {size!r}")
+    size = check_int("size", size, minimum=1)
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
     scale = size / min(image.size)

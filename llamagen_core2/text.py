@@ -44,7 +44,7 @@ from typing import Callable, Sequence, Union
 
 import torch
 
-from .errors import CheckpointError, InvalidArgument
+from .errors import CheckpointError, InvalidArgument, check_int
 
 CAPTION_MAX_LENGTH = 120  # LlamaGen t2i cls_token_num / --t5-feature-max-len
 
@@ -107,8 +107,7 @@ class CaptionEncoder:
     """A frozen T5 encoder + tokenizer producing LlamaGen-style left-padded caption features."""
 
     def __init__(self, model, tokenizer, *, max_length: int = CAPTION_MAX_LENGTH, preprocess: Preprocess = "lower"):
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-            raise InvalidArgument(f"max_length must be an integer >= 1 (LlamaGen uses 120), got {max_length!r}")
+        max_length = check_int("max_length", max_length, minimum=1)  # LlamaGen uses 120
         if not (preprocess is None or preprocess == "lower" or callable(preprocess)):
             raise InvalidArgument(f"preprocess must be 'lower', None or a callable str -> str, got {preprocess!r}")
         if tokenizer.pad_token_id is None:

@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..errors import InvalidArgument, check_finite_scale
+from ..errors import InvalidArgument, check_finite_scale, check_int
 from ..guidance import mix_guidance
 from ..guidance_config import MODE_TABLE, GuidanceConfig, Schedule
 from .modes import (MODES, diffusion_mode, needs_noise_model, rows_for, scheduled_mode, step_mode,
@@ -84,8 +84,8 @@ class GuidanceSettings:
         check_finite_scale("inv_cfg", self.inv_cfg)
         for name in ("end_timesteps", "zigzag_steps"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise InvalidArgument(f"{name} must be an integer >= 0 or None, got {value!r}")
+            if value is not None:
+                check_int(name, value, minimum=0)
         if needs_noise_model(self.mode) and not has_noise_model:
             raise InvalidArgument(f"mode {self.mode!r} needs a noise model (--noise-model)")
 

@@ -28,7 +28,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.guiders import BaseGuidance
 from diffusers.guiders.guider_utils import GuiderOutput
 
-from ..errors import InvalidArgument, check_finite_scale
+from ..errors import InvalidArgument, check_finite_scale, check_int
 from ..guidance import mix_guidance
 from ..guidance_config import MODE_TABLE
 from .modes import diffusion_mode, needs_noise_model, step_mode
@@ -54,9 +54,8 @@ class CoRe2Guidance(BaseGuidance):
                                   "llamagen_core2.diffusion.diffuse() for zigzag modes")
         check_finite_scale("guidance_scale", guidance_scale)
         check_finite_scale("w2s_scale", w2s_scale)
-        if end_timesteps is not None and (isinstance(end_timesteps, bool) or not isinstance(end_timesteps, int)
-                                          or end_timesteps < 0):
-            raise InvalidArgument(f"end_timesteps must be an integer >= 0 or None, got {end_timesteps!r}")
+        if end_timesteps is not None:
+            end_timesteps = check_int("end_timesteps", end_timesteps, minimum=0)
         if needs_noise_model(mode) and noise_model is None:
             raise InvalidArgument(f"mode {mode!r} needs noise_model= (a CoRe^2 noise model)")
         self.mode, self.guidance_scale, self.w2s_scale = mode, guidance_scale, w2s_scale

@@ -34,7 +34,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, check_int
 from .layouts import pipeline_kind
 
 
@@ -78,8 +78,7 @@ def prompt_features(tokens: torch.Tensor, pooled: torch.Tensor, rank: int) -> Pr
     """
     if tokens.dim() != 3 or pooled.dim() != 2 or tokens.shape[0] != pooled.shape[0]:
         raise InvalidArgument(f"tokens must be [B, T, E] and pooled [B, P], got {list(tokens.shape)} and {list(pooled.shape)}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise InvalidArgument(f"rank must be an integer >= 1, got {rank!r}")
+    rank = check_int("rank", rank, minimum=1)
     B, T, E = tokens.shape
     s = tokens.new_zeros((B, rank, T), dtype=torch.float32)
     v = tokens.new_zeros((B, rank), dtype=torch.float32)
@@ -116,8 +115,7 @@ def encode_halves(pipe, prompt: str):
 
 def prompt_summary(pipe, prompts: Sequence[str], rank: int, *, num_images_per_prompt: int = 1) -> PromptSummary:
     """The noise-model inputs for `prompts` on `pipe`: one row per image (prompt-major, as diffusers orders them)."""
-    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise InvalidArgument(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+    num_images_per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, minimum=1)
     recipe = RECIPES[pipeline_kind(pipe)]
     tokens, pooled = [], []
     with torch.no_grad():

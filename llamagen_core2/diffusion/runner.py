@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ..errors import InvalidArgument, check_number
+from ..errors import InvalidArgument, check_int, check_number
 from ..guidance_config import GuidanceConfig
 from .guided_denoiser import GuidanceSettings, GuidedDenoiser
 from .layouts import denoiser_of, layout_for, pipeline_kind
@@ -70,8 +70,7 @@ def diffuse(pipe, prompts: Union[str, Sequence[str]], *,
     """
     settings = settings or GuidanceSettings()
     prompts = _check_prompts(prompts)
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise InvalidArgument(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+    num_inference_steps = check_int("num_inference_steps", num_inference_steps, minimum=1)
     if isinstance(settings, GuidanceConfig):
         settings = GuidanceSettings.from_guidance(settings)
     for reserved in ("guidance_scale", "true_cfg_scale"):
