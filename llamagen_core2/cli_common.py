@@ -221,7 +221,10 @@ def class_names_help() -> str:
     return "mini world (checkpoints/world_gpt): " + ", ".join(f"{i} {n}" for i, n in enumerate(CLASS_NAMES))
 
 
-def add_condition_args(p: argparse.ArgumentParser) -> None:
+SEED_HELP = "image n of the run uses seeding.image_key(seed, n), whatever the batch size"
+
+
+def add_condition_args(p: argparse.ArgumentParser, seed_help: str = SEED_HELP) -> None:
     p.add_argument("--classes", default=None,
                    help=f"c2i class ids, e.g. '0-999' or '1,7,207' (ImageNet ids for LlamaGen); {class_names_help()}")
     p.add_argument("--captions", default=None, help="t2i: text file with one caption per line")
@@ -230,8 +233,7 @@ def add_condition_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-class", type=positive_int, default=1, help="images per class id / caption")
     p.add_argument("--batch-size", "--per-proc-batch-size", dest="batch_size", type=positive_int, default=16,
                    help="images per batch (per process under torchrun)")
-    p.add_argument("--seed", "--global-seed", dest="seed", type=seed_int, default=0,
-                   help="image n of the run uses seeding.image_key(seed, n), whatever the batch size")
+    p.add_argument("--seed", "--global-seed", dest="seed", type=seed_int, default=0, help=seed_help)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, cfg_default: float, top_k_default: int = 0,

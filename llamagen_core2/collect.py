@@ -151,7 +151,8 @@ def collect(
                 conditions=cond_meta, num_conditions=M, per_condition=per_condition, batch_size=batch_size,
                 num_groups=num_groups, num_images=total, num_tokens=N, cfg_scale=float(cfg_scale),
                 temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), seed=int(seed),
-                seed_rule="group_seed(seed, g) = (seed * 1000003 + g) mod 2^63", store_dtype=store_dtype)
+                seed_rule="batch g: seed group_seed(seed, g) = (seed * 1000003 + g) mod 2^63, then image j of the "
+                          "batch uses seeding.image_key(group_seed, j)", store_dtype=store_dtype)
     writer = ShardWriter(out_dir, meta, rank=rank, world_size=world_size, samples_per_shard=groups_per_shard)
     group_ids = [f"g{g:06d}" for g in range(num_groups)]
     todo = writer.my_work(group_ids)
@@ -179,7 +180,8 @@ def collect(
                               temperature=temperature, top_k=top_k, top_p=top_p, seed=group_seed(seed, g),
                               on_step=record, engine=engine)
             check_all_finite(f"collect: group {gid} not written (the base model's hidden states are NaN/inf, or "
-                             f"beyond the {store_dtype} store dtype's range: try --store-dtype float32)",
+                             f"beyond the {store_dtype} store dtype's range: rerun with --store-dtype float32 into a "
+                             f"new --out)",
                              {"hidden_cond": h_c, "hidden_uncond": h_u})
             sample = {"hidden_cond": h_c, "hidden_uncond": h_u, "tokens": tokens.to("cpu"),
                       "sample_index": index, "condition_index": cond_index}

@@ -56,7 +56,9 @@ def add_collect_subcommand(subparsers):
                                           "uncond final hidden states (+ tokens, conditions) as resumable "
                                           "safetensors shards. Rerun the same command to resume.")
     add_model_args(p)
-    add_condition_args(p)
+    add_condition_args(p, seed_help="batch g of the run samples with seed (seed * 1000003 + g) mod 2^63 (its images "
+                                    "by the pipeline's per-image rule), so the shards depend on --batch-size, which "
+                                    "the manifest records; not on the number of processes")
     add_sampling_args(p, cfg_default=4.0, cfg_above=1.0)  # no guidance to learn at a scale <= 1
     p.add_argument("--out", required=True, help="shard directory (created; resumed if it exists)")
     p.add_argument("--num-tokens", type=positive_int, default=None, help="tokens per image (default: all)")
