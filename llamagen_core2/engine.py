@@ -88,6 +88,16 @@ def chunk_sizes(length: int, limit: int) -> list[int]:
     return sizes
 
 
+def catch_up_uncond(gpt, cache: KVCache, null_prefix: torch.Tensor, tokens: torch.Tensor, filled: int, position: int,
+                    backend: str = "torch") -> torch.Tensor:
+    """Prefill the uncond rows (cache rows B:2B) over the positions filled..position-1 they skipped: the null
+    prefix [B, T, d], then the already sampled image tokens [B, >= position - T]. -> last hidden state [B, d]."""
+    B, T = null_prefix.shape[0], gpt.config.cls_token_num
+    parts = [null_prefix[:, filled:T]] if filled < T else []
+    parts.append(gpt.embed_tokens(tokens[:, max(filled, T) - T:position - T]))
+    return gpt.forward_hidden(torch.cat(parts, dim=1), cache, start=filled, row_start=B, backend=backend)[:, -1]
+
+
 class Engine:
     def __init__(self, gpt, *, use_graphs: Optional[bool] = None, steps_per_graph: int = STEPS_PER_GRAPH,
                  bucket: int = BUCKET, backend: Optional[str] = None):
@@ -338,18 +348,9 @@ class Engine:
         self.finite.copy_(finite)
 
     def _catch_up(self, batch: int, filled: int, position: int) -> None:
-        """Eager prefill of the uncond rows over positions filled..position-1 they skipped."""
-        gpt = self.gpt
-        T = gpt.config.cls_token_num
-        B = batch
-        parts = []
-        if filled < T:
-            parts.append(self.null_prefix[:, filled:min(position, T)])
-        if position > T:
-            parts.append(gpt.embed_tokens(self.tokens_out[:B, max(filled, T) - T:position - T]))
-        x = torch.cat(parts, dim=1)
-        hidden = gpt.forward_hidden(x, self.cache, start=filled, row_start=B, backend=self.backend_now)
-        self.finite.logical_and_(torch.isfinite(hidden[:, -1]).all())
+        hidden = catch_up_uncond(self.gpt, self.cache, self.null_prefix, self.tokens_out[:batch], filled, position,
+                                 self.backend_now)
+        self.finite.logical_and_(torch.isfinite(hidden).all())
 
     def _record_buffers(self) -> None:
         """What a step saw, kept for on_step in fixed buffers: hidden [rows, d], weak logits and mixed [rows, V]."""

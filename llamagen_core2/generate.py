@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .engine import Engine, GenerationStats, StepRecord  # noqa: F401  (StepRecord is part of the on_step API)
+from .engine import Engine, GenerationStats, StepRecord, catch_up_uncond  # noqa: F401  (StepRecord is part of the on_step API)
 from .errors import InvalidArgument, check_int
 from .guidance import guided_sample
 from .guidance_config import MODE_TABLE, GuidanceConfig, needs_uncond, needs_weak, require_weak
@@ -197,10 +197,7 @@ def _run_eager(gpt, cond, cond_mask, modes, keys, guidance, weak, compact_rows, 
         run_u = spec.uncond or all_rows_always  # the uncond rows are computed at this step
         start = 0 if i == 0 else T + i - 1  # first position fed at this step
         if run_u and uncond_filled < start:  # catch-up prefill over the positions the uncond rows skipped
-            parts = [prefix_u[:, uncond_filled:T]] if uncond_filled < T else []
-            parts.append(gpt.embed_tokens(tokens[:, max(uncond_filled, T) - T:start - T]))
-            h = gpt.forward_hidden(torch.cat(parts, dim=1), cache, start=uncond_filled, row_start=B)
-            finite &= torch.isfinite(h[:, -1]).all()
+            finite &= torch.isfinite(catch_up_uncond(gpt, cache, prefix_u, tokens, uncond_filled, start)).all()
             stats.catchup_rows += B * (start - uncond_filled)
             stats.catchup_calls += 1
         x_c = prefix_c if i == 0 else gpt.embed_tokens(tokens[:, i - 1:i])
