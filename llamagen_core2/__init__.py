@@ -6,6 +6,9 @@ The names are imported on first use (module `__getattr__`), so `import llamagen_
 import) and `llamagen-core2 --help` fast.
 """
 import importlib
+import importlib.machinery
+import importlib.util
+import os
 import sys
 import types
 
@@ -18,6 +21,31 @@ _EXPORTS = {
     "CheckpointError": "errors",
 }
 __all__ = sorted(_EXPORTS)
+
+
+def _bind_kernels_from_checkout() -> None:
+    """Make `llamagen_core2.kernels` the top-level `kernels/` folder of a checkout (editable install, or the
+    repository root on sys.path).
+
+    That folder has no `__init__.py` on purpose: with one, any Python started in the repository root
+    (`python -m pytest`, a benchmark script) would import it as the top-level package `kernels`, shadowing the
+    PyPI package of that name that transformers and diffusers import. Without one, setuptools' editable finder
+    cannot map it as a subpackage, so it is bound here, as the namespace package the import system would build.
+    An installed wheel holds `llamagen_core2/kernels/` as a real subdirectory and needs none of this.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isdir(os.path.join(here, "kernels")):
+        return
+    folder = os.path.join(os.path.dirname(here), "kernels")
+    name = f"{__name__}.kernels"
+    if name in sys.modules or not os.path.isdir(folder):
+        return
+    spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = [folder]
+    sys.modules[name] = globals()["kernels"] = importlib.util.module_from_spec(spec)
+
+
+_bind_kernels_from_checkout()
 
 
 def __getattr__(name):

@@ -231,5 +231,7 @@ def test_sdxl_summary_rows_are_null_space_rows(pipes):
     k = int(torch.linalg.matrix_rank(tokens.double()))
     s = prompt_summary(pipe, PROMPTS[:1], RANK).s[0]
     assert 0 < k < tokens.shape[0]
-    assert float(s[:, :k].abs().max()) < 1e-5
+    # fp32 SVD rounding: ~1.6e-5 with transformers 5.25's tiny CLIP weights, against components of ~0.07 (mean)
+    # to 0.7 on the columns outside the null space
+    assert float(s[:, :k].abs().max()) < 1e-4
     assert torch.allclose(s @ s.T, torch.eye(RANK), atol=1e-5)   # still orthonormal rows: all in the null space
