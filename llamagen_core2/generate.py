@@ -226,4 +226,4 @@ def _run_eager(gpt, cond, cond_mask, modes, keys, guidance, weak, compact_rows, 
         if on_step is not None:
             on_step(StepRecord(i, m, next_tokens, h_c, hidden[B:2 * B] if spec.uncond else None, weak_logits, mixed))
         bar.update(1)
-    return tokens, stats, finite
+    return tokens, stats.sequential(B, N), finite
