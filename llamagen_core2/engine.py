@@ -155,8 +155,11 @@ class Request:
 
 class Engine:
     def __init__(self, gpt, *, use_graphs: Optional[bool] = None, steps_per_graph: int = STEPS_PER_GRAPH,
-                 bucket: int = BUCKET, backend: Optional[str] = None):
-        for name, value in (("steps_per_graph", steps_per_graph), ("bucket", bucket)):
+                 bucket: int = BUCKET, backend: Optional[str] = None, passes_per_graph: int = 1):
+        """`passes_per_graph`: Jacobi window passes per graph replay (the host reads the frontier once per
+        replay; passes after a segment is complete are no-ops, counted in the stats)."""
+        for name, value in (("steps_per_graph", steps_per_graph), ("bucket", bucket),
+                            ("passes_per_graph", passes_per_graph)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgument(f"{name} must be an integer >= 1, got {value!r}")
         if backend not in (None, "torch", "triton"):
@@ -165,6 +168,7 @@ class Engine:
         self.bucket = bucket
         self.use_graphs_setting = use_graphs
         self.steps_per_graph = int(steps_per_graph)
+        self.passes_per_graph = int(passes_per_graph)
         self.backend_setting = backend
         self.cache: Optional[KVCache] = None
         self.weak_cache: Optional[KVCache] = None
