@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_common import (Parser, add_condition_args, add_model_args, add_refine_args, add_sampling_args,
-                         add_threads_arg, add_vq_args, apply_threads, check_refine_args, guidance_from_args,
-                         int_at_least, load_conditions, load_gpt, load_refine, load_vq, positive_float, positive_int,
-                         run_subcommand)
+from .cli_common import (Parser, add_condition_args, add_decoding_args, add_model_args, add_refine_args,
+                         add_sampling_args, add_threads_arg, add_vq_args, apply_threads, check_refine_args,
+                         guidance_from_args, int_at_least, load_conditions, load_gpt, load_refine, load_vq,
+                         positive_float, positive_int, run_subcommand)
 from .files import check_output_dir
 
 SUBCOMMAND_MODULES = (
@@ -47,7 +47,7 @@ def cmd_generate(args) -> int:
     # --per-class images of every condition, in batches of --batch-size; image n uses image_key(--seed, n).
     t0 = time.perf_counter()
     out = pipe(**condition, num_images_per_prompt=args.per_class, seed=args.seed, batch_size=args.batch_size,
-               output_type="np", progress=not args.quiet)
+               output_type="np", progress=not args.quiet, decoding=args.decoding, jacobi_window=args.jacobi_window)
     seconds = time.perf_counter() - t0
     pixels = out.images
     order = torch.arange(len(conds)).repeat_interleave(args.per_class)
@@ -63,6 +63,7 @@ def cmd_generate(args) -> int:
     print(json.dumps({"grid": str(grid), "images_dir": str(out_dir / "images"), "num_images": len(pixels),
                       "tokens_per_image": gpt.config.num_image_tokens, "mode": args.mode,
                       "cfg_scale": args.cfg_scale, "top_k": args.top_k, "seed": args.seed,
+                      "decoding": args.decoding, "forward_passes_per_image": out.stats["forward_passes_per_image"],
                       "seconds": round(seconds, 4), "images_per_s": round(len(pixels) / seconds, 4),
                       "device": str(args.device)}))
     return 0
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(g, cfg_default=4.0, top_k_default=2000)
     add_refine_args(g)
     g.add_argument("--cfg-interval", type=int_at_least(-1), default=-1, help="CFG for tokens 0..N+1 only (-1 = all)")
+    add_decoding_args(g)
     add_vq_args(g)
     g.add_argument("--nrow", type=positive_int, default=8, help="images per row of grid.png")
     g.add_argument("--out", default="samples", help="output directory: grid.png + images/*.png")

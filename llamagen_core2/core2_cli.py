@@ -16,9 +16,10 @@ import os
 
 import torch
 
-from .cli_common import (Parser, add_condition_args, add_model_args, add_refine_args, add_sampling_args, add_vq_args,
-                         apply_threads, check_refine_args, float_in, load_conditions, load_gpt, load_refine, load_vq,
-                         non_negative_float, non_negative_int, positive_int, print_json, run_subcommand, seed_int)
+from .cli_common import (Parser, add_condition_args, add_decoding_args, add_model_args, add_refine_args,
+                         add_sampling_args, add_vq_args, apply_threads, check_refine_args, float_in, load_conditions,
+                         load_gpt, load_refine, load_vq, non_negative_float, non_negative_int, positive_int, print_json,
+                         run_subcommand, seed_int)
 from .errors import rank_and_world
 from .files import check_output_dir
 
@@ -143,7 +144,8 @@ def run_sample(args) -> dict:
                            per_condition=args.per_class, batch_size=args.batch_size, mode=args.mode, schedule=schedule,
                            weak_model=weak, weak_path=None if args.weak is None else _source(args.weak),
                            cfg_scale=args.cfg_scale, w2s_scale=args.w2s_scale, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=not args.quiet)
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=not args.quiet,
+                           decoding=args.decoding, jacobi_window=args.jacobi_window)
     print_json(result)
     return result
 
@@ -159,6 +161,7 @@ def add_sample_subcommand(subparsers):
     add_vq_args(p)
     p.add_argument("--out", required=True, help="output directory: images/*.png, samples.npz, settings.json")
     add_refine_args(p)
+    add_decoding_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_exit_status(run_sample), run=run_sample)
     return p

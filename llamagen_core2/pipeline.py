@@ -8,7 +8,8 @@ Contract:
     model type's default: c2i GuidanceConfig() (cfg 4.0, top-k 2000, LlamaGen's demo), t2i cfg 7.5, top-k 1000
     (LlamaGen's sample_t2i.py). `from_pretrained(gpt, vq, ...)` loads the parts from local paths or Hub ids.
   * `pipe(class_labels=... | prompt=... | prompt_embeds=..., num_images_per_prompt=1, guidance=None,
-    generator=None, seed=None, batch_size=None, output_type="pil", return_dict=True, progress=True)`.
+    generator=None, seed=None, batch_size=None, output_type="pil", return_dict=True, progress=True,
+    decoding="sequential", jacobi_window=16)`.
     Images are condition-major: the `num_images_per_prompt` images of condition 0 first.
   * Seed rule (seeding.py): image i of a call uses the Philox key `image_key(s, first_image_index + i)`, with s =
     `seed`, or one draw from `generator`; with a list of generators (one per image) image i uses the first key of
@@ -20,7 +21,10 @@ Contract:
     [0, 1]: divide by 255); "pt" -> float32 [B, 3, H, W], the VQ decoder's output in ~[-1, 1] (`images.to_uint8`
     turns it into those pixels); "tokens" -> no VQ decode, `images` is None. `tokens` [B, N] is always returned.
   * return_dict=True -> `LlamaGenPipelineOutput(images, tokens, stats)`; False -> `(images,)`, or `(tokens,)`
-    for output_type "tokens". `stats`: base-model rows and weak steps (generate()'s counts) and seconds.
+    for output_type "tokens". `stats`: base-model rows and weak steps (generate()'s counts), forward passes (per
+    batch summed, and the mean per image) and seconds.
+  * `decoding="jacobi"` (`jacobi_window` tokens per forward pass, docs/decoding.md) returns the tokens of the
+    default `decoding="sequential"` for the same seed in fewer forward passes; it is not an image setting.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from .engine import Engine
 from .errors import InvalidArgument, check_int
 from .generate import generate
 from .guidance_config import GuidanceConfig, require_weak
+from .jacobi import DEFAULT_WINDOW, check_decoding
 from .images import to_pil_images, to_uint8
 from .seeding import row_keys
 
@@ -178,8 +183,9 @@ class LlamaGenPipeline:
                  num_images_per_prompt: int = 1, guidance: Optional[GuidanceConfig] = None,
                  generator: Generators = None, seed: Optional[int] = None, first_image_index: int = 0,
                  batch_size: Optional[int] = None, output_type: str = "pil", return_dict: bool = True,
-                 progress: bool = True):
+                 progress: bool = True, decoding: str = "sequential", jacobi_window: int = DEFAULT_WINDOW):
         num_images_per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, minimum=1)
+        check_decoding(decoding, jacobi_window)
         batch_size = None if batch_size is None else check_int("batch_size", batch_size, minimum=1)
         if output_type not in OUTPUT_TYPES:
             raise InvalidArgument(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -201,8 +207,8 @@ class LlamaGenPipeline:
         device, vq_device = self.device, self.vq.post_quant_conv.weight.device
 
         tokens_out, images_out = [], []
-        stats = dict(images=total, base_rows=0, catchup_rows=0, weak_steps_per_image=0.0, generate_seconds=0.0,
-                     decode_seconds=0.0)
+        stats = dict(images=total, base_rows=0, catchup_rows=0, weak_steps_per_image=0.0, forward_passes=0,
+                     forward_passes_per_image=0.0, generate_seconds=0.0, decode_seconds=0.0)
         batches = range(0, total, step)
         for start in tqdm(batches, desc="batches", disable=not progress or len(batches) == 1, unit="batch"):
             rows = order[start:start + step]
@@ -211,9 +217,11 @@ class LlamaGenPipeline:
                                          cond_mask=None if mask is None else mask[rows].to(device),
                                          guidance=guidance, seeds=keys[start:start + step],
                                          weak_model=self.weak_model, progress=progress, return_stats=True,
-                                         engine=self.engine)
+                                         engine=self.engine, decoding=decoding, jacobi_window=jacobi_window)
             t1 = time.perf_counter()
             stats["base_rows"] += gen_stats["base_rows"]
+            stats["forward_passes"] += gen_stats["forward_passes"]
+            stats["forward_passes_per_image"] += gen_stats["forward_passes_mean"] * len(rows) / total
             stats["catchup_rows"] += gen_stats["catchup_rows"]
             stats["weak_steps_per_image"] += gen_stats["weak_steps"] * len(rows) / total
             stats["generate_seconds"] += t1 - t0
