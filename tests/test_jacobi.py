@@ -305,3 +305,19 @@ def test_sample_resumes_across_decodings_and_the_cli_flags(tmp_path, capsys):
         with pytest.raises(SystemExit):
             cli.main(["generate", *base, "--out", str(tmp_path / "bad"), *bad])
         assert match in capsys.readouterr().err
+
+
+@needs_world
+def test_bench_jacobi_quick_run_reports_identical_tokens(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_jacobi.py"
+    spec = importlib.util.spec_from_file_location("bench_jacobi", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    summary = bench.main(["--quick"])
+    assert summary["all_identical"] and summary["tokens_per_image"] == 36
+    row = summary["rows"][0]
+    assert row["batch_passes"] < 36 and row["alone_mean"] <= row["passes_per_image"] <= row["batch_passes"]
+    assert "| cfg | 16 |" in capsys.readouterr().out
