@@ -176,6 +176,7 @@ class Engine:
         self.graphs: Optional[StepGraphs] = None
         self.binding = None  # addresses the captured graphs depend on
         self.allocations = 0  # cache (re)allocations so far: part of the binding
+        self.jacobi_buffers = None  # (binding, jacobi.WindowState) of Jacobi decoding, made by its first request
 
     # ------------------------------------------------------------------ settings
     @property

@@ -280,7 +280,7 @@ def run_eager(gpt, cond, cond_mask, modes, keys, knobs, weak, compact_rows, sett
 # ---------------------------------------------------------------------- static: an Engine's state, device positions
 def _engine_state(engine, batch: int, num_tokens: int) -> WindowState:
     """The engine-owned Jacobi buffers (fixed addresses for its graphs), reallocated with its other buffers."""
-    held = getattr(engine, "jacobi_buffers", None)
+    held = engine.jacobi_buffers
     if held is None or held[0] != engine.binding:
         cap_rows, cap_len = engine.tokens_out.shape
         buffers = WindowState.allocate(cap_rows, cap_len, engine.gpt.config.grid_size, engine.device,
@@ -339,7 +339,7 @@ def run_static(engine, request: Request, modes: list[str], settings: JacobiSetti
                     _window_pass(engine, state, mode, B, rows, width, lo, hi, max_end, weak, weak_end, common)
 
             if engine.graphs_now:
-                key = ("jacobi", segment.mode, B, rows, width, lo, hi, per_replay, max_end, weak_end,
+                key = ("jacobi", segment.mode, B, N, rows, width, lo, hi, per_replay, max_end, weak_end,
                        engine.cache.masked, settings.guess)
                 engine.graphs.run(key, replay, lambda: (state.snapshot(), engine.finite.clone()),
                                   lambda saved: (state.restore(saved[0]), engine.finite.copy_(saved[1])))
