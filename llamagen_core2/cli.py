@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from .cli_common import (Parser, add_condition_args, add_model_args, add_refine_args, add_sampling_args,
-                         add_threads_arg, add_vq_args, apply_threads, check_refine_args, guidance_from_args,
-                         int_at_least, load_conditions, load_gpt, load_refine, load_vq, positive_float, positive_int,
-                         run_subcommand)
+                         add_threads_arg, add_vq_args, apply_threads, check_refine_args, checkpoint_source,
+                         guidance_from_args, int_at_least, load_conditions, load_gpt, load_refine, load_vq,
+                         positive_float, positive_int, run_subcommand)
 from .files import check_output_dir
 
 SUBCOMMAND_MODULES = (
@@ -30,40 +30,67 @@ SUBCOMMAND_MODULES = (
 
 
 def cmd_generate(args) -> int:
+    import numpy as np
     import torch
+    from PIL import Image
 
     from .images import make_grid, save_png
     from .pipeline import LlamaGenPipeline
+    from .run_settings import check_run_settings
+    from .sample import SEED_RULE
 
     check_output_dir(args.out)
     check_refine_args(args)
     gpt = load_gpt(args)
-    conds, cond_mask, _ = load_conditions(args, gpt)
+    conds, cond_mask, names = load_conditions(args, gpt)
     vq = load_vq(args)
     weak, schedule = load_refine(args, gpt)
-    pipe = LlamaGenPipeline(gpt, vq, weak_model=weak, guidance=guidance_from_args(args, schedule))
-    condition = dict(class_labels=conds) if gpt.config.model_type == "c2i" else \
-        dict(prompt_embeds=conds, prompt_attention_mask=cond_mask)
-    # --per-class images of every condition, in batches of --batch-size; image n uses image_key(--seed, n).
-    t0 = time.perf_counter()
-    out = pipe(**condition, num_images_per_prompt=args.per_class, seed=args.seed, batch_size=args.batch_size,
-               output_type="np", progress=not args.quiet)
-    seconds = time.perf_counter() - t0
-    pixels = out.images
-    order = torch.arange(len(conds)).repeat_interleave(args.per_class)
+    guidance = guidance_from_args(args, schedule)
+    pipe = LlamaGenPipeline(gpt, vq, weak_model=weak, guidance=guidance)
+    c2i = gpt.config.model_type == "c2i"
+    # --per-class images of every condition, condition-major; image n uses image_key(--seed, n), so it does not
+    # depend on --batch-size, and a rerun can skip the batches already written.
+    total = len(conds) * args.per_class
     out_dir = Path(args.out)
+    image_dir = out_dir / "images"
+    labels = [f"class{int(c)}" for c in conds] if c2i else [f"caption{i}" for i in range(len(conds))]
+    paths = [image_dir / f"{n:05d}_{labels[n // args.per_class]}.png" for n in range(total)]
+    settings = dict(conditions=conds.tolist() if c2i else names, per_condition=args.per_class,
+                    gpt=checkpoint_source(args.gpt, args.gpt_filename), gpt_config=gpt.config.to_dict(),
+                    dtype=args.dtype, vq=checkpoint_source(args.vq, args.vq_filename),
+                    weak=None if args.weak is None else checkpoint_source(args.weak), **guidance.describe(),
+                    seed=args.seed, seed_rule=SEED_RULE)
+    check_run_settings(out_dir / "settings.json", settings, has_results=any(image_dir.glob("*.png")), write=True,
+                       results="images")
+    t0 = time.perf_counter()
+    pixels, generated = {}, 0
+    for start in range(0, total, args.batch_size):
+        index = list(range(start, min(start + args.batch_size, total)))
+        if all(paths[n].is_file() for n in index):
+            continue  # written by an earlier run with the same settings
+        rows = torch.tensor(index) // args.per_class
+        condition = dict(class_labels=conds[rows]) if c2i else \
+            dict(prompt_embeds=conds[rows], prompt_attention_mask=cond_mask[rows])
+        out = pipe(**condition, seed=args.seed, first_image_index=start, output_type="np", progress=not args.quiet)
+        for n, image in zip(index, out.images):
+            save_png(image, paths[n])
+            pixels[n] = image
+        generated += len(index)
+    seconds = time.perf_counter() - t0
+    for n in range(total):
+        if n not in pixels:
+            with Image.open(paths[n]) as im:
+                pixels[n] = np.asarray(im.convert("RGB"))
     grid = out_dir / "grid.png"
-    save_png(make_grid(pixels, nrow=args.nrow), grid)
-    for i, (image, c) in enumerate(zip(pixels, order.tolist())):
-        label = f"class{int(conds[c])}" if gpt.config.model_type == "c2i" else f"caption{c}"
-        save_png(image, out_dir / "images" / f"{i:05d}_{label}.png")
+    save_png(make_grid(np.stack([pixels[n] for n in range(total)]), nrow=args.nrow), grid)
     if not args.quiet:
-        print(f"wrote {grid} and {len(pixels)} images under {out_dir / 'images'} "
+        print(f"wrote {grid} and {generated} of {total} images under {image_dir} "
               f"({seconds:.2f} s of generation + VQ decode on {args.device})", file=sys.stderr)
-    print(json.dumps({"grid": str(grid), "images_dir": str(out_dir / "images"), "num_images": len(pixels),
-                      "tokens_per_image": gpt.config.num_image_tokens, "mode": args.mode,
-                      "cfg_scale": args.cfg_scale, "top_k": args.top_k, "seed": args.seed,
-                      "seconds": round(seconds, 4), "images_per_s": round(len(pixels) / seconds, 4),
+    print(json.dumps({"grid": str(grid), "images_dir": str(image_dir), "num_images": total,
+                      "images_generated": generated, "tokens_per_image": gpt.config.num_image_tokens,
+                      "mode": args.mode, "cfg_scale": args.cfg_scale, "top_k": args.top_k, "seed": args.seed,
+                      "seconds": round(seconds, 4),
+                      "images_per_s": round(generated / seconds, 4) if generated and seconds > 0 else None,
                       "device": str(args.device)}))
     return 0
 

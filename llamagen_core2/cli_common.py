@@ -208,6 +208,17 @@ def add_vq_args(p: argparse.ArgumentParser) -> None:
                    help="default: a directory's config.json, else VQ-16")
 
 
+def checkpoint_source(path_or_repo: str, filename=None) -> str:
+    """A checkpoint source for settings records and manifests: the absolute local path, or the Hub repo id
+    (+ file) as given."""
+    import os
+
+    from .hub import is_repo_id
+
+    source = path_or_repo if is_repo_id(path_or_repo) else os.path.abspath(path_or_repo)
+    return source if filename is None else f"{source}/{filename}"
+
+
 def load_vq(args):
     from .vq import VQModel
 

@@ -200,6 +200,38 @@ def test_refused_sample_leaves_nothing_that_blocks_the_corrected_rerun(world, tm
     one_line_error([*base, "--cfg-scale", "3"], capsys, contains=["cfg_scale: 2.0 -> 3.0"])
 
 
+def test_generate_rerun_with_other_settings_is_refused_and_the_same_settings_resume(world, tmp_path, capsys):
+    """Issue 19: `generate --out DIR` twice with other classes mixed both runs' images in one directory."""
+    out = tmp_path / "g"
+    argv = generate_argv(world, tmp_path, "--batch-size", "1")
+    assert main(argv) == 0
+    first = {p.name: p.read_bytes() for p in (out / "images").iterdir()}
+    assert sorted(first) == ["00000_class1.png", "00001_class2.png"]
+    assert json.loads((out / "settings.json").read_text())["conditions"] == [1, 2]
+    other = list(argv)
+    other[other.index("--classes") + 1] = "5"
+    one_line_error(other, capsys, contains=["llamagen-core2 generate: error:", str(out), "conditions: [1, 2] -> [5]",
+                                            "new --out"])
+    one_line_error([*argv, "--cfg-scale", "2"], capsys, contains=["cfg_scale: 4.0 -> 2.0"])
+    assert {p.name: p.read_bytes() for p in (out / "images").iterdir()} == first  # nothing mixed in
+    # The same settings resume: finished images are kept, a missing one is made again, the same bytes.
+    (out / "images" / "00001_class2.png").unlink()
+    capsys.readouterr()
+    assert main([*argv[:-1], "2"]) == 0  # --batch-size 2: the batch size is not a setting (the seed rule)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["num_images"] == 2 and summary["images_generated"] == 2
+    assert {p.name: p.read_bytes() for p in (out / "images").iterdir()} == first
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images_generated"] == 0
+
+
+def test_generate_refuses_an_out_holding_images_without_a_settings_record(world, tmp_path, capsys):
+    out = tmp_path / "g"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "00000_class7.png").write_bytes(b"made by an older version")
+    one_line_error(generate_argv(world, tmp_path), capsys, contains=[str(out), "settings.json", "new --out"])
+
+
 def test_reflect_rerun_with_other_settings_is_refused_naming_the_difference(world, tmp_path, capsys):
     out = tmp_path / "weak"
     base = ["reflect", "--gpt", world["gpt"], "--shards", str(world["shards"]), "--out", str(out), "--steps", "2",
