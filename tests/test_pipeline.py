@@ -184,16 +184,32 @@ def test_top_level_imports_are_lazy_and_generate_is_the_function():
 
 
 @needs_world
-def test_readme_python_block_runs_as_written(tmp_path, monkeypatch, single_thread):
+def test_readme_python_block_runs_as_written_from_any_directory(tmp_path, monkeypatch, single_thread):
     blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
-    example = next(b for b in blocks if "LlamaGenPipeline" in b and "checkpoints/world_gpt" in b)
-    (tmp_path / "checkpoints").symlink_to(default_checkpoint_dir())
-    monkeypatch.chdir(tmp_path)  # the README runs from the repository root; here a copy of its layout
+    example = next(b for b in blocks if "LlamaGenPipeline" in b and "shipped_paths()" in b)
+    monkeypatch.chdir(tmp_path)  # not the repository root: the shipped models are found from the package
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and never looked for on the Hub
     namespace = {}
     exec(compile(example, "README.md", "exec"), namespace)
     written = sorted(p.name for p in tmp_path.glob("*.png"))
     assert written, "the README example should write an image"
     assert all(Image.open(tmp_path / name).size == (24, 24) for name in written)
+
+
+@needs_world
+def test_shipped_paths_from_any_directory_and_a_clear_error_without_them(tmp_path, monkeypatch):
+    from llamagen_core2.errors import CheckpointError
+    from llamagen_core2.world import shipped_paths
+
+    monkeypatch.chdir(tmp_path)
+    paths = shipped_paths()
+    assert paths.root == default_checkpoint_dir() and paths.root.is_absolute()
+    for part in (paths.gpt, paths.vq, paths.weak, paths.evaluator):
+        assert (part / "config.json").is_file()
+    monkeypatch.setenv("LLAMAGEN_CORE2_CHECKPOINTS", str(tmp_path / "empty"))  # as after a wheel install
+    with pytest.raises(CheckpointError, match="LLAMAGEN_CORE2_CHECKPOINTS") as err:
+        shipped_paths()
+    assert str(tmp_path / "empty" / "world_gpt") in str(err.value) and "wheel" in str(err.value)
 
 
 @needs_world
