@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 from .cli_common import (Parser, add_condition_args, add_model_args, add_refine_args, add_sampling_args,
                          add_threads_arg, add_vq_args, apply_threads, check_refine_args, checkpoint_source,
                          guidance_from_args, int_at_least, load_conditions, load_gpt, load_refine, load_vq,
-                         positive_float, positive_int, run_subcommand)
+                         positive_float, positive_int, print_json, run_subcommand)
 from .files import check_output_dir
 
 SUBCOMMAND_MODULES = (
@@ -33,6 +32,7 @@ def cmd_generate(args) -> int:
     import numpy as np
     import torch
     from PIL import Image
+    from tqdm.auto import tqdm
 
     from .images import make_grid, save_png
     from .pipeline import LlamaGenPipeline
@@ -62,20 +62,21 @@ def cmd_generate(args) -> int:
                     seed=args.seed, seed_rule=SEED_RULE)
     check_run_settings(out_dir / "settings.json", settings, has_results=any(image_dir.glob("*.png")), write=True,
                        results="images")
+    batches = [list(range(start, min(start + args.batch_size, total))) for start in range(0, total, args.batch_size)]
+    todo = [index for index in batches if not all(paths[n].is_file() for n in index)]  # the rest: an earlier run's
+    bar = tqdm(total=len(todo) * gpt.config.num_image_tokens, desc="tokens", unit="token", disable=args.quiet)
     t0 = time.perf_counter()
     pixels, generated = {}, 0
-    for start in range(0, total, args.batch_size):
-        index = list(range(start, min(start + args.batch_size, total)))
-        if all(paths[n].is_file() for n in index):
-            continue  # written by an earlier run with the same settings
+    for index in todo:
         rows = torch.tensor(index) // args.per_class
         condition = dict(class_labels=conds[rows]) if c2i else \
             dict(prompt_embeds=conds[rows], prompt_attention_mask=cond_mask[rows])
-        out = pipe(**condition, seed=args.seed, first_image_index=start, output_type="np", progress=not args.quiet)
+        out = pipe(**condition, seed=args.seed, first_image_index=index[0], output_type="np", progress=bar)
         for n, image in zip(index, out.images):
             save_png(image, paths[n])
             pixels[n] = image
         generated += len(index)
+    bar.close()
     seconds = time.perf_counter() - t0
     for n in range(total):
         if n not in pixels:
@@ -86,12 +87,11 @@ def cmd_generate(args) -> int:
     if not args.quiet:
         print(f"wrote {grid} and {generated} of {total} images under {image_dir} "
               f"({seconds:.2f} s of generation + VQ decode on {args.device})", file=sys.stderr)
-    print(json.dumps({"grid": str(grid), "images_dir": str(image_dir), "num_images": total,
-                      "images_generated": generated, "tokens_per_image": gpt.config.num_image_tokens,
-                      "mode": args.mode, "cfg_scale": args.cfg_scale, "top_k": args.top_k, "seed": args.seed,
-                      "seconds": round(seconds, 4),
-                      "images_per_s": round(generated / seconds, 4) if generated and seconds > 0 else None,
-                      "device": str(args.device)}))
+    print_json({"grid": str(grid), "images_dir": str(image_dir), "num_images": total, "images_generated": generated,
+                "tokens_per_image": gpt.config.num_image_tokens, "mode": args.mode, "cfg_scale": args.cfg_scale,
+                "top_k": args.top_k, "seed": args.seed, "seconds": round(seconds, 4),
+                "images_per_s": round(generated / seconds, 4) if generated and seconds > 0 else None,
+                "device": str(args.device)})
     return 0
 
 

@@ -320,9 +320,11 @@ def load_conditions(args, gpt):
     return torch.cat(feats), torch.cat(masks), names
 
 
-def print_json(obj) -> None:
-    if rank_and_world()[0] == 0:
-        print(json.dumps(obj, indent=2, default=str))
+def print_json(obj, *, every_rank: bool = False) -> None:
+    """A subcommand's result: one line of JSON on stdout, always its last line (docs/cli.md#outputs-and-reruns);
+    rank 0 only under torchrun unless `every_rank` (each rank reports its own share)."""
+    if every_rank or rank_and_world()[0] == 0:
+        print(json.dumps(obj, default=str), flush=True)
 
 
 def add_refine_args(p: argparse.ArgumentParser) -> None:

@@ -99,7 +99,7 @@ def generate(
     generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
     seeds: Optional[torch.Tensor] = None,
     weak_model=None,
-    progress: bool = False,
+    progress=False,
     on_step: Optional[Callable[[StepRecord], None]] = None,
     return_stats: bool = False,
     engine: Union[str, Engine] = "auto",
@@ -111,6 +111,8 @@ def generate(
     individual knobs given here overriding its fields; top_k larger than the vocabulary = the full vocabulary.
     Randomness: `seed`, one `generator` or a list of B generators (one per image), or per-image Philox keys
     `seeds` [B] directly (`seeding.row_keys`); none of them = a fresh random seed.
+    `progress`: True draws a "tokens" bar on stderr that ends at N/N; a progress bar object (anything with
+    `update(n)`, e.g. a tqdm bar) is advanced by one per token instead, so one bar can span several calls.
     """
     overrides = dict(mode=mode, schedule=schedule, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
                      temperature=temperature, top_k=top_k, top_p=top_p, w2s_scale=w2s_scale)
@@ -149,14 +151,17 @@ def generate(
     static = isinstance(engine, Engine) or engine == "static" or (engine == "auto" and device.type == "cuda")
     state = engine if isinstance(engine, Engine) else (Engine(gpt) if static else None)
     _check_memory(gpt, B, 2 * B if uses_uncond else B, N, state)
-    bar = tqdm(total=N, disable=not progress, desc="tokens", leave=False)
+    # A bar of its own ends drawn at N/N and stays (tqdm redraws at most every 0.1 s: close() draws the last state).
+    own_bar = not hasattr(progress, "update")
+    bar = tqdm(total=N, disable=not progress, desc="tokens", unit="token") if own_bar else progress
     if state is not None:
         tokens, stats, finite = _run_static(state, cond, cond_mask, modes, keys, guidance,
                                             weak_model if uses_weak else None, compact_rows, on_step, bar)
     else:
         tokens, stats, finite = _run_eager(gpt, cond, cond_mask, modes, keys.to(device), guidance,
                                            weak_model if uses_weak else None, compact_rows, on_step, bar)
-    bar.close()
+    if own_bar:
+        bar.close()
     # One host sync for the whole run: a NaN/inf hidden state anywhere means the tokens are garbage.
     if not bool(finite):
         raise FloatingPointError("non-finite hidden states (NaN/inf) during generation (base model or weak model); "

@@ -19,6 +19,8 @@ Contract:
     clamp(127.5 x + 128, 0, 255) (the values the PIL images and PNG files hold; diffusers' "np" is float in
     [0, 1]: divide by 255); "pt" -> float32 [B, 3, H, W], the VQ decoder's output in ~[-1, 1] (`images.to_uint8`
     turns it into those pixels); "tokens" -> no VQ decode, `images` is None. `tokens` [B, N] is always returned.
+  * progress=True draws one "tokens" bar (stderr) over every batch of the call, left at its total; a bar object
+    (anything with `update(n)`) is advanced instead, so a caller can show one bar over several calls.
   * return_dict=True -> `LlamaGenPipelineOutput(images, tokens, stats)`; False -> `(images,)`, or `(tokens,)`
     for output_type "tokens". `stats`: base-model rows and weak steps (generate()'s counts) and seconds.
 """
@@ -204,13 +206,17 @@ class LlamaGenPipeline:
         stats = dict(images=total, base_rows=0, catchup_rows=0, weak_steps_per_image=0.0, generate_seconds=0.0,
                      decode_seconds=0.0)
         batches = range(0, total, step)
-        for start in tqdm(batches, desc="batches", disable=not progress or len(batches) == 1, unit="batch"):
+        # One "tokens" bar over every batch of the call (or the caller's bar), drawn to its end.
+        own_bar = not hasattr(progress, "update")
+        bar = tqdm(total=len(batches) * self.gpt.config.num_image_tokens, desc="tokens", unit="token",
+                   disable=not progress) if own_bar else progress
+        for start in batches:
             rows = order[start:start + step]
             t0 = time.perf_counter()
             tokens, gen_stats = generate(self.gpt, cond[rows].to(device),
                                          cond_mask=None if mask is None else mask[rows].to(device),
                                          guidance=guidance, seeds=keys[start:start + step],
-                                         weak_model=self.weak_model, progress=progress, return_stats=True,
+                                         weak_model=self.weak_model, progress=bar, return_stats=True,
                                          engine=self.engine)
             t1 = time.perf_counter()
             stats["base_rows"] += gen_stats["base_rows"]
@@ -225,6 +231,8 @@ class LlamaGenPipeline:
                 decoded = torch.cat([self.vq.decode_codes(t[None]) for t in tokens.to(vq_device)])
                 images_out.append(decoded.float().cpu() if output_type == "pt" else to_uint8(decoded))
             stats["decode_seconds"] += time.perf_counter() - t1
+        if own_bar:
+            bar.close()
         tokens = torch.cat(tokens_out)
         if output_type == "tokens":
             images = None

@@ -17,7 +17,6 @@ Contract:
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .collect import check_conditions
 from .errors import InvalidArgument, check_int, rank_and_world
-from .files import atomic_write, atomic_write_json
+from .files import atomic_write
 from .guidance_config import GuidanceConfig, Schedule, check_mode, require_weak
 from .images import save_png
 from .pipeline import LlamaGenPipeline

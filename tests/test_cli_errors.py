@@ -309,3 +309,35 @@ def test_diffusion_commands_refuse_bad_settings_before_loading_or_writing(tmp_pa
                     "99999999999999999999999", "--out", str(tmp_path / "c")], capsys, contains=["--seeds"])
     one_line_error(["diffuse-collect", "--pipeline", "sd3", "--model", "tiny", "--prompt", "x", "--cfg-scale", "1",
                     "--out", str(tmp_path / "c")], capsys, contains=["--cfg-scale"])
+
+
+def test_generate_progress_bar_reaches_its_total_over_every_batch(world, tmp_path, capsys):
+    argv = [a for a in generate_argv(world, tmp_path, "--batch-size", "1") if a != "--quiet"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    lines = [line.strip() for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    bars = [line for line in lines if line.startswith("tokens:")]
+    assert bars[-1].startswith("tokens: 100%") and "32/32" in bars[-1], lines  # 2 images x 16 tokens, one bar
+    assert lines[-1].startswith("wrote "), lines
+
+
+def test_every_subcommand_ends_with_its_result_as_one_json_line(world, tmp_path, capsys):
+    """One format for every subcommand's result (docs/cli.md#outputs-and-reruns): the last stdout line is the
+    whole result as one JSON object, so `| tail -n 1` gives it to any JSON tool."""
+    quiet = ["--quiet", "--device", "cpu"]
+    commands = {
+        "generate": generate_argv(world, tmp_path),
+        "collect": ["collect", "--gpt", world["gpt"], "--classes", "1,2", "--out", str(tmp_path / "c"), *quiet],
+        "reflect": ["reflect", "--gpt", world["gpt"], "--shards", str(world["shards"]), "--out", str(tmp_path / "w"),
+                    "--steps", "2", "--batch-size", "4", "--holdout", "0.2", "--weak-preset", "W-1",
+                    "--weak-heads", "4", "--weak-dim", "32", *quiet],
+        "sample": ["sample", "--gpt", world["gpt"], "--vq", world["vq"], "--classes", "1", "--top-k", "0",
+                   "--out", str(tmp_path / "s"), *quiet],
+    }
+    for name, argv in commands.items():
+        capsys.readouterr()
+        assert main(argv) == 0, name
+        lines = capsys.readouterr().out.strip().splitlines()
+        result = json.loads(lines[-1])
+        assert isinstance(result, dict) and len(result) > 2, (name, lines)
+        assert not any(line.strip() in ("{", "}") for line in lines), (name, lines)  # no indented JSON

@@ -203,3 +203,19 @@ def test_fp16_generation_runs():
     model = tiny_gpt().to(torch.float16)
     tokens = generate(model, torch.tensor([3]), cfg_scale=2.0, seed=0, num_tokens=6)
     assert tokens.shape == (1, 6) and int(tokens.max()) < 97
+
+
+def _bar_lines(stderr: str) -> list:
+    """The states a tqdm bar printed (each redraw starts with a carriage return), non-empty ones only."""
+    return [line.strip() for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_tokens_progress_bar_reaches_its_total_and_stays(engine, capsys):
+    """Issue 19: the bar was last drawn at 33/36 and then erased (leave=False, the final state never redrawn)."""
+    gpt = tiny_gpt()
+    N = gpt.config.num_image_tokens
+    capsys.readouterr()
+    generate(gpt, torch.tensor([1, 2]), top_k=0, seed=0, progress=True, engine=engine)
+    last = _bar_lines(capsys.readouterr().err)[-1]
+    assert last.startswith("tokens: 100%") and f"{N}/{N}" in last, last

@@ -37,6 +37,15 @@ def gens(seeds):
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
+def _tiny_vq():
+    from llamagen_core2.config import VQConfig
+    from llamagen_core2.vq import VQModel
+
+    torch.manual_seed(0)
+    return VQModel(VQConfig(ch=16, z_channels=16, codebook_size=97, codebook_embed_dim=8, norm_groups=8,
+                            ch_mult=(1, 1, 1))).eval()
+
+
 @needs_world
 def test_generator_list_gives_the_same_image_i_at_any_batch_size(pipe):
     labels = [0, 5, 9]
@@ -218,3 +227,14 @@ def test_pipeline_keeps_one_engine_across_calls(pipe):
     cache, binding = pipe.engine.cache, pipe.engine.binding
     pipe(class_labels=[3, 4], seed=1, output_type="tokens", progress=False)
     assert pipe.engine.cache is cache and pipe.engine.binding == binding  # buffers (and, on a GPU, graphs) reused
+
+
+def test_pipeline_shows_one_tokens_bar_over_all_batches_that_reaches_its_total(capsys):
+    gpt = tiny_gpt(image_size=16, downsample=4)
+    vq = _tiny_vq()
+    N = gpt.config.num_image_tokens
+    capsys.readouterr()
+    LlamaGenPipeline(gpt, vq)(class_labels=[1, 2, 3], batch_size=1, seed=0, output_type="tokens")
+    lines = [line.strip() for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1].startswith("tokens: 100%") and f"{3 * N}/{3 * N}" in lines[-1], lines
+    assert all(line.startswith("tokens:") for line in lines)  # one bar, not one per batch plus a batch bar
