@@ -8,7 +8,8 @@ Contract:
     model type's default: c2i GuidanceConfig() (cfg 4.0, top-k 2000, LlamaGen's demo), t2i cfg 7.5, top-k 1000
     (LlamaGen's sample_t2i.py). `from_pretrained(gpt, vq, ...)` loads the parts from local paths or Hub ids.
   * `pipe(class_labels=... | prompt=... | prompt_embeds=..., num_images_per_prompt=1, guidance=None,
-    generator=None, seed=None, batch_size=None, output_type="pil", return_dict=True, progress=True)`.
+    generator=None, seed=None, batch_size=None, output_type="pil", return_dict=True, progress=True,
+    guidance_scale=None)`.
     Images are condition-major: the `num_images_per_prompt` images of condition 0 first.
   * Seed rule (seeding.py): image i of a call uses the Philox key `image_key(s, first_image_index + i)`, with s =
     `seed`, or one draw from `generator`; with a list of generators (one per image) image i uses the first key of
@@ -21,12 +22,17 @@ Contract:
     turns it into those pixels); "tokens" -> no VQ decode, `images` is None. `tokens` [B, N] is always returned.
   * progress=True draws one "tokens" bar (stderr) over every batch of the call, left at its total; a bar object
     (anything with `update(n)`) is advanced instead, so a caller can show one bar over several calls.
+    `set_progress_bar_config(**tqdm_kwargs)` configures the bar as in diffusers (disable=True hides it).
+  * `guidance_scale=` (diffusers' name) sets the CFG scale of this call: `guidance.cfg_scale` of the pipeline's
+    guidance, or of `guidance=` when both are given and agree (InvalidArgument when they disagree).
   * return_dict=True -> `LlamaGenPipelineOutput(images, tokens, stats)`; False -> `(images,)`, or `(tokens,)`
     for output_type "tokens". `stats`: base-model rows and weak steps (generate()'s counts) and seconds.
 """
 from __future__ import annotations
 
+import inspect
 import logging
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
@@ -36,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import Engine
-from .errors import InvalidArgument, check_int
+from .errors import InvalidArgument, check_int, check_number
 from .generate import generate
 from .guidance_config import GuidanceConfig, require_weak
 from .images import to_pil_images, to_uint8
@@ -74,6 +80,20 @@ class LlamaGenPipeline:
         self.gpt, self.vq, self.caption_encoder, self.weak_model = gpt, vq, caption_encoder, weak_model
         self.guidance = guidance if guidance is not None else default_guidance(c.model_type)
         self.engine = Engine(gpt)  # decoding state kept across calls: on a GPU its CUDA graphs are captured once
+        self._progress_bar_config: dict = {}
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """tqdm keyword arguments for the calls' progress bar (e.g. disable=True, desc=, file=, leave=), as in
+        diffusers: each call replaces the whole configuration. A call's progress=False still hides the bar."""
+        from tqdm.std import tqdm as plain_tqdm  # tqdm.auto's class forwards *args, **kwargs to this one
+
+        allowed = set(inspect.signature(plain_tqdm.__init__).parameters) - {"self", "iterable", "total", "gui",
+                                                                            "kwargs"}
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            raise InvalidArgument(f"set_progress_bar_config: unknown tqdm argument(s) {unknown}; allowed: "
+                                  f"{sorted(allowed)}")
+        self._progress_bar_config = dict(kwargs)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -180,7 +200,7 @@ class LlamaGenPipeline:
                  num_images_per_prompt: int = 1, guidance: Optional[GuidanceConfig] = None,
                  generator: Generators = None, seed: Optional[int] = None, first_image_index: int = 0,
                  batch_size: Optional[int] = None, output_type: str = "pil", return_dict: bool = True,
-                 progress: bool = True):
+                 progress=True, guidance_scale: Optional[float] = None):
         num_images_per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, minimum=1)
         batch_size = None if batch_size is None else check_int("batch_size", batch_size, minimum=1)
         if output_type not in OUTPUT_TYPES:
@@ -189,10 +209,17 @@ class LlamaGenPipeline:
         if first_image_index and generator is not None and not isinstance(generator, torch.Generator):
             raise InvalidArgument("first_image_index needs seed or one generator; a list of generators already "
                                   "gives every image its own key")
+        if guidance is not None and not isinstance(guidance, GuidanceConfig):
+            raise InvalidArgument(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
+        if guidance_scale is not None:  # diffusers' name for the CFG scale
+            guidance_scale = check_number("guidance_scale", guidance_scale, minimum=0.0)
+            if guidance is not None and not (isinstance(guidance.cfg_scale, numbers.Real)
+                                             and float(guidance.cfg_scale) == guidance_scale):
+                raise InvalidArgument(f"guidance_scale={guidance_scale} and guidance.cfg_scale={guidance.cfg_scale} "
+                                      f"disagree; give the CFG scale once")
+            guidance = (guidance or self.guidance).replace(cfg_scale=guidance_scale)
         if guidance is None:
             guidance = self.guidance
-        elif not isinstance(guidance, GuidanceConfig):
-            raise InvalidArgument(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
         require_weak(guidance.token_modes(self.gpt.config.num_image_tokens), self.weak_model)
 
         cond, mask = self._conditions(class_labels, prompt, prompt_embeds, prompt_attention_mask)
@@ -208,8 +235,12 @@ class LlamaGenPipeline:
         batches = range(0, total, step)
         # One "tokens" bar over every batch of the call (or the caller's bar), drawn to its end.
         own_bar = not hasattr(progress, "update")
-        bar = tqdm(total=len(batches) * self.gpt.config.num_image_tokens, desc="tokens", unit="token",
-                   disable=not progress) if own_bar else progress
+        if own_bar:
+            options = {"desc": "tokens", "unit": "token", **self._progress_bar_config}
+            options["disable"] = not progress or bool(options.get("disable", False))
+            bar = tqdm(total=len(batches) * self.gpt.config.num_image_tokens, **options)
+        else:
+            bar = progress
         for start in batches:
             rows = order[start:start + step]
             t0 = time.perf_counter()

@@ -238,3 +238,35 @@ def test_pipeline_shows_one_tokens_bar_over_all_batches_that_reaches_its_total(c
     lines = [line.strip() for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
     assert lines[-1].startswith("tokens: 100%") and f"{3 * N}/{3 * N}" in lines[-1], lines
     assert all(line.startswith("tokens:") for line in lines)  # one bar, not one per batch plus a batch bar
+
+
+def test_diffusers_habits_guidance_scale_and_progress_bar_config(capsys):
+    """diffusers users type `pipe(..., guidance_scale=3.0)` and `pipe.set_progress_bar_config(disable=True)`."""
+    import io
+
+    pipe = LlamaGenPipeline(tiny_gpt(image_size=16, downsample=4), _tiny_vq())
+    call = dict(class_labels=[1, 2, 3], seed=0, output_type="tokens", progress=False)
+    by_name = pipe(**call, guidance_scale=1.5)
+    by_config = pipe(**call, guidance=pipe.guidance.replace(cfg_scale=1.5))
+    assert torch.equal(by_name.tokens, by_config.tokens)
+    assert not torch.equal(by_name.tokens, pipe(**call).tokens)  # not ignored: the default is cfg 4.0
+    assert torch.equal(pipe(**call, guidance=GuidanceConfig(cfg_scale=1.5), guidance_scale=1.5).tokens,
+                       by_name.tokens)  # both given and equal: fine
+    with pytest.raises(InvalidArgument, match=r"guidance_scale=3.0 .*guidance.cfg_scale=1.5"):
+        pipe(**call, guidance=GuidanceConfig(cfg_scale=1.5), guidance_scale=3.0)
+    with pytest.raises(InvalidArgument, match="guidance_scale"):
+        pipe(**call, guidance_scale=float("nan"))
+
+    call.pop("progress")  # the default: a bar
+    pipe.set_progress_bar_config(disable=True)
+    capsys.readouterr()
+    pipe(**call)
+    assert capsys.readouterr().err == ""
+    buf = io.StringIO()
+    pipe.set_progress_bar_config(file=buf, desc="drawing")  # replaces the whole configuration, as in diffusers
+    pipe(**call)
+    assert "drawing: 100%" in buf.getvalue() and capsys.readouterr().err == ""
+    pipe(**call, progress=False)  # the call's progress=False still wins
+    assert buf.getvalue().count("drawing: 100%") == 1
+    with pytest.raises(InvalidArgument, match="bogus"):
+        pipe.set_progress_bar_config(bogus=1)
