@@ -15,10 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_common import (Parser, add_condition_args, add_model_args, add_refine_args, add_sampling_args,
-                         add_threads_arg, add_vq_args, apply_threads, check_refine_args, checkpoint_source,
-                         guidance_from_args, int_at_least, load_conditions, load_gpt, load_refine, load_vq,
-                         positive_float, positive_int, print_json, run_subcommand)
+from .cli_common import (Parser, add_compile_arg, add_condition_args, add_model_args, add_refine_args,
+                         add_sampling_args, add_threads_arg, add_vq_args, apply_threads, check_refine_args,
+                         checkpoint_source, guidance_from_args, int_at_least, load_conditions, load_gpt, load_refine,
+                         load_vq, positive_float, positive_int, print_json, run_subcommand)
 from .files import check_output_dir
 
 SUBCOMMAND_MODULES = (
@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nrow", type=positive_int, default=8, help="images per row of grid.png")
     g.add_argument("--out", default="samples", help="output directory: grid.png + images/*.png")
     g.add_argument("--quiet", action="store_true", help="no progress bar; only the final JSON line")
+    add_compile_arg(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="official .pt -> safetensors + config.json (sharded past --max-shard-mb)")

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from .cli_common import (Parser, add_condition_args, add_model_args, add_refine_args, add_sampling_args, add_vq_args,
-                         apply_threads, check_refine_args, checkpoint_source, float_in, load_conditions, load_gpt,
-                         load_refine, load_vq, non_negative_float, non_negative_int, positive_int, print_json,
-                         run_subcommand, seed_int)
+from .cli_common import (Parser, add_compile_arg, add_condition_args, add_model_args, add_refine_args,
+                         add_sampling_args, add_vq_args, apply_threads, check_refine_args, checkpoint_source, float_in,
+                         load_conditions, load_gpt, load_refine, load_vq, non_negative_float, non_negative_int,
+                         positive_int, print_json, run_subcommand, seed_int)
 from .errors import rank_and_world
 from .files import check_output_dir
 
@@ -57,6 +57,7 @@ def add_collect_subcommand(subparsers):
                    help="dtype of the stored hidden states")
     p.add_argument("--groups-per-shard", type=positive_int, default=1, help="batches per shard file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_compile_arg(p)
     p.set_defaults(func=_exit_status(run_collect), run=run_collect)
     return p
 
@@ -151,6 +152,7 @@ def add_sample_subcommand(subparsers):
     p.add_argument("--out", required=True, help="output directory: images/*.png, samples.npz, settings.json")
     add_refine_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_compile_arg(p)
     p.set_defaults(func=_exit_status(run_sample), run=run_sample)
     return p
 

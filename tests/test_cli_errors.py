@@ -341,3 +341,50 @@ def test_every_subcommand_ends_with_its_result_as_one_json_line(world, tmp_path,
         result = json.loads(lines[-1])
         assert isinstance(result, dict) and len(result) > 2, (name, lines)
         assert not any(line.strip() in ("{", "}") for line in lines), (name, lines)  # no indented JSON
+
+
+# ---------------------------------------------------------------------- habits: LlamaGen's --compile, named errors
+def _subcommands():
+    import argparse
+
+    parser = cli.build_parser()
+    return sorted(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
+
+
+def test_every_usage_error_names_its_subcommand(world, tmp_path, capsys):
+    names = _subcommands()
+    assert {"generate", "sample", "collect", "reflect", "demo", "convert"} <= set(names)
+    for name in names:  # unknown option, required arguments missing or not: argparse's error names the subcommand
+        one_line_error([name, "--no-such-option"], capsys, contains=[f"llamagen-core2 {name}: error:"])
+    one_line_error([*generate_argv(world, tmp_path), "--bogus", "x"], capsys,
+                   contains=["llamagen-core2 generate: error: unrecognized arguments: --bogus x"])
+    one_line_error(["demo", "--bogus"], capsys, contains=["llamagen-core2 demo: error: unrecognized arguments"])
+
+
+def test_compile_is_accepted_with_one_line_saying_what_the_engine_does(world, tmp_path, capsys):
+    """LlamaGen users type --compile; the engine captures CUDA graphs by itself, and on a CPU it has no effect."""
+    for argv in (generate_argv(world, tmp_path),
+                 ["sample", "--gpt", world["gpt"], "--vq", world["vq"], "--classes", "1", "--top-k", "0", "--out",
+                  str(tmp_path / "s"), "--quiet", "--device", "cpu"],
+                 ["collect", "--gpt", world["gpt"], "--classes", "1", "--out", str(tmp_path / "c"), "--quiet",
+                  "--device", "cpu"]):
+        capsys.readouterr()
+        assert main([*argv, "--compile"]) == 0, argv[0]
+        notes = [line for line in capsys.readouterr().err.splitlines() if "--compile" in line]
+        assert len(notes) == 1 and "no effect" in notes[0] and "CUDA graphs" in notes[0], notes
+        assert notes[0].startswith(f"llamagen-core2 {argv[0]}: ")
+
+
+def test_console_script_names_the_subcommand_and_takes_compile(world, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "llamagen-core2"
+    script = str(script) if script.is_file() else shutil.which("llamagen-core2")
+    if script is None:
+        pytest.skip("the llamagen-core2 console script is not installed (pip install -e .)")
+    run = subprocess.run([script, "generate", "--gpt", "g", "--vq", "v", "--classes", "1", "--compile", "--bogus"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.startswith("llamagen-core2 generate: error:"), run.stderr
+    assert "--bogus" in run.stderr and "--compile" not in run.stderr.split("error:", 1)[1], run.stderr
