@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 import time
 from pathlib import Path
 
 from .cli_common import (Parser, add_compile_arg, add_condition_args, add_model_args, add_refine_args,
                          add_sampling_args, add_threads_arg, add_vq_args, apply_threads, check_refine_args,
-                         checkpoint_source, guidance_from_args, int_at_least, load_conditions, load_gpt, load_refine,
-                         load_vq, positive_float, positive_int, print_json, run_subcommand)
+                         checkpoint_source, guidance_from_args, int_at_least, int_in, load_conditions, load_gpt,
+                         load_refine, load_vq, positive_float, positive_int, print_json, run_subcommand)
 from .files import check_output_dir
+
+MIN_GRID_TILE = 64  # --scale's default: the smallest upscaling that makes grid.png's tiles at least this wide (px)
 
 SUBCOMMAND_MODULES = (
     "llamagen_core2.core2_cli",  # collect, reflect, sample (CoRe^2)
@@ -34,7 +37,7 @@ def cmd_generate(args) -> int:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from .images import make_grid, save_png
+    from .images import labelled_grid, save_png
     from .pipeline import LlamaGenPipeline
     from .run_settings import check_run_settings
     from .sample import SEED_RULE
@@ -82,8 +85,21 @@ def cmd_generate(args) -> int:
         if n not in pixels:
             with Image.open(paths[n]) as im:
                 pixels[n] = np.asarray(im.convert("RGB"))
+    # The demo's labelled sheet: a row per condition (wrapped after --nrow images), its label on the left.
+    rows, row_labels = [], []
+    for c, label in enumerate(labels):
+        first = c * args.per_class
+        for start in range(0, args.per_class, args.nrow):
+            rows.append(np.stack([pixels[n] for n in range(first + start, first + min(start + args.nrow,
+                                                                                      args.per_class))]))
+            row_labels.append("" if start else (f"class {int(conds[c])}" if c2i else f"{c}: {names[c][:24]}"))
+    size = gpt.config.image_size
+    scale = args.scale or max(1, math.ceil(MIN_GRID_TILE / size))
+    title = (f"{'schedule' if schedule is not None else args.mode}, cfg {args.cfg_scale:g}, top-k {args.top_k}, "
+             f"seed {args.seed}")
     grid = out_dir / "grid.png"
-    save_png(make_grid(np.stack([pixels[n] for n in range(total)]), nrow=args.nrow), grid)
+    save_png(labelled_grid(rows, row_labels, column_labels=[(title, min(args.nrow, args.per_class))], scale=scale),
+             grid)
     if not args.quiet:
         print(f"wrote {grid} and {generated} of {total} images under {image_dir} "
               f"({seconds:.2f} s of generation + VQ decode on {args.device})", file=sys.stderr)
@@ -127,8 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_refine_args(g)
     g.add_argument("--cfg-interval", type=int_at_least(-1), default=-1, help="CFG for tokens 0..N+1 only (-1 = all)")
     add_vq_args(g)
-    g.add_argument("--nrow", type=positive_int, default=8, help="images per row of grid.png")
-    g.add_argument("--out", default="samples", help="output directory: grid.png + images/*.png")
+    g.add_argument("--nrow", type=positive_int, default=8,
+                   help="images per row of grid.png: a row per class / caption, wrapped after this many")
+    g.add_argument("--scale", type=int_in(1, 16), default=None,
+                   help=f"pixel upscaling of each image in grid.png; default: the smallest giving tiles >= "
+                        f"{MIN_GRID_TILE} px (3 for the mini world's 24 px images, 1 for 256 px)")
+    g.add_argument("--out", default="samples", help="output directory: grid.png + images/*.png + settings.json")
     g.add_argument("--quiet", action="store_true", help="no progress bar; only the final JSON line")
     add_compile_arg(g)
     g.set_defaults(func=cmd_generate)
