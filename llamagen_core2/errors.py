@@ -92,6 +92,13 @@ def rank_and_world(rank=None, world_size=None) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------- tensor checks
+def check_has_values(name: str, tensor) -> None:
+    """Refuse a meta tensor (a shape and dtype without values): nothing can be read or computed from it."""
+    if getattr(tensor, "is_meta", False):
+        raise InvalidArgument(f"{name} is a meta tensor (a shape without values); give it on the CPU or on the "
+                              f"model's device")
+
+
 def check_token_ids(name: str, ids, vocab_size: int) -> None:
     """An integer tensor whose values all lie in [0, vocab_size): checked on the host before any embedding
     lookup, because an out-of-range id on CUDA is a device-side assert that kills the process's CUDA context."""
@@ -100,6 +107,7 @@ def check_token_ids(name: str, ids, vocab_size: int) -> None:
     if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise InvalidArgument(f"{name} must be an integer tensor of ids in [0, {vocab_size - 1}], got "
                               f"{type(ids).__name__}{' ' + str(ids.dtype) if isinstance(ids, torch.Tensor) else ''}")
+    check_has_values(name, ids)
     if ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= vocab_size:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from . import block_ops
 from .checkpoint import read_config, read_state_dict, save_pretrained as save_state_pretrained, validate_state_dict
 from .config import GPT_PRESETS, GPTConfig, check_gpt_preset
-from .errors import CheckpointError, InvalidArgument, check_token_ids
+from .errors import CheckpointError, InvalidArgument, check_has_values, check_token_ids
 
 
 class RMSNorm(nn.Module):
@@ -318,6 +318,7 @@ class GPT(nn.Module):
             if not isinstance(cond, torch.Tensor) or cond.ndim != 1 or cond.dtype not in (torch.int32, torch.int64):
                 raise InvalidArgument(f"cond for a class-conditional model must be an integer tensor [B] of class ids, "
                                       f"got {getattr(cond, 'dtype', type(cond).__name__)} {list(getattr(cond, 'shape', []))}")
+            check_has_values("cond", cond)
             top = c.num_classes if allow_null else c.num_classes - 1
             if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) > top):
                 raise InvalidArgument(f"class ids must be in [0, {top}], got values in "
@@ -327,6 +328,7 @@ class GPT(nn.Module):
             if not isinstance(cond, torch.Tensor) or cond.ndim != 3 or tuple(cond.shape[1:]) != want:
                 raise InvalidArgument(f"cond for a text-conditional model must be caption features [B, {want[0]}, "
                                       f"{want[1]}], got {list(getattr(cond, 'shape', []))}")
+            check_has_values("cond", cond)
         if cond.shape[0] == 0:
             raise InvalidArgument("cond must hold at least one condition (batch size >= 1)")
         return cond.shape[0]

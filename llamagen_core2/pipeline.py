@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import Engine
-from .errors import InvalidArgument, check_int, check_number
+from .errors import InvalidArgument, check_has_values, check_int, check_number
 from .generate import generate
 from .guidance_config import GuidanceConfig, require_weak
 from .images import to_pil_images, to_uint8
@@ -164,6 +164,7 @@ class LlamaGenPipeline:
             if class_labels is None:
                 raise InvalidArgument("this GPT is class-conditional (c2i): pass class_labels, not prompts")
             labels = torch.as_tensor(class_labels).reshape(-1)
+            check_has_values("class_labels", labels)
             if labels.numel() == 0 or labels.is_floating_point() or labels.dtype == torch.bool:
                 raise InvalidArgument(f"class_labels must be a non-empty list of integer class ids, got {class_labels!r}")
             labels = labels.to(torch.long).cpu()
@@ -187,6 +188,8 @@ class LlamaGenPipeline:
             return torch.cat(feats), torch.cat(masks)
         if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 3:
             raise InvalidArgument(f"prompt_embeds must be caption features [M, {c.cls_token_num}, {c.caption_dim}]")
+        check_has_values("prompt_embeds", prompt_embeds)
+        check_has_values("prompt_attention_mask", prompt_attention_mask)
         if prompt_attention_mask is not None and (not isinstance(prompt_attention_mask, torch.Tensor)
                                                   or tuple(prompt_attention_mask.shape) != tuple(prompt_embeds.shape[:2])):
             raise InvalidArgument(f"prompt_attention_mask must be [M, T] = {list(prompt_embeds.shape[:2])}")

@@ -219,3 +219,18 @@ def test_tokens_progress_bar_reaches_its_total_and_stays(engine, capsys):
     generate(gpt, torch.tensor([1, 2]), top_k=0, seed=0, progress=True, engine=engine)
     last = _bar_lines(capsys.readouterr().err)[-1]
     assert last.startswith("tokens: 100%") and f"{N}/{N}" in last, last
+
+
+def test_meta_tensors_are_refused_with_a_clear_error():
+    """Issue 19: a condition on the meta device (no values) failed deep inside with `Tensor.item() cannot be called
+    on meta tensors`."""
+    gpt, t2i = tiny_gpt(), tiny_gpt("t2i")
+    with pytest.raises(InvalidArgument, match=r"cond .*meta"):
+        generate(gpt, torch.tensor([1, 2], device="meta"))
+    feats, mask = captions(t2i, 2, [3, 6])
+    with pytest.raises(InvalidArgument, match=r"cond .*meta"):
+        generate(t2i, feats.to("meta"), cond_mask=mask)
+    with pytest.raises(InvalidArgument, match=r"cond_mask .*meta"):
+        generate(t2i, feats, cond_mask=mask.to("meta"))
+    with pytest.raises(InvalidArgument, match=r"tokens .*meta"):
+        gpt.logits(torch.tensor([1]), torch.zeros(1, 3, dtype=torch.long, device="meta"))

@@ -270,3 +270,9 @@ def test_diffusers_habits_guidance_scale_and_progress_bar_config(capsys):
     assert buf.getvalue().count("drawing: 100%") == 1
     with pytest.raises(InvalidArgument, match="bogus"):
         pipe.set_progress_bar_config(bogus=1)
+
+
+def test_pipeline_refuses_meta_conditions_clearly():
+    pipe = LlamaGenPipeline(tiny_gpt(image_size=16, downsample=4), _tiny_vq())
+    with pytest.raises(InvalidArgument, match="class_labels .*meta"):
+        pipe(class_labels=torch.tensor([1, 2], device="meta"), progress=False)
