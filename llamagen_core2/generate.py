@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import Engine, GenerationStats, StepRecord, catch_up_uncond  # noqa: F401  (StepRecord is part of the on_step API)
-from .errors import InvalidArgument, check_has_values, check_int
+from .errors import InvalidArgument, check_int
 from .guidance import guided_sample
 from .guidance_config import MODE_TABLE, GuidanceConfig, needs_uncond, needs_weak, require_weak
 from .memory import check_fits, estimate_generation_bytes
@@ -44,7 +44,7 @@ ENGINES = ("auto", "static", "eager")
 
 
 def _check_args(gpt, cond, cond_mask, num_tokens, guidance: GuidanceConfig) -> tuple[int, int]:
-    B = gpt.check_condition(cond)
+    B = gpt.check_condition(cond, cond_mask=cond_mask)
     c = gpt.config
     N = c.num_image_tokens if num_tokens is None else check_int("num_tokens", num_tokens, minimum=1,
                                                                 maximum=c.num_image_tokens)
@@ -53,16 +53,6 @@ def _check_args(gpt, cond, cond_mask, num_tokens, guidance: GuidanceConfig) -> t
         if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] != B:
             raise InvalidArgument(f"{name} must be a number or a tensor of shape [{B}] (one per image), "
                                   f"got shape {list(value.shape)}")
-    if cond_mask is not None:
-        if c.model_type != "t2i":
-            raise InvalidArgument("cond_mask is only meaningful for text-conditional (t2i) models")
-        if not isinstance(cond_mask, torch.Tensor) or tuple(cond_mask.shape) != (B, c.cls_token_num):
-            raise InvalidArgument(f"cond_mask must be a tensor [B={B}, {c.cls_token_num}], got "
-                                  f"{list(getattr(cond_mask, 'shape', [])) or type(cond_mask).__name__}")
-        check_has_values("cond_mask", cond_mask)
-        if cond_mask.is_floating_point() or cond_mask.is_complex() or (
-                cond_mask.dtype != torch.bool and not bool(((cond_mask == 0) | (cond_mask == 1)).all())):
-            raise InvalidArgument(f"cond_mask must be bool (or 0/1 integers), got {cond_mask.dtype}")
     return B, N
 
 

@@ -311,8 +311,10 @@ class GPT(nn.Module):
         return out
 
     # ------------------------------------------------------------------ conditions
-    def check_condition(self, cond: torch.Tensor, *, allow_null: bool = False) -> int:
-        """Validate a batch of conditions; returns B. c2i: LongTensor [B] ids; t2i: float [B, T, caption_dim]."""
+    def check_condition(self, cond: torch.Tensor, *, cond_mask: Optional[torch.Tensor] = None,
+                        allow_null: bool = False) -> int:
+        """Validate a batch of conditions (and a t2i caption mask); returns B. c2i: LongTensor [B] ids; t2i: float
+        [B, T, caption_dim] + optional bool (or 0/1) cond_mask [B, T]. The one check of generate() and logits()."""
         c = self.config
         if c.model_type == "c2i":
             if not isinstance(cond, torch.Tensor) or cond.ndim != 1 or cond.dtype not in (torch.int32, torch.int64):
@@ -331,7 +333,18 @@ class GPT(nn.Module):
             check_has_values("cond", cond)
         if cond.shape[0] == 0:
             raise InvalidArgument("cond must hold at least one condition (batch size >= 1)")
-        return cond.shape[0]
+        B = cond.shape[0]
+        if cond_mask is not None:
+            if c.model_type != "t2i":
+                raise InvalidArgument("cond_mask is only meaningful for text-conditional (t2i) models")
+            if not isinstance(cond_mask, torch.Tensor) or tuple(cond_mask.shape) != (B, c.cls_token_num):
+                raise InvalidArgument(f"cond_mask must be a tensor [B={B}, {c.cls_token_num}], got "
+                                      f"{list(getattr(cond_mask, 'shape', [])) or type(cond_mask).__name__}")
+            check_has_values("cond_mask", cond_mask)
+            if cond_mask.is_floating_point() or cond_mask.is_complex() or (
+                    cond_mask.dtype != torch.bool and not bool(((cond_mask == 0) | (cond_mask == 1)).all())):
+                raise InvalidArgument(f"cond_mask must be bool (or 0/1 integers), got {cond_mask.dtype}")
+        return B
 
     def condition_embeddings(self, cond: torch.Tensor) -> torch.Tensor:
         """cond -> prefix embeddings [B, T, d]."""
@@ -381,7 +394,7 @@ class GPT(nn.Module):
     def logits(self, cond: torch.Tensor, tokens: torch.Tensor,
                cond_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Teacher-forced fp32 logits [B, N, V]; logit i predicts image token i (no KV cache involved)."""
-        B = self.check_condition(cond, allow_null=True)
+        B = self.check_condition(cond, cond_mask=cond_mask, allow_null=True)
         check_token_ids("tokens", tokens, self.config.vocab_size)
         if tokens.ndim != 2 or tokens.shape[0] != B:
             raise InvalidArgument(f"tokens must be [B={B}, N], got {list(tokens.shape)}")

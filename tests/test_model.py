@@ -242,3 +242,22 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
         pickle.dump({"model": Evil()}, f)
     with pytest.raises(CheckpointError):
         GPT.from_pretrained(tmp_path / "evil.pt", preset="GPT-B")
+
+
+def test_logits_checks_cond_mask_as_generate_does():
+    """Issue 19: gpt.logits accepted a cond_mask on a class-conditional model silently (generate refuses it)."""
+    from llamagen_core2.generate import generate
+
+    gpt, t2i = tiny_gpt(), tiny_gpt("t2i")
+    labels, tokens = torch.tensor([1, 2]), torch.zeros(2, 4, dtype=torch.long)
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    for call in (lambda: gpt.logits(labels, tokens, cond_mask=mask), lambda: generate(gpt, labels, cond_mask=mask)):
+        with pytest.raises(InvalidArgument, match="cond_mask is only meaningful for text-conditional"):
+            call()
+    feats, t2i_mask = captions(t2i, 2, [3, 6])
+    for bad, match in ((t2i_mask[:, 1:], r"cond_mask must be a tensor \[B=2, 6\]"),
+                       (t2i_mask.float(), "cond_mask must be bool")):
+        for call in (lambda: t2i.logits(feats, tokens, cond_mask=bad), lambda: generate(t2i, feats, cond_mask=bad)):
+            with pytest.raises(InvalidArgument, match=match):
+                call()
+    assert t2i.logits(feats, tokens, cond_mask=t2i_mask).shape == (2, 4, t2i.config.vocab_size)
