@@ -441,7 +441,7 @@ class GPT(nn.Module):
                                           **overrides})
         with torch.device("meta"):
             model = cls(config)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
+        expected = model.state_dict()  # shapes and dtypes checked against these
         state = validate_state_dict(state, expected, ignore_prefixes=("freqs_cis",), ignore_substrings=("kv_cache",),
                                     what=f"GPT ({describe(config)})", hint=mismatch_hint(state, config, path.name))
         model.load_state_dict(state, strict=True, assign=True)
