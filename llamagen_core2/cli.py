@@ -37,7 +37,7 @@ def cmd_generate(args) -> int:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from .images import labelled_grid, save_png
+    from .images import save_png
     from .pipeline import LlamaGenPipeline
     from .run_settings import check_run_settings
     from .sample import SEED_RULE
@@ -85,21 +85,11 @@ def cmd_generate(args) -> int:
         if n not in pixels:
             with Image.open(paths[n]) as im:
                 pixels[n] = np.asarray(im.convert("RGB"))
-    # The demo's labelled sheet: a row per condition (wrapped after --nrow images), its label on the left.
-    rows, row_labels = [], []
-    for c, label in enumerate(labels):
-        first = c * args.per_class
-        for start in range(0, args.per_class, args.nrow):
-            rows.append(np.stack([pixels[n] for n in range(first + start, first + min(start + args.nrow,
-                                                                                      args.per_class))]))
-            row_labels.append("" if start else (f"class {int(conds[c])}" if c2i else f"{c}: {names[c][:24]}"))
-    size = gpt.config.image_size
-    scale = args.scale or max(1, math.ceil(MIN_GRID_TILE / size))
+    grid = out_dir / "grid.png"
+    row_labels = [f"class {int(c)}" for c in conds] if c2i else [f"{i}: {name[:24]}" for i, name in enumerate(names)]
     title = (f"{'schedule' if schedule is not None else args.mode}, cfg {args.cfg_scale:g}, top-k {args.top_k}, "
              f"seed {args.seed}")
-    grid = out_dir / "grid.png"
-    save_png(labelled_grid(rows, row_labels, column_labels=[(title, min(args.nrow, args.per_class))], scale=scale),
-             grid)
+    save_png(_labelled_sheet([pixels[n] for n in range(total)], row_labels, title, args, gpt.config.image_size), grid)
     if not args.quiet:
         print(f"wrote {grid} and {generated} of {total} images under {image_dir} "
               f"({seconds:.2f} s of generation + VQ decode on {args.device})", file=sys.stderr)
@@ -109,6 +99,23 @@ def cmd_generate(args) -> int:
                 "images_per_s": round(generated / seconds, 4) if generated and seconds > 0 else None,
                 "device": str(args.device)})
     return 0
+
+
+def _labelled_sheet(images: list, row_labels: list, title: str, args, image_size: int):
+    """generate's grid.png, the demo's labelled sheet (images.labelled_grid): a row per condition, its label on the
+    left, wrapped after --nrow images; tiles upscaled --scale x (default: to at least MIN_GRID_TILE px)."""
+    import numpy as np
+
+    from .images import labelled_grid
+
+    rows, labels = [], []
+    for c, label in enumerate(row_labels):
+        own = images[c * args.per_class:(c + 1) * args.per_class]
+        for start in range(0, len(own), args.nrow):
+            rows.append(np.stack(own[start:start + args.nrow]))
+            labels.append("" if start else label)
+    scale = args.scale or max(1, math.ceil(MIN_GRID_TILE / image_size))
+    return labelled_grid(rows, labels, column_labels=[(title, min(args.nrow, args.per_class))], scale=scale)
 
 
 def cmd_convert(args) -> int:

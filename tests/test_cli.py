@@ -187,3 +187,28 @@ def test_generate_grid_has_class_labels_and_a_scale(tmp_path, capsys):
         assert (band < 128).any(), row
     assert not (labels[cell:2 * cell] < 128).any()
     assert (grid[:header] < 128).any()  # the header names the guidance
+
+
+def test_generate_t2i_labels_rows_with_captions_and_records_them(tmp_path, capsys, monkeypatch):
+    """The t2i path of generate (caption features stand in for T5, which tests/test_text.py covers)."""
+    import numpy as np
+
+    from llamagen_core2 import cli
+    from tiny_models import captions
+
+    t2i = tiny_gpt("t2i", image_size=16, downsample=4)
+    _, vq = _tiny_world(tmp_path)
+    t2i.save_pretrained(tmp_path / "gpt")
+    vq.save_pretrained(tmp_path / "vq")
+    feats, mask = captions(t2i, 2, [3, 6])
+    names = ["a red cat", "a dog on a very long road under the stars"]
+    monkeypatch.setattr(cli, "load_conditions", lambda args, gpt: (feats, mask, names))
+    out = tmp_path / "t2i"
+    argv = ["generate", "--gpt", str(tmp_path / "gpt"), "--vq", str(tmp_path / "vq"), "--captions", "unused.txt",
+            "--per-class", "2", "--out", str(out), "--device", "cpu", "--quiet"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads((out / "settings.json").read_text())["conditions"] == names
+    assert sorted(p.name for p in (out / "images").iterdir()) == [
+        "00000_caption0.png", "00001_caption0.png", "00002_caption1.png", "00003_caption1.png"]
+    grid = np.asarray(Image.open(out / "grid.png").convert("RGB"))
+    assert grid.shape[0] == 14 + 2 * (16 * 4 + 2) + 2  # a row per caption
