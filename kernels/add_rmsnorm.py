@@ -23,6 +23,20 @@ from .dispatch import interpreted
 
 
 @triton.jit
+def _add_residual(x, residual):
+    """h = x + residual rounded once to x's dtype (torch's `x + residual`; the fp32 sum of two bf16/fp16 values
+    rounded once is the correctly rounded sum). Shared with the fused GEMM prologues."""
+    return (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def _inv_rms(sum_squares, n_cols, eps):
+    """1 / sqrt(mean of squares + eps) in fp32 with IEEE sqrt and division (torch CPU's rsqrt rounds the same
+    two times). sum_squares: fp32, any shape. Shared with the fused GEMM prologues."""
+    return tl.div_rn(1.0, tl.sqrt_rn(sum_squares / n_cols + eps))
+
+
+@triton.jit
 def _add_rmsnorm_kernel(
     x_ptr, residual_ptr, weight_ptr,     # [M, d] rows (unit stride along d), [M, d], [d]
     normed_ptr, h_ptr,                   # [M, d] outputs (h only written when HAS_RESIDUAL)
@@ -37,13 +51,12 @@ def _add_rmsnorm_kernel(
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
     if HAS_RESIDUAL:
         residual = tl.load(residual_ptr + row * stride_residual + cols, mask=ok, other=0.0)
-        h = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
+        h = _add_residual(x, residual)
         tl.store(h_ptr + row * stride_h + cols, h, mask=ok)
     else:
         h = x
     hf = h.to(tl.float32)
-    mean_square = tl.sum(hf * hf, axis=0) / n_cols
-    inv_rms = tl.div_rn(1.0, tl.sqrt_rn(mean_square + eps))
+    inv_rms = _inv_rms(tl.sum(hf * hf, axis=0), n_cols, eps)
     normed = (hf * inv_rms).to(x.dtype).to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(normed_ptr + row * stride_normed + cols, (normed * weight).to(normed_ptr.dtype.element_ty), mask=ok)
