@@ -60,8 +60,11 @@ def gemm_config(rows: int, units: int, K: int, on_gpu: bool, sm_count: int = 132
     """Tiles and split-K from the shapes and the SM count (a pure function; the timed choice measures it).
 
     GPU: BLOCK_M covers all rows (<= 128: the weight is read once); BLOCK_N = 32 units while BLOCK_M <= 32 (more
-    programs for the same bytes; tl.dot needs >= 16), else 64; BLOCK_K = 128 (64 at BLOCK_M = 128 or for fp32
-    weights, so a pipeline stage of x and weight tiles stays <= 48 KB of shared memory); split-K is the smallest
+    programs for the same bytes; tl.dot needs >= 16) or while 64 would give more than 8192 accumulators (the
+    fused kernels at 128 rows: two [128, 64] tiles spilled), else 64; BLOCK_K = 128 (64 at BLOCK_M = 128 or for fp32
+    weights, so a pipeline stage of x and weight tiles stays <= 48 KB of shared memory); 4 warps, 8 when the
+    accumulators would exceed 32 fp32 per thread (ptxas spilled the fused kernels' two [128, 64] accumulators at
+    4 warps: benchmarks/kernel_resources.py --block); up to 4 pipeline stages in 160 KB; split-K is the smallest
     that gives >= one program per SM, at most K/(2 BLOCK_K) and MAX_SPLIT_K, rounded so that no split is empty
     (FA3's num_splits_heuristic skips split counts that leave an empty split the same way). Interpreter: one
     program per 64 units and no split (every program costs Python time; tests pass split configs explicitly)."""
@@ -69,7 +72,7 @@ def gemm_config(rows: int, units: int, K: int, on_gpu: bool, sm_count: int = 132
     if not on_gpu:
         return GemmConfig(block_m, min(64, max(16, triton.next_power_of_2(units))),
                           min(64, max(16, triton.next_power_of_2(K))), 1, 4, 1)
-    block_n = 32 if block_m <= 32 else 64
+    block_n = 64 if block_m > 32 and block_m * 64 * weight_rows_per_unit <= 8192 else 32
     block_k = 64 if block_m >= 128 or element_size >= 4 else 128
     block_k = min(block_k, max(16, triton.next_power_of_2(K)))
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(units, block_n)
@@ -78,7 +81,8 @@ def gemm_config(rows: int, units: int, K: int, on_gpu: bool, sm_count: int = 132
     split_k = split_layout(K, block_k, split_k)[0]
     stage_bytes = (block_m + block_n * weight_rows_per_unit) * block_k * element_size
     num_stages = max(2, min(4, (160 * 1024) // stage_bytes))
-    return GemmConfig(block_m, block_n, block_k, split_k, 4, num_stages)
+    num_warps = 4 if block_m * block_n * weight_rows_per_unit <= 32 * 128 else 8  # <= 32 fp32 accumulators/thread
+    return GemmConfig(block_m, block_n, block_k, split_k, num_warps, num_stages)
 
 
 def split_layout(K: int, block_k: int, split_k: int) -> tuple[int, int]:
