@@ -253,6 +253,9 @@ def main(argv=None) -> int:
         print("triton has no nvidia backend here", file=sys.stderr)
         return 1
     if args.block:
+        ptxas = triton.knobs.nvidia.ptxas
+        print(f"# ptxas {ptxas.version} ({ptxas.path}; TRITON_PTXAS_PATH picks another), triton {triton.__version__}",
+              file=sys.stderr)
         fields = ["op", "preset", "rows", "dtype", "kernel", "grid", "num_warps", "num_stages", "registers",
                   "stack_bytes", "shared_bytes", "sass_instructions", "constexprs"]
         print(",".join(fields))

@@ -82,14 +82,13 @@ def _decode_attention_split_kernel(
             attend = attend & ((valid != 0) | (keys == position))
         tile_ok = attend[:, None] & dim_ok[None, :]
         k = tl.load(k_base + keys[:, None].to(tl.int64) * stride_k_s + dims[None, :], mask=tile_ok, other=0.0)
-        # V is requested before the scores are computed, so both tiles' DRAM latencies overlap
-        v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_v_s + dims[None, :], mask=tile_ok, other=0.0)
         scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)          # [BLOCK_N], log2 units
         scores = tl.where(attend, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)           # a fully masked tile: no inf - inf
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(scores - m_safe)                                    # 0 where not attended
+        v = tl.load(v_base + keys[:, None].to(tl.int64) * stride_v_s + dims[None, :], mask=tile_ok, other=0.0)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
