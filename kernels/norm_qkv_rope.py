@@ -201,7 +201,7 @@ def norm_qkv_rope_triton(x: torch.Tensor, residual: Optional[torch.Tensor], norm
     if config is None:
         config = gemm_config(M, pairs, d, on_gpu, multiprocessor_count(x.device) if on_gpu else 132,
                              weight_rows_per_unit=2, element_size=wqkv.element_size())
-    config = check_config(config, M)
+    config = check_config(config)
     split_k, k_per_split = split_layout(d, config.block_k, config.split_k)
     grid = (triton.cdiv(M, config.block_m), triton.cdiv(pairs, config.block_n), split_k)
     tiles = grid[0] * grid[1]

@@ -136,7 +136,7 @@ def norm_w13_swiglu_triton(x: torch.Tensor, residual: Optional[torch.Tensor], no
     if config is None:
         config = gemm_config(M, ffn_dim, d, on_gpu, multiprocessor_count(x.device) if on_gpu else 132,
                              weight_rows_per_unit=2, element_size=w13.element_size())
-    config = check_config(config, M)
+    config = check_config(config)
     split_k, k_per_split = split_layout(d, config.block_k, config.split_k)
     grid = (triton.cdiv(M, config.block_m), triton.cdiv(ffn_dim, config.block_n), split_k)
     tiles = grid[0] * grid[1]

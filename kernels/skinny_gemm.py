@@ -18,8 +18,10 @@ into a caller-owned workspace (`SplitKWorkspace`), then arrives at the tile's in
 an acq_rel atomic add at GPU scope, as CUTLASS's semaphore). The program that arrives last sums the SPLIT_K
 partials in split order 0, 1, ..., SPLIT_K-1 (so the result does not depend on which program finished first:
 same seed, same images), runs the epilogue and resets the counter to 0, leaving the workspace ready for the next
-call without a memset launch. Atomic fp32 accumulation was rejected: it needs a zeroed buffer (a memset, or a
-reset by the last program anyway) and its summation order -- hence the rounding -- changes from run to run.
+call without a memset launch. No program ever waits for another (the last one to arrive does the work), so
+the grid needs no co-residency and any size is safe. Atomic fp32 accumulation was rejected: it needs a zeroed
+buffer (a memset, or a reset by the last program anyway) and its summation order -- hence the rounding --
+changes from run to run.
 The partials cost SPLIT_K * M * N * 4 bytes of L2 traffic each way, small next to the weight (M <= 128, N*K*2).
 
 The same machinery (`_arrive`, `_sum_partials`) serves the fused kernels norm_qkv_rope.py and norm_w13_swiglu.py.
@@ -91,7 +93,7 @@ def split_layout(K: int, block_k: int, split_k: int) -> tuple[int, int]:
     return triton.cdiv(K, k_per_split), k_per_split
 
 
-def check_config(config, rows: int) -> GemmConfig:
+def check_config(config) -> GemmConfig:
     if not isinstance(config, GemmConfig):
         raise InvalidArgument(f"config must be a skinny_gemm.GemmConfig, got {type(config).__name__}")
     for name in ("block_m", "block_n", "block_k"):
@@ -232,7 +234,7 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, *, workspace: Op
     if config is None:
         config = gemm_config(M, N, K, on_gpu, multiprocessor_count(x.device) if on_gpu else 132,
                              element_size=weight.element_size())
-    config = check_config(config, M)
+    config = check_config(config)
     split_k, k_per_split = split_layout(K, config.block_k, config.split_k)
     grid = (triton.cdiv(M, config.block_m), triton.cdiv(N, config.block_n), split_k)
     if split_k > 1:

@@ -21,7 +21,6 @@ import torch
 
 from llamagen_core2 import block_ops
 from llamagen_core2.errors import InvalidArgument
-from llamagen_core2.model import rope_table_2d
 from tiny_models import captions, tiny_gpt
 
 gemm = pytest.importorskip("llamagen_core2.kernels.skinny_gemm")
