@@ -101,3 +101,26 @@ def test_benchmark_script_runs_from_the_command_line(script, tmp_path):
     if script == "compare_weak_inputs.py":
         result = json.loads(run.stdout.strip().splitlines()[-1])
         assert all(result[name]["ratio"] > 0 for name in ("hidden", "logits"))
+
+
+def test_bench_block_kernels_smoke_runs_every_op_on_cpu(capsys, tmp_path, single_thread):
+    """The block-kernel benchmark on CPU with the interpreted kernels (a correctness smoke run, not a timing): every
+    op, the fused decode-layer kernels beside today's unfused ops, the % of the bandwidth floor."""
+    import csv
+
+    bench = _load("bench_block_kernels")
+    bench.main(["--device", "cpu", "--quick", "--threads", "1", "--interpret", "--presets", "tiny", "--rows", "3",
+                "--filled", "64", "--out-dir", str(tmp_path)])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["bandwidth_gbs"] > 0
+    rows = list(csv.DictReader(open(summary["csv"])))
+    impls = {(r["op"], r["impl"]) for r in rows}
+    for op in bench.OPS:
+        assert (op, "triton") in impls and (op, "torch") in impls, op
+    assert {("norm_qkv_rope", "unfused"), ("norm_w13_swiglu", "unfused")} <= impls
+    for r in rows:
+        us, floor, pct = float(r["us_per_call"]), float(r["floor_us"]), float(r["pct_of_floor"])
+        assert us > 0 and floor > 0 and pct == pytest.approx(100 * floor / us, rel=0.01, abs=0.1)
+        if r["impl"] in ("triton", "unfused"):
+            assert float(r["max_abs_diff_vs_torch"]) <= 1e-4, r
+    assert all(r["speedup_vs_unfused"] for r in rows if r["op"].startswith("norm_"))
