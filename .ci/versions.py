@@ -3,9 +3,9 @@
     python .ci/versions.py                          # key packages, then every difference from constraints.txt
     python .ci/versions.py --write constraints.txt  # rewrite the lock from this environment (pip freeze)
 
-The lock is `pip freeze --exclude-editable` of a fresh virtual environment made by the README's set-up (the
-project itself left out), with torch's local build tag dropped (2.13.0+cpu -> 2.13.0) so that a CPU and a CUDA
-build of the same release both satisfy it.
+The lock is `pip freeze --all --exclude-editable` of a fresh virtual environment made by the README's set-up
+(the project itself and pip left out), with torch's local build tag dropped (2.13.0+cpu -> 2.13.0) so that a
+CPU and a CUDA build of the same release both satisfy it.
 """
 from __future__ import annotations
 
@@ -34,14 +34,16 @@ def canonical(name: str) -> str:
 
 
 def frozen() -> dict[str, str]:
-    """{canonical name: version} of this environment, as pip freeze pins it (editable projects left out)."""
-    out = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"], check=True,
+    """{name: version} of this environment, as pip freeze pins it: editable projects and pip itself left out,
+    setuptools kept (torch requires it)."""
+    out = subprocess.run([sys.executable, "-m", "pip", "freeze", "--all", "--exclude-editable"], check=True,
                          capture_output=True, text=True).stdout
     pins = {}
     for line in out.splitlines():
         if "==" in line and not line.startswith(("#", "-")):
             name, version = line.split("==", 1)
-            pins[name.strip()] = version.strip()
+            if canonical(name) != "pip":
+                pins[name.strip()] = version.strip()
     return pins
 
 
