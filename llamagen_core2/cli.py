@@ -4,8 +4,9 @@ Each feature module that owns a subcommand exposes `add_subcommand(subparsers)`;
 SUBCOMMAND_MODULES and imported lazily here, so `llamagen-core2 --help` stays fast and a missing optional
 dependency (e.g. diffusers) only affects its own subcommand. `main` is the one place that maps the error
 families a user can fix (errors.user_error_message: bad arguments, unreadable or mismatched files, file system
-errors, NaN refusals, out of memory) to one line and exit status 2; any other exception is a bug and keeps its
-traceback. Usage errors are one line too (cli_common.Parser), and every subcommand's --help shows defaults.
+errors, NaN refusals, a missing optional package, out of memory) to one line and exit status 2; any other
+exception is a bug and keeps its traceback. Usage errors are one line too (cli_common.Parser), and every
+subcommand's --help shows defaults.
 """
 from __future__ import annotations
 

@@ -21,6 +21,10 @@ class CheckpointError(ValueError):
     """A checkpoint file is unreadable, unsafe, or does not match the model it is loaded into."""
 
 
+class MissingDependency(ModuleNotFoundError):
+    """An optional package a feature needs is not installed; the message names the extra that installs it."""
+
+
 class NonFiniteError(FloatingPointError):
     """NaN/inf found in inputs, a loss or weights; raised before anything non-finite is written or sampled."""
 
@@ -139,9 +143,9 @@ def describe_differences(old: Mapping, new: Mapping, limit: int = 6) -> str:
 
 # ---------------------------------------------------------------------- the command line's error families
 def user_error_message(exc: BaseException) -> Optional[str]:
-    """One line for the errors a user can fix (bad arguments, bad or unreadable files, NaN refusals, out of
-    memory); None for anything else, which is a bug and should keep its traceback."""
-    if isinstance(exc, (InvalidArgument, CheckpointError, FloatingPointError)):
+    """One line for the errors a user can fix (bad arguments, bad or unreadable files, NaN refusals, a missing
+    optional package, out of memory); None for anything else, which is a bug and should keep its traceback."""
+    if isinstance(exc, (InvalidArgument, CheckpointError, FloatingPointError, MissingDependency)):
         return _one_line(str(exc))
     if isinstance(exc, json.JSONDecodeError):  # sources name the file; this is the fallback
         return _one_line(f"invalid JSON ({exc})")

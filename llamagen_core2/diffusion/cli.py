@@ -23,6 +23,7 @@ from ..cli_common import (add_device_arg, add_threads_arg, float_in, non_negativ
 from ..device import resolve_device
 from ..errors import InvalidArgument, NonFiniteError
 from ..files import check_output_dir
+from ..optional import require
 from .modes import DIFFUSION_MODES, MODES
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,7 @@ def load_pipeline(kind: str, model: str, device, dtype, *, ddim: bool = False):
         if not local and not hub.is_repo_id(model):
             raise InvalidArgument(f"--model must be a local diffusers pipeline directory or a Hub repo id "
                                   f"'org/repo', got {model!r}")
-        import diffusers
-
+        diffusers = require("diffusers", "diffuse --model")
         cls = {"sdxl": diffusers.StableDiffusionXLPipeline, "sd3": diffusers.StableDiffusion3Pipeline,
                "flux": diffusers.FluxPipeline}[kind]
         options = {} if local else hub.pretrained_kwargs()
