@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_models import tiny_gpt  # noqa: E402
 
 from llamagen_core2.collect import collect, load_collected  # noqa: E402
+from llamagen_core2.model import run_blocks  # noqa: E402
 from llamagen_core2.reflect import CollectedData, holdout_mask  # noqa: E402
 from llamagen_core2.weak_model import WeakModel  # noqa: E402
 
@@ -46,8 +47,8 @@ class LogitsInWeak(WeakModel):
         c = gpt.head(h_c)
         T = self.base["cls_token_num"]
         x = torch.cat([self._prefix(cond), self.proj_in(c)], dim=1)
-        out = self._trunk(x, 0, None, use_cache=False)[:, T:]
-        return c * (1 + self.skip_scale) + self.proj_out(out)
+        out = run_blocks(self.layers, self.norm, self.rope, x)[:, T:]  # the trunk of WeakModel.forward
+        return self._output(c, out)  # c (1 + skip) + proj_out(out), with this class's V-wide skip and proj_out
 
 
 def kl(target_logits, pred_logits):

@@ -1,4 +1,5 @@
-"""Static resource report of the fused sampling kernels for an H100 (sm_90a), no GPU needed.
+"""Static resource report of the fused sampling kernels and the decode-layer kernels for an H100 (sm_90a), no GPU
+needed.
 
 Compiles `_mix_race_kernel` and `_select_kernel` through Triton and ptxas with the launch settings
 `launch_config` picks on an H100 (132 SMs) and the specialisations the launcher would apply
@@ -10,7 +11,16 @@ input in docs/sampling.md; timings need a GPU (benchmarks/bench_kernels.py).
     python benchmarks/kernel_resources.py                     # batch 1, 64, 256 at V = 16384
     python benchmarks/kernel_resources.py --batches 8 --vocab 32768 --dtype bf16
 
-tests/test_kernels.py compiles the kernels through `compile_kernel` too (without a GPU).
+`--block` reports the decode layer's kernels instead (docs/decode_kernels.md): the fused add+RMSNorm+wqkv+RoPE+KV
+write, the fused add+RMSNorm+[w1;w3]+SwiGLU, the skinny split-K GEMM (wo, w2) and decode attention, at the
+issue's shapes (GPT-B 2 rows, GPT-XL 16 and 128 rows, 257 cache positions). Their launchers run on meta tensors
+with the Triton kernels replaced by recorders (`record_launches`), so the report compiles exactly the arguments,
+constexprs, launch options and JIT specialisations (ints == 1 constant, divisibility by 16) of a GPU launch
+with gemm_config / launch_config as they decide on 132 SMs; the shared-memory column is Triton's.
+
+    python benchmarks/kernel_resources.py --block --dtype bf16
+
+tests/test_kernels.py and tests/test_fused_decode_kernels.py compile the kernels through these helpers too.
 """
 from __future__ import annotations
 
@@ -21,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU even where the tests interpret
 
@@ -101,15 +112,156 @@ def resources(kernel) -> dict:
                 sass_instructions=instructions)
 
 
+# ---------------------------------------------------------------------- decode-layer kernels (--block)
+BLOCK_SHAPES = (("GPT-B", 2), ("GPT-XL", 16), ("GPT-XL", 128))  # b1 CFG, b8 CFG, b64 CFG
+CACHE_LEN = 257  # 256 image tokens + the class token
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class Launch(NamedTuple):
+    fn: object
+    grid: tuple
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: kernel[grid](*args, **kwargs) records what a launch would compile."""
+
+    def __init__(self, fn, launches: list, overrides: dict):
+        self.fn, self.launches, self.overrides = fn, launches, overrides
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(self._launch(grid, args, kwargs))
+
+    def _launch(self, grid, args, kwargs) -> Launch:
+        from triton.backends.nvidia.compiler import CUDABackend
+        from triton.runtime.jit import native_specialize_impl
+
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
+        signature, constexprs, attrs = {}, {}, {}
+        names = self.fn.arg_names
+        values = {**dict(zip(names, args)), **kwargs, **{k: v for k, v in self.overrides.items() if k in names}}
+        for i, name in enumerate(names):
+            value = values[name]
+            if name in kwargs or name in self.overrides:
+                signature[name], constexprs[name] = "constexpr", value
+                continue
+            kind, spec = native_specialize_impl(CUDABackend, value, False, True, True)
+            if kind == "constexpr":  # an int equal to 1, as the JIT specialises it
+                signature[name], constexprs[name] = "constexpr", value
+                continue
+            signature[name] = kind
+            if spec:
+                attrs[(i,)] = CUDABackend.parse_attr(spec)
+        return Launch(self.fn, tuple(grid), signature, constexprs, attrs, options)
+
+
+def record_launches(module, launcher, *args, overrides: Optional[dict] = None, **kwargs) -> list:
+    """Calls `launcher` with every @triton.jit kernel of `module` replaced by a recorder -> [Launch]. Run it on
+    meta tensors: nothing executes. `overrides`: constexprs a GPU launch would set differently (LIBDEVICE_EXP)."""
+    launches, saved = [], {}
+    for name, value in vars(module).items():
+        if isinstance(value, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
+            saved[name] = value
+    try:
+        for name, fn in saved.items():
+            setattr(module, name, _Recorder(fn, launches, overrides or {}))
+        launcher(*args, **kwargs)
+    finally:
+        for name, fn in saved.items():
+            setattr(module, name, fn)
+    return launches
+
+
+def compile_launch(launch: Launch):
+    options = {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": True, **launch.options}
+    return triton.compile(ASTSource(launch.fn, launch.signature, constexprs=launch.constexprs, attrs=launch.attrs),
+                          target=TARGET, options=options)
+
+
+def block_launches(preset: str, rows: int, dtype: str = "bf16", sm_count: int = H100_SMS) -> list:
+    """[(op, Launch)] of one decode layer of `preset` at `rows` cache rows: fused QKV, decode attention (split
+    and combine as launch_config picks them on `sm_count` SMs), wo, fused W1|W3, w2."""
+    import torch
+
+    from llamagen_core2.config import GPTConfig
+    from llamagen_core2.kernels import decode_attention as A, norm_qkv_rope as Q, norm_w13_swiglu as W, \
+        skinny_gemm as G
+
+    c = GPTConfig.from_preset(preset)
+    d, H, D, F = c.dim, c.n_head, c.head_dim, c.ffn_dim
+    dt = getattr(torch, TORCH_DTYPES[dtype])
+    meta = dict(device="meta", dtype=dt)
+    x, residual = torch.empty(rows, 1, d, **meta), torch.empty(rows, 1, d, **meta)
+    norm_weight = torch.empty(d, **meta)
+    cache_k, cache_v = torch.empty(rows, H, CACHE_LEN, D, **meta), torch.empty(rows, H, CACHE_LEN, D, **meta)
+    rope = torch.empty(CACHE_LEN, D // 2, 2, device="meta")
+    position = torch.empty(1, dtype=torch.int64, device="meta")
+    size = torch.empty(0, dtype=dt).element_size()
+    out = []
+
+    def config(units, K, per_unit):
+        return G.gemm_config(rows, units, K, True, sm_count, weight_rows_per_unit=per_unit, element_size=size)
+
+    for launch in record_launches(Q, Q.norm_qkv_rope_triton, x, residual, norm_weight, 1e-5,
+                                  torch.empty(3 * d, d, **meta), rope, position, cache_k, cache_v, 0,
+                                  config=config(3 * d // 2, d, 2)):
+        out.append(("norm_qkv_rope", launch))
+    splits = A.launch_config(rows, H, CACHE_LEN, D, True, sm_count)[0]
+    q = torch.empty(rows, H, 1, D, **meta)
+    for launch in record_launches(A, A.decode_attention_triton, q, cache_k, cache_v, 0, position, None, CACHE_LEN,
+                                  num_splits=splits):
+        out.append(("decode_attention", launch))
+    for launch in record_launches(G, G.skinny_linear_triton, x, torch.empty(d, d, **meta), config=config(d, d, 1)):
+        out.append(("wo", launch))
+    for launch in record_launches(W, W.norm_w13_swiglu_triton, x, residual, norm_weight, 1e-5,
+                                  torch.empty(2 * F, d, **meta), config=config(F, d, 2),
+                                  overrides={"LIBDEVICE_EXP": True}):
+        out.append(("norm_w13_swiglu", launch))
+    for launch in record_launches(G, G.skinny_linear_triton, torch.empty(rows, 1, F, **meta),
+                                  torch.empty(d, F, **meta), config=config(d, F, 1)):
+        out.append(("w2", launch))
+    return out
+
+
+def block_report(dtype: str, shapes=BLOCK_SHAPES) -> list[dict]:
+    rows_out = []
+    for preset, rows in shapes:
+        for op, launch in block_launches(preset, rows, dtype):
+            kernel = compile_launch(launch)
+            consts = {k: v for k, v in launch.constexprs.items() if k.isupper()}
+            rows_out.append(dict(op=op, preset=preset, rows=rows, dtype=dtype, kernel=launch.fn.__name__,
+                                 grid="x".join(map(str, launch.grid)),
+                                 constexprs=" ".join(f"{k}={v}" for k, v in consts.items()),
+                                 num_warps=launch.options.get("num_warps", 4),
+                                 num_stages=launch.options.get("num_stages", 3),
+                                 shared_bytes=kernel.metadata.shared, **resources(kernel)))
+    return rows_out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="1,64,256")
     ap.add_argument("--vocab", type=int, default=16384)
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    ap.add_argument("--block", action="store_true", help="report the decode layer's kernels instead of the sampler")
     args = ap.parse_args(argv)
     if "nvidia" not in triton.backends.backends:
         print("triton has no nvidia backend here", file=sys.stderr)
         return 1
+    if args.block:
+        ptxas = triton.knobs.nvidia.ptxas
+        print(f"# ptxas {ptxas.version} ({ptxas.path}; TRITON_PTXAS_PATH picks another), triton {triton.__version__}",
+              file=sys.stderr)
+        fields = ["op", "preset", "rows", "dtype", "kernel", "grid", "num_warps", "num_stages", "registers",
+                  "stack_bytes", "shared_bytes", "sass_instructions", "constexprs"]
+        print(",".join(fields))
+        for row in block_report(args.dtype):
+            print(",".join(str(row[f]) for f in fields), flush=True)
+        return 0
     print("batch,vocab,kernel,launch,num_warps,registers,stack_bytes,sass_instructions,instructions_per_logit")
     for batch in (int(b) for b in args.batches.split(",")):
         config = h100_config(batch, args.vocab)

@@ -23,6 +23,41 @@ from .dispatch import interpreted
 
 
 @triton.jit
+def _add_residual(x, residual):
+    """h = x + residual rounded once to x's dtype (torch's `x + residual`; the fp32 sum of two bf16/fp16 values
+    rounded once is the correctly rounded sum). Shared with the fused GEMM prologues."""
+    return (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def _inv_rms(sum_squares, n_cols, eps):
+    """1 / sqrt(mean of squares + eps) in fp32 with IEEE sqrt and division (torch CPU's rsqrt rounds the same
+    two times). sum_squares: fp32, any shape. Shared with the fused GEMM prologues."""
+    return tl.div_rn(1.0, tl.sqrt_rn(sum_squares / n_cols + eps))
+
+
+@triton.jit
+def _norm_prologue_tile(x_rows, residual_rows, h_rows, norm_weight_ptr, cols, tile_ok, h_ok, col_ok,
+                        HAS_RESIDUAL: tl.constexpr, OPERAND_DTYPE: tl.constexpr):
+    """The add + RMSNorm prologue of a fused GEMM on one [BLOCK_M, BLOCK_K] tile of the row block.
+
+    x_rows, residual_rows, h_rows: [BLOCK_M, 1] row pointers; cols [BLOCK_K]. Returns (operand, sum of squares):
+    operand = (h * norm_weight) rounded once to the GEMM's operand dtype, and the tile's fp32 sum of h^2 per row
+    [BLOCK_M]; h = x + residual (rounded like _add_residual) is stored where h_ok. The 1/rms factor is applied
+    by the caller to the fp32 accumulator (one rounding of the normalised activations instead of LlamaGen's two:
+    the row's full sum of squares is known only after the K loop)."""
+    x = tl.load(x_rows + cols[None, :], mask=tile_ok, other=0.0)
+    if HAS_RESIDUAL:
+        h = _add_residual(x, tl.load(residual_rows + cols[None, :], mask=tile_ok, other=0.0))
+        tl.store(h_rows + cols[None, :], h, mask=h_ok)
+    else:
+        h = x
+    hf = h.to(tl.float32)
+    weight = tl.load(norm_weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return (hf * weight[None, :]).to(OPERAND_DTYPE), tl.sum(hf * hf, axis=1)
+
+
+@triton.jit
 def _add_rmsnorm_kernel(
     x_ptr, residual_ptr, weight_ptr,     # [M, d] rows (unit stride along d), [M, d], [d]
     normed_ptr, h_ptr,                   # [M, d] outputs (h only written when HAS_RESIDUAL)
@@ -37,13 +72,12 @@ def _add_rmsnorm_kernel(
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
     if HAS_RESIDUAL:
         residual = tl.load(residual_ptr + row * stride_residual + cols, mask=ok, other=0.0)
-        h = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
+        h = _add_residual(x, residual)
         tl.store(h_ptr + row * stride_h + cols, h, mask=ok)
     else:
         h = x
     hf = h.to(tl.float32)
-    mean_square = tl.sum(hf * hf, axis=0) / n_cols
-    inv_rms = tl.div_rn(1.0, tl.sqrt_rn(mean_square + eps))
+    inv_rms = _inv_rms(tl.sum(hf * hf, axis=0), n_cols, eps)
     normed = (hf * inv_rms).to(x.dtype).to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(normed_ptr + row * stride_normed + cols, (normed * weight).to(normed_ptr.dtype.element_ty), mask=ok)

@@ -14,8 +14,10 @@ starts beyond `position` has none: short prefixes use fewer splits) and one CUDA
 loading only attended keys (masked loads: positions beyond `position`, or masked prefix keys, are never read
 into the result) and writes a partial (max, sum, acc[D]) in fp32 -- (-inf, 0, 0) for an empty chunk.
 Launch 2, grid (R * H): combines the NUM_SPLITS partials with their max-rescaled weights. With one split the
-first launch normalises and writes the output itself (one launch).
-The number of splits is a function of (R, H, S, device) only (`launch_config`), never of the position.
+first launch normalises and writes the output itself (one launch, no combine).
+The number of splits is a function of (R, H, S, SMs) only (`num_kv_splits` with the cache length S as the
+bound on the filled keys: no split when rows x heads fill the GPU, else the smallest chunk of >= 128 keys that
+fits the grid), never of the device position, so one CUDA graph serves every position.
 """
 from __future__ import annotations
 
@@ -131,25 +133,42 @@ def _decode_attention_combine_kernel(
              out.to(out_ptr.dtype.element_ty), mask=dim_ok)
 
 
-def launch_config(rows: int, n_heads: int, max_len: int, head_dim: int, on_gpu: bool,
+FILL_FRACTION = 0.8  # rows x heads >= 0.8 x SMs: the GPU is (almost) full without a split (FA3)
+MIN_CHUNK = 128      # never split into chunks of fewer keys (FlashInfer's decode scheduler)
+PROGRAMS_PER_SM = 2  # the split grid's target: two resident 4-warp programs per SM to cover DRAM latency
+
+
+def num_kv_splits(rows: int, n_heads: int, filled_bound: int, sm_count: int, block_n: int = 64) -> int:
+    """KV splits for `rows` x `n_heads` (row, head) programs over at most `filled_bound` keys on `sm_count` SMs.
+
+    One split (one launch, no combine) when rows x heads >= FILL_FRACTION x SMs (FA3's num_splits_heuristic:
+    "16 rows x 20 heads" is not split) or when the keys fit one MIN_CHUNK. Otherwise FlashInfer's rule: the
+    smallest chunk, >= MIN_CHUNK keys and a multiple of block_n, such that rows x heads x splits stays within
+    PROGRAMS_PER_SM x SMs, capped at MAX_SPLITS. filled_bound is a host bound (the launcher's max_end), never
+    the device position."""
+    programs = rows * n_heads
+    if programs >= FILL_FRACTION * sm_count or filled_bound <= MIN_CHUNK:
+        return 1
+    most_splits = max(1, (PROGRAMS_PER_SM * sm_count) // programs)
+    chunk = max(MIN_CHUNK, triton.cdiv(filled_bound, most_splits))
+    chunk = triton.cdiv(chunk, block_n) * block_n
+    return min(triton.cdiv(filled_bound, chunk), MAX_SPLITS)
+
+
+def launch_config(rows: int, n_heads: int, filled_bound: int, head_dim: int, on_gpu: bool,
                   sm_count: int = 132) -> tuple[int, int, int, int]:
-    """(NUM_SPLITS, BLOCK_N, BLOCK_D, num_warps) from the shapes and the device only (not the position).
+    """(NUM_SPLITS, BLOCK_N, BLOCK_D, num_warps) from the shapes, the host bound on the filled keys and the
+    device (never the position).
 
     BLOCK_D covers the head (100 -> 128, masked); BLOCK_N keeps a K or V tile at 4096 elements (64 keys at
     D=64: 8 KB of bf16 per load, 32 fp32 per thread at 4 warps; ptxas 13.4 for sm_90a: 96-168 registers,
-    no spills, for the GPT-B/XL/3B configs). Splits: R*H programs alone leave most of an
-    H100's 132 SMs idle at small batch (GPT-B batch 1 with CFG: 24 programs), so the keys are split until
-    there are >= 2 programs per SM, capped by the number of key blocks at the full cache length (a split
-    shorter than one block is pure overhead) and by MAX_SPLITS (the combine reads every partial). With >= 2
-    programs per SM from rows and heads alone there is one split and no combine launch. Under the
-    interpreter: one split (fewest programs); tests pass num_splits to exercise the combine."""
+    no spills, for the GPT-B/XL/3B configs). Splits: `num_kv_splits`. Under the interpreter: one split (fewest
+    programs); tests pass num_splits to exercise the combine."""
     block_d = triton.next_power_of_2(head_dim)
     block_n = max(16, min(64, 4096 // block_d))
     if not on_gpu:
         return 1, block_n, block_d, 4
-    programs = rows * n_heads
-    splits = max(1, min(triton.cdiv(2 * sm_count, programs), triton.cdiv(max_len, block_n), MAX_SPLITS))
-    return splits, block_n, block_d, 4
+    return num_kv_splits(rows, n_heads, filled_bound, sm_count, block_n), block_n, block_d, 4
 
 
 def combine_launch_config(num_splits: int, block_d: int) -> tuple[int, int]:
@@ -162,8 +181,10 @@ def combine_launch_config(num_splits: int, block_d: int) -> tuple[int, int]:
 def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, row_start: int,
                             position: torch.Tensor, key_valid: Optional[torch.Tensor], max_end: int,
                             num_splits: Optional[int] = None) -> torch.Tensor:
-    """Launcher: see the module doc. `max_end` is only validated (the kernel reads the position on the device);
-    `num_splits` overrides launch_config's choice (tests, benchmarks)."""
+    """Launcher: see the module doc. `max_end` is only validated (the kernel reads the position on the device):
+    the split is sized from the cache length S, so max_end changes neither the work nor the result (a tighter
+    bound would change the split count, hence the rounding; see docs/decode_kernels.md). `num_splits` overrides
+    launch_config's choice (tests, benchmarks)."""
     R, H, S, D = check_decode_attention_args(q, cache_k, cache_v, row_start, position, key_valid, max_end)
     for name, t in (("q", q), ("cache_k", cache_k), ("cache_v", cache_v), ("key_valid", key_valid)):
         if t is not None and t.stride(-1) != 1:

@@ -1,7 +1,8 @@
 """Kernel dispatch: the one place that decides between the Triton kernels and their torch references.
 
-One decision covers every kernel module in `KERNEL_MODULES` (the fused sampler and the transformer
-block's non-GEMM ops): the engine asks once per device and passes the answer down.
+One decision covers every kernel module in `KERNEL_MODULES` (the fused sampler, the transformer block's
+non-GEMM ops, and the skinny / fused decode GEMMs of docs/decode_kernels.md, not yet used by the step): the
+engine asks once per device and passes the answer down.
 
 `LLAMAGEN_CORE2_KERNELS` (read on every call, so tests can flip it):
     auto   (default) Triton when the tensors are on CUDA and every kernel module imports; otherwise
@@ -27,7 +28,8 @@ from ..errors import InvalidArgument
 ENV_VAR = "LLAMAGEN_CORE2_KERNELS"
 CHOICES = ("auto", "triton", "torch")
 # Every module holding Triton kernels; each exposes INTERPRETED (see `interpreted`).
-KERNEL_MODULES = ("fused_guided_sample", "add_rmsnorm", "rope_kv_write", "swiglu", "decode_attention")
+KERNEL_MODULES = ("fused_guided_sample", "add_rmsnorm", "rope_kv_write", "swiglu", "decode_attention",
+                  "skinny_gemm", "norm_qkv_rope", "norm_w13_swiglu")
 
 logger = logging.getLogger("llamagen_core2.kernels")
 _logged_reasons: set[str] = set()

@@ -23,6 +23,14 @@ from .dispatch import interpreted, multiprocessor_count
 
 
 @triton.jit
+def _rotate_pair(x0, x1, cos, sin):
+    """fp32 (x0 cos - x1 sin, x1 cos + x0 sin): LlamaGen's rotation of the interleaved pair (2m, 2m+1) with the
+    reference's association (bit-exact when launched with enable_fp_fusion=False). Shared with the fused QKV
+    GEMM epilogue."""
+    return x0 * cos - x1 * sin, x1 * cos + x0 * sin
+
+
+@triton.jit
 def _rope_kv_write_kernel(
     qkv_ptr, rope_ptr, positions_ptr,        # [R, L, 3HD] (unit stride on the last dim), [P, D/2, 2], [L]
     cache_k_ptr, cache_v_ptr, q_out_ptr,     # [rows_total, H, S, D] x2 (unit stride on D), [R, H, L, D]
@@ -60,10 +68,10 @@ def _rope_kv_write_kernel(
 
     q0f, q1f = q0.to(tl.float32), q1.to(tl.float32)
     k0f, k1f = k0.to(tl.float32), k1.to(tl.float32)
-    q_even = (q0f * cos - q1f * sin).to(q0.dtype)
-    q_odd = (q1f * cos + q0f * sin).to(q0.dtype)
-    k_even = (k0f * cos - k1f * sin).to(k0.dtype)
-    k_odd = (k1f * cos + k0f * sin).to(k0.dtype)
+    q_even, q_odd = _rotate_pair(q0f, q1f, cos, sin)
+    k_even, k_odd = _rotate_pair(k0f, k1f, cos, sin)
+    q_even, q_odd = q_even.to(q0.dtype), q_odd.to(q0.dtype)
+    k_even, k_odd = k_even.to(k0.dtype), k_odd.to(k0.dtype)
 
     # q_out [R, H, L, D] contiguous
     q_dst = q_out_ptr + ((r.to(tl.int64) * n_heads + heads[:, None]) * seq_len + l) * head_dim + 2 * pairs[None, :]

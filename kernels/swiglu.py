@@ -21,6 +21,20 @@ from .dispatch import interpreted, multiprocessor_count
 
 
 @triton.jit
+def _silu_mul(gate, up, LIBDEVICE_EXP: tl.constexpr):
+    """silu(gate) * up in fp32 (the caller rounds it to the output dtype): silu = gate / (1 + exp(-gate)) in fp32
+    with an IEEE division, rounded to gate's dtype like torch's F.silu, then the product with `up` in fp32 (exact
+    for two bf16/fp16 values). Shared with the fused W1|W3 GEMM epilogue."""
+    g = gate.to(tl.float32)
+    if LIBDEVICE_EXP:
+        e = libdevice.exp(-g)
+    else:
+        e = tl.exp(-g)
+    silu = tl.div_rn(g, 1.0 + e).to(gate.dtype)
+    return silu.to(tl.float32) * up.to(tl.float32)
+
+
+@triton.jit
 def _swiglu_kernel(
     gate_up_ptr, out_ptr,                # [M, 2F], [M, F] (unit stride along the last dim)
     n_cols,                              # F
@@ -34,13 +48,7 @@ def _swiglu_kernel(
     src = gate_up_ptr + row * stride_gate_up + cols
     gate = tl.load(src, mask=ok, other=0.0)
     up = tl.load(src + n_cols, mask=ok, other=0.0)
-    g = gate.to(tl.float32)
-    if LIBDEVICE_EXP:
-        e = libdevice.exp(-g)
-    else:
-        e = tl.exp(-g)
-    silu = tl.div_rn(g, 1.0 + e).to(gate.dtype)
-    out = (silu.to(tl.float32) * up.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    out = _silu_mul(gate, up, LIBDEVICE_EXP).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * stride_out + cols, out, mask=ok)
 
 

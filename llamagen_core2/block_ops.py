@@ -264,3 +264,88 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
         return decode_attention_triton(q, cache_k, cache_v, row_start, position, key_valid, max_end)
     check_decode_attention_args(q, cache_k, cache_v, row_start, position, key_valid, max_end)
     return decode_attention_reference(q, cache_k, cache_v, row_start, position, key_valid, max_end)
+
+
+# ---------------------------------------------------------------------- fused decode-layer ops (issue 21)
+# Each fused kernel in kernels/ (norm_qkv_rope.py, norm_w13_swiglu.py, skinny_gemm.py) has its reference here,
+# composed from the references above and F.linear, so every piece of math has one implementation. They are not
+# wired into run_blocks yet: the engine picks them per shape through a timed choice (docs/decode_kernels.md).
+def _check_weight(name: str, weight, rows: Optional[int], cols: int, dtype: torch.dtype, like: torch.Tensor,
+                  what: str) -> None:
+    _check_float(name, weight, 2)
+    if (rows is not None and weight.shape[0] != rows) or weight.shape[1] != cols or weight.shape[0] == 0:
+        want = f"[{rows if rows is not None else 'N > 0'}, {cols}]"
+        raise InvalidArgument(f"{name} must be {want} ({what}), got {_shape(weight)}")
+    if weight.dtype != dtype:
+        raise InvalidArgument(f"{name} must have dtype {dtype} (the dtype F.linear's input has), got {weight.dtype}")
+    _check_same_device(name, weight, like)
+
+
+def check_skinny_linear_args(x, weight) -> tuple[int, int]:
+    """-> (N, K) of out = x @ weight.T, x [..., K], weight [N, K] in x's dtype."""
+    _check_float("x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise InvalidArgument(f"x must be [..., K] with K > 0, got shape {_shape(x)}")
+    _check_weight("weight", weight, None, x.shape[-1], x.dtype, x, "out features x x's last dimension")
+    return weight.shape[0], weight.shape[1]
+
+
+def skinny_linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K], weight [N, K] -> x @ weight.T [..., N] (F.linear, no bias: wo and w2 of a block)."""
+    return F.linear(x, weight)
+
+
+def check_norm_qkv_rope_args(x, residual, norm_weight, eps, wqkv, rope, positions, cache_k, cache_v,
+                             row_start) -> tuple[int, int, int, int, int]:
+    """-> (R, L, H, S, D)."""
+    check_add_rmsnorm_args(x, residual, norm_weight, eps)
+    if x.dim() != 3:
+        raise InvalidArgument(f"x must be [R, L, d] (rows x positions x model width), got shape {_shape(x)}")
+    R, L, d = x.shape
+    normed_dtype = torch.promote_types(x.dtype, norm_weight.dtype)
+    _check_weight("wqkv", wqkv, None, d, normed_dtype, x, "3*H*D x d: the q | k | v projection")
+    rows_total, H, S, D = _check_cache(cache_k, cache_v, wqkv)
+    if wqkv.shape[0] != 3 * H * D:
+        raise InvalidArgument(f"wqkv must be [3*H*D, d] = [{3 * H * D}, {d}] for the cache's H={H}, D={D}, "
+                              f"got {_shape(wqkv)}")
+    if D % 2:
+        raise InvalidArgument(f"head_dim must be even for RoPE, got the cache's D={D}")
+    _check_float("rope", rope, 3)
+    if rope.shape[1:] != (D // 2, 2):
+        raise InvalidArgument(f"rope must be a (cos, sin) table [P, {D // 2}, 2], got {_shape(rope)}")
+    _check_same_device("rope", rope, x)
+    _check_positions("positions", positions, L, x)
+    _check_row_start(row_start, R, rows_total)
+    return R, L, H, S, D
+
+
+def norm_qkv_rope_reference(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor,
+                            eps: float, wqkv: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor,
+                            cache_k: torch.Tensor, cache_v: torch.Tensor,
+                            row_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention half's entry of one block: x, residual [R, L, d] at sequence positions [L] (device) ->
+    (rotated q [R, H, L, D], h [R, L, d]); rotated k and raw v written into cache rows row_start.. at positions.
+
+    add_rmsnorm (h = x + residual, normed = RMSNorm(h)), the wqkv GEMM, then rope_kv_write."""
+    normed, h = add_rmsnorm_reference(x, residual, norm_weight, eps)
+    q = rope_kv_write_reference(F.linear(normed, wqkv), rope, positions, cache_k, cache_v, row_start)
+    return q, h
+
+
+def check_norm_w13_swiglu_args(x, residual, norm_weight, eps, w13) -> int:
+    """-> F (the FFN width; w13 is [2F, d], rows w1 | w3)."""
+    check_add_rmsnorm_args(x, residual, norm_weight, eps)
+    d = x.shape[-1]
+    _check_weight("w13", w13, None, d, torch.promote_types(x.dtype, norm_weight.dtype), x,
+                  "2F x d: w1 rows 0:F, w3 rows F:2F")
+    if w13.shape[0] % 2:
+        raise InvalidArgument(f"w13 must be [2F, d] (w1 | w3) with an even number of rows, got {_shape(w13)}")
+    return w13.shape[0] // 2
+
+
+def norm_w13_swiglu_reference(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor,
+                              eps: float, w13: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FFN half's entry of one block: x, residual [..., d] -> (silu(w1 n) * w3 n [..., F], h [..., d]) with
+    h = x + residual and n = RMSNorm(h): add_rmsnorm, the [w1; w3] GEMM (FeedForward.w13), then swiglu."""
+    normed, h = add_rmsnorm_reference(x, residual, norm_weight, eps)
+    return swiglu_reference(F.linear(normed, w13)), h

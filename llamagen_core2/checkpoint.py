@@ -118,27 +118,37 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def validate_state_dict(
     state: Mapping[str, torch.Tensor],
-    expected: Mapping[str, torch.Size],
+    expected: Mapping[str, torch.Tensor | torch.Size],
     *,
     ignore_prefixes: Iterable[str] = (),
     ignore_substrings: Iterable[str] = (),
     what: str = "model",
     hint: str = "",
 ) -> dict[str, torch.Tensor]:
-    """Return the entries of `state` that `expected` names, after strict key and shape checks.
+    """Return the entries of `state` that `expected` names, after strict key, shape and dtype checks.
 
-    Keys starting with one of `ignore_prefixes` or containing one of `ignore_substrings` (e.g. the
-    `kv_cache` buffers some LlamaGen checkpoints carry) are dropped silently; any other missing,
-    unexpected or mis-shaped key raises CheckpointError naming them (up to 10 of each).
+    `expected` maps each key to the model's tensor (a meta tensor is enough) or just its shape. Keys starting with
+    one of `ignore_prefixes` or containing one of `ignore_substrings` (e.g. the `kv_cache` buffers some LlamaGen
+    checkpoints carry) are dropped silently; any other missing, unexpected or mis-shaped key, and a
+    non-floating tensor where the model has a floating one (an int32 norm weight), raises CheckpointError
+    naming them (up to 10 of each) and the dtype found.
     """
     prefixes, substrings = tuple(ignore_prefixes), tuple(ignore_substrings)
     kept = {k: v for k, v in state.items()
             if not (prefixes and k.startswith(prefixes)) and not any(s in k for s in substrings)}
     missing = sorted(set(expected) - set(kept))
     unexpected = sorted(set(kept) - set(expected))
-    wrong = sorted(
-        f"{k}: checkpoint {list(kept[k].shape)} vs expected {list(expected[k])}"
-        for k in set(expected) & set(kept) if tuple(kept[k].shape) != tuple(expected[k]))
+
+    def shape(spec) -> tuple:
+        return tuple(spec.shape) if isinstance(spec, torch.Tensor) else tuple(spec)
+
+    common = set(expected) & set(kept)
+    wrong = sorted(f"{k}: checkpoint {list(kept[k].shape)} vs expected {list(shape(expected[k]))}"
+                   for k in common if tuple(kept[k].shape) != shape(expected[k]))
+    # A float weight stored as integers would fail inside load_state_dict ("only floating point ... gradients").
+    wrong_dtype = sorted(f"{k}: {kept[k].dtype}, expected a floating-point tensor" for k in common
+                         if isinstance(expected[k], torch.Tensor) and expected[k].is_floating_point()
+                         and not kept[k].is_floating_point())
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {missing[:10]}")
@@ -146,6 +156,8 @@ def validate_state_dict(
         problems.append(f"unexpected keys ({len(unexpected)}): {unexpected[:10]}")
     if wrong:
         problems.append(f"shape mismatches ({len(wrong)}): {wrong[:10]}")
+    if wrong_dtype:
+        problems.append(f"wrong dtypes ({len(wrong_dtype)}): {wrong_dtype[:10]}")
     if problems:
         raise CheckpointError(f"checkpoint does not match the {what}: " + "; ".join(problems) + (f". {hint}" if hint else ""))
     return kept

@@ -10,6 +10,8 @@ diffusion/cli.py).
     --global-seed, --per-proc-batch-size), and the sampling defaults follow the model type: c2i the subcommand's,
     t2i LlamaGen's sample_t2i.py (cfg 7.5, top-k 1000). Checkpoints are local paths or Hub repo ids (hub.py).
   * `resolve_device(args)`: the one `--device` rule (llamagen_core2/device.py), `apply_threads(args)`: `--threads`.
+  * `--compile` (LlamaGen's flag, on generate / sample / collect) is accepted with one line saying that it has no
+    effect: the engine captures CUDA graphs by itself. Usage errors name their subcommand.
 """
 from __future__ import annotations
 
@@ -58,7 +60,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """Defaults in --help; a usage error is one line naming the option, exit status 2 (no usage dump)."""
+    """Defaults in --help; a usage error is one line naming the option and the subcommand (`llamagen-core2
+    generate: error: ...`), exit status 2 (no usage dump)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
@@ -66,6 +69,22 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports unrecognized arguments from the top-level parser, whose prog lacks the subcommand.
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._chosen(parsed).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def _chosen(self, parsed) -> "Parser":
+        """The parser of the subcommand the command line chose (this one when it has none)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                sub = action.choices.get(getattr(parsed, action.dest, None))
+                if isinstance(sub, Parser):
+                    return sub._chosen(parsed)
+        return self
 
 
 # ---------------------------------------------------------------------- argument types
@@ -153,6 +172,26 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
                         "or cuda:N, cpu, mps")
 
 
+def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    """LlamaGen's --compile, accepted where its sampling scripts take it; load_gpt says in one line what it does."""
+    p.add_argument("--compile", action="store_true",
+                   help="accepted for LlamaGen's scripts; no effect: on CUDA the engine captures its decode steps in "
+                        "CUDA graphs by itself, on a CPU it runs them eagerly")
+    p.set_defaults(command_prog=p.prog)
+
+
+def note_compile(args) -> None:
+    """One stderr line for --compile (rank 0), once the device is known."""
+    if not getattr(args, "compile", False) or rank_and_world()[0] != 0:
+        return
+    if str(args.device).startswith("cuda"):
+        effect = "on CUDA the engine captures its decode steps in CUDA graphs by itself (with the fused Triton kernels)"
+    else:
+        effect = (f"on {args.device} the engine runs its decode steps eagerly (on CUDA it captures CUDA graphs by "
+                  f"itself)")
+    print(f"{args.command_prog}: --compile has no effect: {effect}", file=sys.stderr)
+
+
 def add_threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int_in(0, MAX_THREADS), default=DEFAULT_THREADS,
                    help="torch CPU threads: 1 avoids OpenMP spin-waits on shared/busy CPUs and is all a GPU run "
@@ -208,6 +247,17 @@ def add_vq_args(p: argparse.ArgumentParser) -> None:
                    help="default: a directory's config.json, else VQ-16")
 
 
+def checkpoint_source(path_or_repo: str, filename=None) -> str:
+    """A checkpoint source for settings records and manifests: the absolute local path, or the Hub repo id
+    (+ file) as given."""
+    import os
+
+    from .hub import is_repo_id
+
+    source = path_or_repo if is_repo_id(path_or_repo) else os.path.abspath(path_or_repo)
+    return source if filename is None else f"{source}/{filename}"
+
+
 def load_vq(args):
     from .vq import VQModel
 
@@ -260,6 +310,7 @@ def load_gpt(args):
     from .model import GPT
 
     resolve_device(args)
+    note_compile(args)
     overrides = {} if args.image_size is None else {"image_size": args.image_size}
     gpt = GPT.from_pretrained(args.gpt, args.gpt_preset, device=args.device, dtype=DTYPES[args.dtype],
                               filename=getattr(args, "gpt_filename", None), **overrides)
@@ -309,9 +360,11 @@ def load_conditions(args, gpt):
     return torch.cat(feats), torch.cat(masks), names
 
 
-def print_json(obj) -> None:
-    if rank_and_world()[0] == 0:
-        print(json.dumps(obj, indent=2, default=str))
+def print_json(obj, *, every_rank: bool = False) -> None:
+    """A subcommand's result: one line of JSON on stdout, always its last line (docs/cli.md#outputs-and-reruns);
+    rank 0 only under torchrun unless `every_rank` (each rank reports its own share)."""
+    if every_rank or rank_and_world()[0] == 0:
+        print(json.dumps(obj, default=str), flush=True)
 
 
 def add_refine_args(p: argparse.ArgumentParser) -> None:

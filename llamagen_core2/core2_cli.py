@@ -12,24 +12,14 @@ runs them standalone. Under torchrun the RANK / WORLD_SIZE environment variables
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .cli_common import (Parser, add_condition_args, add_decoding_args, add_model_args, add_refine_args,
-                         add_sampling_args, add_vq_args, apply_threads, check_refine_args, float_in, load_conditions,
-                         load_gpt, load_refine, load_vq, non_negative_float, non_negative_int, positive_int, print_json,
-                         run_subcommand, seed_int)
+from .cli_common import (Parser, add_compile_arg, add_condition_args, add_decoding_args, add_model_args,
+                         add_refine_args, add_sampling_args, add_vq_args, apply_threads, check_refine_args,
+                         checkpoint_source, float_in, load_conditions, load_gpt, load_refine, load_vq,
+                         non_negative_float, non_negative_int, positive_int, print_json, run_subcommand, seed_int)
 from .errors import rank_and_world
 from .files import check_output_dir
-
-
-def _source(path_or_repo: str, filename=None) -> str:
-    """A checkpoint source for manifests: absolute local path, or the Hub repo id (+ file) as given."""
-    from .hub import is_repo_id
-
-    source = path_or_repo if is_repo_id(path_or_repo) else os.path.abspath(path_or_repo)
-    return source if filename is None else f"{source}/{filename}"
 
 
 # ---------------------------------------------------------------------- collect
@@ -46,7 +36,7 @@ def run_collect(args) -> dict:
                       batch_size=args.batch_size, cfg_scale=args.cfg_scale, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, num_tokens=args.num_tokens,
                       store_dtype=args.store_dtype, groups_per_shard=args.groups_per_shard,
-                      base_checkpoint=_source(args.gpt, args.gpt_filename), progress=not args.quiet)
+                      base_checkpoint=checkpoint_source(args.gpt, args.gpt_filename), progress=not args.quiet)
     print_json(summary)
     return summary
 
@@ -67,6 +57,7 @@ def add_collect_subcommand(subparsers):
                    help="dtype of the stored hidden states")
     p.add_argument("--groups-per-shard", type=positive_int, default=1, help="batches per shard file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_compile_arg(p)
     p.set_defaults(func=_exit_status(run_collect), run=run_collect)
     return p
 
@@ -142,7 +133,7 @@ def run_sample(args) -> dict:
         torch.distributed.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo")
     result = sample_images(gpt, vq, conds, args.out, caption_mask=mask, condition_names=names,
                            per_condition=args.per_class, batch_size=args.batch_size, mode=args.mode, schedule=schedule,
-                           weak_model=weak, weak_path=None if args.weak is None else _source(args.weak),
+                           weak_model=weak, weak_path=None if args.weak is None else checkpoint_source(args.weak),
                            cfg_scale=args.cfg_scale, w2s_scale=args.w2s_scale, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=not args.quiet,
                            decoding=args.decoding, jacobi_window=args.jacobi_window)
@@ -163,6 +154,7 @@ def add_sample_subcommand(subparsers):
     add_refine_args(p)
     add_decoding_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_compile_arg(p)
     p.set_defaults(func=_exit_status(run_sample), run=run_sample)
     return p
 

@@ -21,6 +21,10 @@ class CheckpointError(ValueError):
     """A checkpoint file is unreadable, unsafe, or does not match the model it is loaded into."""
 
 
+class MissingDependency(ModuleNotFoundError):
+    """An optional package a feature needs is not installed; the message names the extra that installs it."""
+
+
 class NonFiniteError(FloatingPointError):
     """NaN/inf found in inputs, a loss or weights; raised before anything non-finite is written or sampled."""
 
@@ -92,6 +96,13 @@ def rank_and_world(rank=None, world_size=None) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------- tensor checks
+def check_has_values(name: str, tensor) -> None:
+    """Refuse a meta tensor (a shape and dtype without values): nothing can be read or computed from it."""
+    if getattr(tensor, "is_meta", False):
+        raise InvalidArgument(f"{name} is a meta tensor (a shape without values); give it on the CPU or on the "
+                              f"model's device")
+
+
 def check_token_ids(name: str, ids, vocab_size: int) -> None:
     """An integer tensor whose values all lie in [0, vocab_size): checked on the host before any embedding
     lookup, because an out-of-range id on CUDA is a device-side assert that kills the process's CUDA context."""
@@ -100,6 +111,7 @@ def check_token_ids(name: str, ids, vocab_size: int) -> None:
     if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise InvalidArgument(f"{name} must be an integer tensor of ids in [0, {vocab_size - 1}], got "
                               f"{type(ids).__name__}{' ' + str(ids.dtype) if isinstance(ids, torch.Tensor) else ''}")
+    check_has_values(name, ids)
     if ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= vocab_size:
@@ -131,9 +143,9 @@ def describe_differences(old: Mapping, new: Mapping, limit: int = 6) -> str:
 
 # ---------------------------------------------------------------------- the command line's error families
 def user_error_message(exc: BaseException) -> Optional[str]:
-    """One line for the errors a user can fix (bad arguments, bad or unreadable files, NaN refusals, out of
-    memory); None for anything else, which is a bug and should keep its traceback."""
-    if isinstance(exc, (InvalidArgument, CheckpointError, FloatingPointError)):
+    """One line for the errors a user can fix (bad arguments, bad or unreadable files, NaN refusals, a missing
+    optional package, out of memory); None for anything else, which is a bug and should keep its traceback."""
+    if isinstance(exc, (InvalidArgument, CheckpointError, FloatingPointError, MissingDependency)):
         return _one_line(str(exc))
     if isinstance(exc, json.JSONDecodeError):  # sources name the file; this is the fallback
         return _one_line(f"invalid JSON ({exc})")

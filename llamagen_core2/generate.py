@@ -48,7 +48,7 @@ ENGINES = ("auto", "static", "eager")
 
 
 def _check_args(gpt, cond, cond_mask, num_tokens, guidance: GuidanceConfig) -> tuple[int, int]:
-    B = gpt.check_condition(cond)
+    B = gpt.check_condition(cond, cond_mask=cond_mask)
     c = gpt.config
     N = c.num_image_tokens if num_tokens is None else check_int("num_tokens", num_tokens, minimum=1,
                                                                 maximum=c.num_image_tokens)
@@ -57,15 +57,6 @@ def _check_args(gpt, cond, cond_mask, num_tokens, guidance: GuidanceConfig) -> t
         if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] != B:
             raise InvalidArgument(f"{name} must be a number or a tensor of shape [{B}] (one per image), "
                                   f"got shape {list(value.shape)}")
-    if cond_mask is not None:
-        if c.model_type != "t2i":
-            raise InvalidArgument("cond_mask is only meaningful for text-conditional (t2i) models")
-        if not isinstance(cond_mask, torch.Tensor) or tuple(cond_mask.shape) != (B, c.cls_token_num):
-            raise InvalidArgument(f"cond_mask must be a tensor [B={B}, {c.cls_token_num}], got "
-                                  f"{list(getattr(cond_mask, 'shape', [])) or type(cond_mask).__name__}")
-        if cond_mask.is_floating_point() or cond_mask.is_complex() or (
-                cond_mask.dtype != torch.bool and not bool(((cond_mask == 0) | (cond_mask == 1)).all())):
-            raise InvalidArgument(f"cond_mask must be bool (or 0/1 integers), got {cond_mask.dtype}")
     return B, N
 
 
@@ -104,7 +95,7 @@ def generate(
     generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
     seeds: Optional[torch.Tensor] = None,
     weak_model=None,
-    progress: bool = False,
+    progress=False,
     on_step: Optional[Callable[[StepRecord], None]] = None,
     return_stats: bool = False,
     engine: Union[str, Engine] = "auto",
@@ -122,6 +113,8 @@ def generate(
     Decoding: "sequential" (one forward pass per token) or "jacobi" (jacobi.py: windows of `jacobi_window` tokens
     per forward pass, the same tokens in fewer passes; `jacobi_guess` = first guess of unpredicted tokens; no
     `on_step`). `return_stats=True` reports forward_passes (per batch, per image, mean) and accepted_per_pass.
+    `progress`: True draws a "tokens" bar on stderr that ends at N/N; a progress bar object (anything with
+    `update(n)`, e.g. a tqdm bar) is advanced by one per token instead, so one bar can span several calls.
     """
     overrides = dict(mode=mode, schedule=schedule, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
                      temperature=temperature, top_k=top_k, top_p=top_p, w2s_scale=w2s_scale)
@@ -164,7 +157,9 @@ def generate(
     static = isinstance(engine, Engine) or engine == "static" or (engine == "auto" and device.type == "cuda")
     state = engine if isinstance(engine, Engine) else (Engine(gpt) if static else None)
     _check_memory(gpt, B, 2 * B if uses_uncond else B, N, state, 1 if jacobi is None else jacobi.window)
-    bar = tqdm(total=N, disable=not progress, desc="tokens", leave=False)
+    # A bar of its own ends drawn at N/N and stays (tqdm redraws at most every 0.1 s: close() draws the last state).
+    own_bar = not hasattr(progress, "update")
+    bar = tqdm(total=N, disable=not progress, desc="tokens", unit="token") if own_bar else progress
     weak = weak_model if uses_weak else None
     if state is not None:
         tokens, stats, finite = _run_static(state, cond, cond_mask, modes, keys, guidance, weak, compact_rows,
@@ -175,7 +170,8 @@ def generate(
     else:
         tokens, stats, finite = _run_eager(gpt, cond, cond_mask, modes, keys.to(device), guidance, weak,
                                            compact_rows, on_step, bar)
-    bar.close()
+    if own_bar:
+        bar.close()
     # One host sync for the whole run: a NaN/inf hidden state anywhere means the tokens are garbage.
     if not bool(finite):
         raise FloatingPointError("non-finite hidden states (NaN/inf) during generation (base model or weak model); "

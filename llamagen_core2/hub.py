@@ -11,7 +11,8 @@ Contract (one resolver for GPT, VQ, T5, weak models, the pipeline and `diffuse -
     `local_files_only=None` means "offline if HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set", and
     `cache_dir=None` means HF_HUB_CACHE, else HF_HOME/hub, else huggingface_hub's default.
   * A source that is neither an existing path nor resolvable (not cached while offline, unknown repo, missing
-    file) raises one CheckpointError naming the source, the cache directory and what to do.
+    file) raises one CheckpointError naming the source, the local path tried (resolved against the working
+    directory), the Hub repo and cache directory, and what to do.
   * `pretrained_kwargs(...)` gives the same settings as keyword arguments for libraries that resolve repo ids
     themselves (diffusers pipelines), and `hub_error(...)` the same one-line error for their failures.
 """
@@ -64,15 +65,21 @@ def pretrained_kwargs(*, revision: Optional[str] = None, cache_dir: Optional[Sou
 
 def hub_error(source: str, what: str, exc: BaseException, *, filename: Optional[str] = None,
               cache: Optional[Path] = None, local_files_only: bool = False) -> CheckpointError:
-    """One-line error for a repo id that could not be resolved."""
+    """One-line error for a repo id that could not be resolved: it names both places looked at, the local path
+    (resolved against the working directory) and the Hub repo."""
     target = f"{source}/{filename}" if filename else source
     where = f"the Hugging Face cache {cache}" if cache is not None else "the Hugging Face cache"
     if local_files_only:
-        how = ("offline (HF_HUB_OFFLINE / local_files_only) and not in " + where +
-               "; download it once with network access, or pass a local path")
+        hub = (f"the Hub repo {source!r} is not in {where} and the Hub is offline (HF_HUB_OFFLINE / "
+               f"local_files_only): download it once with network access, or pass a local path")
     else:
-        how = f"could not be fetched from the Hub into {where}; check the repo id / filename or pass a local path"
-    return CheckpointError(f"{what} {target!r} is not an existing local path and {how} "
+        hub = (f"the Hub repo {source!r} could not be fetched into {where}: check the repo id / filename, or pass "
+               f"a local path")
+    local = Path(source).expanduser().absolute()
+    hint = ""
+    if Path(source).name.startswith("world_"):  # the shipped mini world, named relative to the repository root
+        hint = "; the shipped mini-world models are found from any directory with llamagen_core2.world.shipped_paths()"
+    return CheckpointError(f"{what} {target!r}: no local path {str(local)!r}, and {hub}{hint} "
                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
 
 
@@ -96,7 +103,8 @@ def resolve(source: Source, *, filename: Optional[str] = None, subfolder: Option
             raise CheckpointError(f"{what} {str(local)!r} does not exist")
         return local
     if not is_repo_id(str(source)):
-        raise CheckpointError(f"{what} {str(source)!r} does not exist (and is not a Hugging Face repo id 'org/repo')")
+        raise CheckpointError(f"{what} {str(source)!r} does not exist (looked at {str(local.absolute())!r}; and it is "
+                              f"not a Hugging Face repo id 'org/repo')")
     repo_id = str(source)
     opts = pretrained_kwargs(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     from huggingface_hub import hf_hub_download, snapshot_download

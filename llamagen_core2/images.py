@@ -10,17 +10,20 @@ Contract (facts: docs/design.md#images and LlamaGen's sampling / code-extraction
   * `to_pil_images`, `make_grid(images_uint8 [B, H, W, 3], nrow, padding=2)` (torchvision layout:
     `nrow` images per row), `save_png(array, path)` written atomically (files.atomic_write: temp file +
     os.replace, with the user's umask).
+  * `labelled_grid(rows, row_labels, column_labels=(), scale=1, label_width=None)`: the labelled sheet of
+    `llamagen-core2 demo` and `generate` -- one row of tiles per entry, its label on the left, optional
+    header labels over groups of columns, every tile upscaled `scale` x (nearest neighbour), on white.
 """
 from __future__ import annotations
 
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from .errors import InvalidArgument, check_int
 from .files import atomic_write
@@ -77,6 +80,47 @@ def make_grid(images_uint8, nrow: int = 8, padding: int = 2, pad_value: int = 0)
         left = padding + (i % cols) * (w + padding)
         grid[top:top + h, left:left + w] = image
     return grid
+
+
+GRID_PAD = 2  # pixels between tiles
+HEADER_HEIGHT = 14  # the header row: PIL's default font is about 11 px tall
+
+
+def labelled_grid(rows: Sequence, row_labels: Sequence[str], *, column_labels: Sequence[tuple[str, int]] = (),
+                  scale: int = 1, label_width: Optional[int] = None) -> np.ndarray:
+    """rows[r]: uint8 tiles [k_r, h, w, 3] (rows may be shorter than the widest) -> one uint8 image [H, W, 3].
+
+    row_labels[r] is written left of row r, in a column `label_width` px wide (default: the widest label + 6);
+    column_labels are (text, span) pairs written in a header row over `span` tile columns each (no header row
+    when empty)."""
+    if len(rows) != len(row_labels) or not rows:
+        raise InvalidArgument(f"labelled_grid needs one label per row and at least one row, got {len(rows)} rows "
+                              f"and {len(row_labels)} labels")
+    scale = check_int("scale", scale, minimum=1)
+    tiles = [_as_uint8_batch(r) for r in rows]
+    h, w = tiles[0].shape[1:3]
+    if any(t.shape[1:3] != (h, w) for t in tiles):
+        raise InvalidArgument(f"labelled_grid tiles must all be {h}x{w}, got {sorted({t.shape[1:3] for t in tiles})}")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    if label_width is None:
+        label_width = int(max(measure.textlength(str(t)) for t in row_labels)) + 6
+    header = HEADER_HEIGHT if column_labels else 0
+    cell_w, cell_h = w * scale + GRID_PAD, h * scale + GRID_PAD
+    columns = max(len(t) for t in tiles)
+    canvas = Image.new("RGB", (label_width + columns * cell_w + GRID_PAD, header + len(tiles) * cell_h + GRID_PAD),
+                       (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    first = 0
+    for text, span in column_labels:
+        draw.text((label_width + first * cell_w + GRID_PAD, 1), str(text), fill=(0, 0, 0))
+        first += span
+    for r, (row, label) in enumerate(zip(tiles, row_labels)):
+        if label:
+            draw.text((2, header + r * cell_h + cell_h // 2 - 6), str(label), fill=(0, 0, 0))
+        for k, tile in enumerate(row):
+            image = Image.fromarray(np.ascontiguousarray(tile)).resize((w * scale, h * scale), Image.NEAREST)
+            canvas.paste(image, (label_width + k * cell_w + GRID_PAD, header + r * cell_h + GRID_PAD))
+    return np.asarray(canvas)
 
 
 def save_png(array, path: str | os.PathLike) -> Path:

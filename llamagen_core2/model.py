@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from . import block_ops
 from .checkpoint import read_config, read_state_dict, save_pretrained as save_state_pretrained, validate_state_dict
 from .config import GPT_PRESETS, GPTConfig, check_gpt_preset
-from .errors import CheckpointError, InvalidArgument, check_token_ids
+from .errors import CheckpointError, InvalidArgument, check_has_values, check_token_ids
 
 
 class RMSNorm(nn.Module):
@@ -313,13 +313,16 @@ class GPT(nn.Module):
         return out
 
     # ------------------------------------------------------------------ conditions
-    def check_condition(self, cond: torch.Tensor, *, allow_null: bool = False) -> int:
-        """Validate a batch of conditions; returns B. c2i: LongTensor [B] ids; t2i: float [B, T, caption_dim]."""
+    def check_condition(self, cond: torch.Tensor, *, cond_mask: Optional[torch.Tensor] = None,
+                        allow_null: bool = False) -> int:
+        """Validate a batch of conditions (and a t2i caption mask); returns B. c2i: LongTensor [B] ids; t2i: float
+        [B, T, caption_dim] + optional bool (or 0/1) cond_mask [B, T]. The one check of generate() and logits()."""
         c = self.config
         if c.model_type == "c2i":
             if not isinstance(cond, torch.Tensor) or cond.ndim != 1 or cond.dtype not in (torch.int32, torch.int64):
                 raise InvalidArgument(f"cond for a class-conditional model must be an integer tensor [B] of class ids, "
                                       f"got {getattr(cond, 'dtype', type(cond).__name__)} {list(getattr(cond, 'shape', []))}")
+            check_has_values("cond", cond)
             top = c.num_classes if allow_null else c.num_classes - 1
             if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) > top):
                 raise InvalidArgument(f"class ids must be in [0, {top}], got values in "
@@ -329,9 +332,21 @@ class GPT(nn.Module):
             if not isinstance(cond, torch.Tensor) or cond.ndim != 3 or tuple(cond.shape[1:]) != want:
                 raise InvalidArgument(f"cond for a text-conditional model must be caption features [B, {want[0]}, "
                                       f"{want[1]}], got {list(getattr(cond, 'shape', []))}")
+            check_has_values("cond", cond)
         if cond.shape[0] == 0:
             raise InvalidArgument("cond must hold at least one condition (batch size >= 1)")
-        return cond.shape[0]
+        B = cond.shape[0]
+        if cond_mask is not None:
+            if c.model_type != "t2i":
+                raise InvalidArgument("cond_mask is only meaningful for text-conditional (t2i) models")
+            if not isinstance(cond_mask, torch.Tensor) or tuple(cond_mask.shape) != (B, c.cls_token_num):
+                raise InvalidArgument(f"cond_mask must be a tensor [B={B}, {c.cls_token_num}], got "
+                                      f"{list(getattr(cond_mask, 'shape', [])) or type(cond_mask).__name__}")
+            check_has_values("cond_mask", cond_mask)
+            if cond_mask.is_floating_point() or cond_mask.is_complex() or (
+                    cond_mask.dtype != torch.bool and not bool(((cond_mask == 0) | (cond_mask == 1)).all())):
+                raise InvalidArgument(f"cond_mask must be bool (or 0/1 integers), got {cond_mask.dtype}")
+        return B
 
     def condition_embeddings(self, cond: torch.Tensor) -> torch.Tensor:
         """cond -> prefix embeddings [B, T, d]."""
@@ -382,7 +397,7 @@ class GPT(nn.Module):
     def logits(self, cond: torch.Tensor, tokens: torch.Tensor,
                cond_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Teacher-forced fp32 logits [B, N, V]; logit i predicts image token i (no KV cache involved)."""
-        B = self.check_condition(cond, allow_null=True)
+        B = self.check_condition(cond, cond_mask=cond_mask, allow_null=True)
         check_token_ids("tokens", tokens, self.config.vocab_size)
         if tokens.ndim != 2 or tokens.shape[0] != B:
             raise InvalidArgument(f"tokens must be [B={B}, N], got {list(tokens.shape)}")
@@ -429,7 +444,7 @@ class GPT(nn.Module):
                                           **overrides})
         with torch.device("meta"):
             model = cls(config)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
+        expected = model.state_dict()  # shapes and dtypes checked against these
         state = validate_state_dict(state, expected, ignore_prefixes=("freqs_cis",), ignore_substrings=("kv_cache",),
                                     what=f"GPT ({describe(config)})", hint=mismatch_hint(state, config, path.name))
         model.load_state_dict(state, strict=True, assign=True)

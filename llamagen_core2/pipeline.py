@@ -9,7 +9,7 @@ Contract:
     (LlamaGen's sample_t2i.py). `from_pretrained(gpt, vq, ...)` loads the parts from local paths or Hub ids.
   * `pipe(class_labels=... | prompt=... | prompt_embeds=..., num_images_per_prompt=1, guidance=None,
     generator=None, seed=None, batch_size=None, output_type="pil", return_dict=True, progress=True,
-    decoding="sequential", jacobi_window=16)`.
+    guidance_scale=None, decoding="sequential", jacobi_window=16)`.
     Images are condition-major: the `num_images_per_prompt` images of condition 0 first.
   * Seed rule (seeding.py): image i of a call uses the Philox key `image_key(s, first_image_index + i)`, with s =
     `seed`, or one draw from `generator`; with a list of generators (one per image) image i uses the first key of
@@ -20,6 +20,11 @@ Contract:
     clamp(127.5 x + 128, 0, 255) (the values the PIL images and PNG files hold; diffusers' "np" is float in
     [0, 1]: divide by 255); "pt" -> float32 [B, 3, H, W], the VQ decoder's output in ~[-1, 1] (`images.to_uint8`
     turns it into those pixels); "tokens" -> no VQ decode, `images` is None. `tokens` [B, N] is always returned.
+  * progress=True draws one "tokens" bar (stderr) over every batch of the call, left at its total; a bar object
+    (anything with `update(n)`) is advanced instead, so a caller can show one bar over several calls.
+    `set_progress_bar_config(**tqdm_kwargs)` configures the bar as in diffusers (disable=True hides it).
+  * `guidance_scale=` (diffusers' name) sets the CFG scale of this call: `guidance.cfg_scale` of the pipeline's
+    guidance, or of `guidance=` when both are given and agree (InvalidArgument when they disagree).
   * return_dict=True -> `LlamaGenPipelineOutput(images, tokens, stats)`; False -> `(images,)`, or `(tokens,)`
     for output_type "tokens". `stats`: base-model rows and weak steps (generate()'s counts), forward passes (per
     batch summed, and the mean per image) and seconds.
@@ -28,7 +33,9 @@ Contract:
 """
 from __future__ import annotations
 
+import inspect
 import logging
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
@@ -38,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import Engine
-from .errors import InvalidArgument, check_int
+from .errors import InvalidArgument, check_has_values, check_int, check_number
 from .generate import generate
 from .guidance_config import GuidanceConfig, require_weak
 from .jacobi import DEFAULT_WINDOW, check_decoding
@@ -77,6 +84,20 @@ class LlamaGenPipeline:
         self.gpt, self.vq, self.caption_encoder, self.weak_model = gpt, vq, caption_encoder, weak_model
         self.guidance = guidance if guidance is not None else default_guidance(c.model_type)
         self.engine = Engine(gpt)  # decoding state kept across calls: on a GPU its CUDA graphs are captured once
+        self._progress_bar_config: dict = {}
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """tqdm keyword arguments for the calls' progress bar (e.g. disable=True, desc=, file=, leave=), as in
+        diffusers: each call replaces the whole configuration. A call's progress=False still hides the bar."""
+        from tqdm.std import tqdm as plain_tqdm  # tqdm.auto's class forwards *args, **kwargs to this one
+
+        allowed = set(inspect.signature(plain_tqdm.__init__).parameters) - {"self", "iterable", "total", "gui",
+                                                                            "kwargs"}
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            raise InvalidArgument(f"set_progress_bar_config: unknown tqdm argument(s) {unknown}; allowed: "
+                                  f"{sorted(allowed)}")
+        self._progress_bar_config = dict(kwargs)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -147,6 +168,7 @@ class LlamaGenPipeline:
             if class_labels is None:
                 raise InvalidArgument("this GPT is class-conditional (c2i): pass class_labels, not prompts")
             labels = torch.as_tensor(class_labels).reshape(-1)
+            check_has_values("class_labels", labels)
             if labels.numel() == 0 or labels.is_floating_point() or labels.dtype == torch.bool:
                 raise InvalidArgument(f"class_labels must be a non-empty list of integer class ids, got {class_labels!r}")
             labels = labels.to(torch.long).cpu()
@@ -170,6 +192,8 @@ class LlamaGenPipeline:
             return torch.cat(feats), torch.cat(masks)
         if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 3:
             raise InvalidArgument(f"prompt_embeds must be caption features [M, {c.cls_token_num}, {c.caption_dim}]")
+        check_has_values("prompt_embeds", prompt_embeds)
+        check_has_values("prompt_attention_mask", prompt_attention_mask)
         if prompt_attention_mask is not None and (not isinstance(prompt_attention_mask, torch.Tensor)
                                                   or tuple(prompt_attention_mask.shape) != tuple(prompt_embeds.shape[:2])):
             raise InvalidArgument(f"prompt_attention_mask must be [M, T] = {list(prompt_embeds.shape[:2])}")
@@ -183,7 +207,8 @@ class LlamaGenPipeline:
                  num_images_per_prompt: int = 1, guidance: Optional[GuidanceConfig] = None,
                  generator: Generators = None, seed: Optional[int] = None, first_image_index: int = 0,
                  batch_size: Optional[int] = None, output_type: str = "pil", return_dict: bool = True,
-                 progress: bool = True, decoding: str = "sequential", jacobi_window: int = DEFAULT_WINDOW):
+                 progress=True, guidance_scale: Optional[float] = None, decoding: str = "sequential",
+                 jacobi_window: int = DEFAULT_WINDOW):
         num_images_per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, minimum=1)
         check_decoding(decoding, jacobi_window)
         batch_size = None if batch_size is None else check_int("batch_size", batch_size, minimum=1)
@@ -193,10 +218,17 @@ class LlamaGenPipeline:
         if first_image_index and generator is not None and not isinstance(generator, torch.Generator):
             raise InvalidArgument("first_image_index needs seed or one generator; a list of generators already "
                                   "gives every image its own key")
+        if guidance is not None and not isinstance(guidance, GuidanceConfig):
+            raise InvalidArgument(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
+        if guidance_scale is not None:  # diffusers' name for the CFG scale
+            guidance_scale = check_number("guidance_scale", guidance_scale, minimum=0.0)
+            if guidance is not None and not (isinstance(guidance.cfg_scale, numbers.Real)
+                                             and float(guidance.cfg_scale) == guidance_scale):
+                raise InvalidArgument(f"guidance_scale={guidance_scale} and guidance.cfg_scale={guidance.cfg_scale} "
+                                      f"disagree; give the CFG scale once")
+            guidance = (guidance or self.guidance).replace(cfg_scale=guidance_scale)
         if guidance is None:
             guidance = self.guidance
-        elif not isinstance(guidance, GuidanceConfig):
-            raise InvalidArgument(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
         require_weak(guidance.token_modes(self.gpt.config.num_image_tokens), self.weak_model)
 
         cond, mask = self._conditions(class_labels, prompt, prompt_embeds, prompt_attention_mask)
@@ -210,13 +242,21 @@ class LlamaGenPipeline:
         stats = dict(images=total, base_rows=0, catchup_rows=0, weak_steps_per_image=0.0, forward_passes=0,
                      forward_passes_per_image=0.0, generate_seconds=0.0, decode_seconds=0.0)
         batches = range(0, total, step)
-        for start in tqdm(batches, desc="batches", disable=not progress or len(batches) == 1, unit="batch"):
+        # One "tokens" bar over every batch of the call (or the caller's bar), drawn to its end.
+        own_bar = not hasattr(progress, "update")
+        if own_bar:
+            options = {"desc": "tokens", "unit": "token", **self._progress_bar_config}
+            options["disable"] = not progress or bool(options.get("disable", False))
+            bar = tqdm(total=len(batches) * self.gpt.config.num_image_tokens, **options)
+        else:
+            bar = progress
+        for start in batches:
             rows = order[start:start + step]
             t0 = time.perf_counter()
             tokens, gen_stats = generate(self.gpt, cond[rows].to(device),
                                          cond_mask=None if mask is None else mask[rows].to(device),
                                          guidance=guidance, seeds=keys[start:start + step],
-                                         weak_model=self.weak_model, progress=progress, return_stats=True,
+                                         weak_model=self.weak_model, progress=bar, return_stats=True,
                                          engine=self.engine, decoding=decoding, jacobi_window=jacobi_window)
             t1 = time.perf_counter()
             stats["base_rows"] += gen_stats["base_rows"]
@@ -233,6 +273,8 @@ class LlamaGenPipeline:
                 decoded = torch.cat([self.vq.decode_codes(t[None]) for t in tokens.to(vq_device)])
                 images_out.append(decoded.float().cpu() if output_type == "pt" else to_uint8(decoded))
             stats["decode_seconds"] += time.perf_counter() - t1
+        if own_bar:
+            bar.close()
         tokens = torch.cat(tokens_out)
         if output_type == "tokens":
             images = None

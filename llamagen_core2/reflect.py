@@ -11,7 +11,8 @@ Contract (design: docs/design.md#reflect):
   * Baseline = the same KL with the plain conditional output (prediction = h_c, i.e. an untrained weak model).
     `evaluate()` returns {"kl", "mse", "baseline_kl", "baseline_mse", "kl_ratio"}.
   * Output directory: the trained weak model (config.json + model.safetensors, recording base facts, base
-    fingerprint and CFG scale), `eval.json` (held-out metrics, written at the end), `train_log.jsonl`, and
+    fingerprint and CFG scale), `eval.json` (held-out metrics, written at the end), `train_log.jsonl` (one line
+    per evaluation, each step once: a resumed run first drops the lines past its checkpoint), and
     `checkpoints/step-XXXXXXX/` (weak model + `trainer_state.pt`: optimizer, step) with `checkpoints/latest.json`.
     Checkpoints are written to a temp directory and renamed, so a killed run resumes from the last complete one.
   * Every argument is validated before anything is read or written. A resumed run must use the settings of
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 from .collect import load_collected
 from .errors import (CheckpointError, InvalidArgument, NonFiniteError, check_all_finite, check_int, check_number,
                      describe_differences, rank_and_world)
-from .files import atomic_write_json, nonfinite_key
+from .files import atomic_write, atomic_write_json, nonfinite_key
 from .seeding import check_seed
 from .weak_model import BASE_FIELDS, WeakConfig, WeakModel, base_facts, weights_fingerprint
 
@@ -199,6 +200,23 @@ def _save_checkpoint(out_dir: Path, weak: WeakModel, optimizer, step: int, setti
     return final
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines of steps <= `step`, the checkpoint a run resumes from: a killed run may have logged
+    steps past it (an eval line, then the kill before the next checkpoint), which the resumed run logs again.
+    Rewritten atomically; a line torn by the kill is dropped."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
+
+
 def _lr_at(step: int, total: int, lr: float, warmup: int) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -297,6 +315,8 @@ def reflect(
         out_dir.mkdir(parents=True, exist_ok=True)
         if start_step == 0 and log_path.exists():
             log_path.unlink()  # a run that starts over logs afresh instead of appending to another run's log
+        if start_step > 0:
+            _truncate_log(log_path, start_step)
         if start_step == 0:  # an earlier run's checkpoints would outrank (and prune) the new run's ones
             shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     bar = tqdm(range(start_step, steps), desc="reflect", disable=not (progress and is_main), initial=start_step,

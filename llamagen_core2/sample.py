@@ -9,7 +9,8 @@ Contract:
     [M, H, W, 3] uint8 (the layout of the ADM / LlamaGen FID evaluator) and `labels` (class id per image, or
     caption index for t2i).
     `settings.json` records the run's settings; rerunning with other settings in the same directory is refused
-    (naming each difference) once it holds an image; every argument is validated before anything is written.
+    (naming each difference) once it holds an image (run_settings.py, the rule `generate` and `collect` share);
+    every argument is validated before anything is written.
   * Resume: a group whose PNGs all exist is skipped, so a killed run loses at most the groups in flight. The
     decoding (sequential or Jacobi, which returns the same tokens) is not a setting: a run resumes with either.
   * torchrun: RANK / WORLD_SIZE give rank r the groups g with g % WORLD_SIZE == r; with a process group
@@ -17,7 +18,6 @@ Contract:
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -28,14 +28,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import read_json
 from .collect import check_conditions
-from .errors import InvalidArgument, check_int, describe_differences, rank_and_world
-from .files import atomic_write, atomic_write_json
+from .errors import InvalidArgument, check_int, rank_and_world
+from .files import atomic_write
 from .guidance_config import GuidanceConfig, Schedule, check_mode, require_weak
 from .images import save_png
 from .jacobi import DEFAULT_WINDOW, check_decoding
 from .pipeline import LlamaGenPipeline
+from .run_settings import check_run_settings
 from .seeding import check_seed
 
 logger = logging.getLogger(__name__)
@@ -70,22 +70,6 @@ def _atomic_savez(path: Path, **arrays) -> None:
             np.savez(f, **arrays)
 
     atomic_write(path, write)
-
-
-def _check_settings(out_dir: Path, settings: dict, write: bool) -> None:
-    """Refuse other settings once the directory holds an image (every rank checks, before generating); until then
-    the new settings replace (rank 0: `write`) any settings.json a refused or failed run left, so it never blocks
-    the corrected rerun."""
-    path = out_dir / "settings.json"
-    settings = json.loads(json.dumps(settings))
-    if path.is_file() and any((out_dir / "images").glob("*.png")):
-        old = read_json(path, "sample settings.json")
-        if old != settings:
-            raise InvalidArgument(f"{out_dir} holds samples made with other settings "
-                                  f"({describe_differences(old, settings)}); use a new --out directory or the "
-                                  f"same settings to resume")
-    elif write:
-        atomic_write_json(path, settings)
 
 
 def sample_images(
@@ -144,7 +128,9 @@ def sample_images(
     settings = dict(conditions=cond_meta, num_conditions=M, per_condition=per_condition, mode=mode, schedule=None if schedule is None else list(schedule), weak=weak_path,
                     cfg_scale=float(cfg_scale), w2s_scale=float(w2s_scale), temperature=float(temperature),
                     top_k=int(top_k), top_p=float(top_p), seed=int(seed), seed_rule=SEED_RULE, gpt=c.to_dict())
-    _check_settings(out_dir, settings, write=rank == 0)
+    # Every rank checks before generating; rank 0 records the settings while no image exists yet.
+    check_run_settings(out_dir / "settings.json", settings, has_results=any(image_dir.glob("*.png")),
+                       write=rank == 0, results="samples")
 
     def png(i: int) -> Path:
         return image_dir / f"{i:06d}.png"

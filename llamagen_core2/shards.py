@@ -17,7 +17,8 @@ Guarantees:
     Files are per rank, so ranks never write the same file.
   * The manifest's `meta` must match on resume (e.g. model, CFG scale), so runs never mix silently; the refusal
     names every differing key with its old and new value. A directory that holds no shard yet (a run that was
-    refused or failed before its first flush) takes the new settings, so it never blocks a corrected rerun.
+    refused or failed before its first flush) takes the new settings, so it never blocks a corrected rerun;
+    shards without a manifest are refused (run_settings.py: the rule `generate` and `sample` share).
   * Nothing non-finite is written: `add` refuses a floating tensor holding NaN/inf (NonFiniteError).
   * Every malformed input names its file: a manifest that is not JSON or lacks / mistypes a field, a truncated
     or foreign safetensors file, a shard without sample ids.
@@ -38,9 +39,9 @@ from typing import Iterable, Iterator, Mapping, Optional
 import torch
 
 from .checkpoint import read_json
-from .errors import (CheckpointError, InvalidArgument, check_all_finite, check_int, describe_differences,
-                     rank_and_world)
+from .errors import CheckpointError, InvalidArgument, check_all_finite, check_int, rank_and_world
 from .files import atomic_write, atomic_write_json
+from .run_settings import check_run_settings
 
 FORMAT = "llamagen_core2.shards"
 VERSION = 1
@@ -92,15 +93,13 @@ class ShardWriter:
         self.samples_per_shard = check_int("samples_per_shard", samples_per_shard, minimum=1)
         self.meta = json.loads(json.dumps(dict(manifest_meta)))  # JSON round trip: what will be compared
         self.directory.mkdir(parents=True, exist_ok=True)
-        existing = _read_manifest(self.directory)
-        if existing is None or not _shard_files(self.directory):
-            # No shard yet: nothing can mix, so these settings replace any manifest a failed run left behind.
-            atomic_write_json(self.directory / MANIFEST, {"format": FORMAT, "version": VERSION, "meta": self.meta})
-        elif existing["meta"] != self.meta:
-            raise InvalidArgument(
-                f"{self.directory}: existing shards were written with different settings "
-                f"({describe_differences(existing['meta'], self.meta)}); use a new directory or the same "
-                f"settings to resume")
+        # The one rerun rule (run_settings.py): no shard yet -> these settings replace any manifest a failed run
+        # left behind; shards -> the manifest's meta must match, else every difference is named.
+        check_run_settings(self.directory / MANIFEST, self.meta, has_results=bool(_shard_files(self.directory)),
+                           write=True, results="shards",
+                           load=lambda path: (_read_manifest(self.directory) or {}).get("meta"),
+                           store=lambda path, meta: atomic_write_json(path, {"format": FORMAT, "version": VERSION,
+                                                                             "meta": meta}))
         self._done = set()
         self._next_seq = 0
         for path in _shard_files(self.directory):

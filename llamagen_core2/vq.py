@@ -349,9 +349,9 @@ class VQModel(nn.Module):
         state = read_state_dict(path)
         with torch.device("meta"):
             model = cls(config)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
+        expected = model.state_dict()  # shapes and dtypes checked against these
         hint = _mismatch_hint(state, config) if set(state) != set(expected) or any(
-            tuple(state[k].shape) != tuple(s) for k, s in expected.items() if k in state) else ""
+            state[k].shape != s.shape for k, s in expected.items() if k in state) else ""
         state = validate_state_dict(state, expected, what=f"VQ model ({_describe(config)})", hint=hint)
         model.load_state_dict(state, strict=True, assign=True)
         if device is not None or dtype is not None:

@@ -294,7 +294,7 @@ class WeakModel(nn.Module):
             raise CheckpointError(f"{directory}/config.json: extra must be a JSON object, got {extra!r}")
         model = cls(WeakConfig.from_saved(saved["config"], directory / "config.json"), saved["base"],
                     cfg_scale=cfg_scale, base_fingerprint=saved.get("base_fingerprint"), extra=extra)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
+        expected = model.state_dict()  # shapes and dtypes checked against these
         state = validate_state_dict(read_state_dict(directory), expected, what="weak model")
         try:  # a NaN weak model would sample garbage silently: refuse it at the door
             check_all_finite(f"{directory}: weak model", state)

@@ -34,3 +34,93 @@ def test_bench_t2i_reports_seconds_per_image(capsys, single_thread):
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
     assert row["mode"] == "slow" and row["seconds_per_image"] > 0 and row["paper_s_per_image"] == 48.7
     assert row["generate_s"] + row["decode_s"] == pytest.approx(row["seconds_per_image"] * 2, rel=1e-2)
+
+
+# ---------------------------------------------------------------------- every script, as a user starts it
+REPO = BENCH.parent
+# script -> (arguments for a smoke run of a few seconds on CPU, what the run covers, text its stdout must hold).
+# {tmp} is a fresh directory for the files a script writes. Scripts that need CUDA run their CPU mode, and say so.
+SMOKE = {
+    "bench_block_kernels.py": (["--device", "cpu", "--quick", "--threads", "1", "--presets", "GPT-B", "--rows", "1",
+                                "--filled", "64", "--interpret", "--out-dir", "{tmp}"],
+                               "CPU: torch references + the Triton kernels under the interpreter (no timing value)",
+                               '"rows": '),
+    "bench_generate.py": (["--preset", "tiny", "--batch", "1", "--tokens", "256", "--modes", "fast", "--engines",
+                           "ours", "baseline", "--device", "cpu", "--warmup-tokens", "2", "--copy-mb", "8"],
+                          "CPU: our engine and the LlamaGen-style baseline (baseline_decoder.py) on a tiny model",
+                          '"speedup_vs_baseline"'),
+    "bench_kernels.py": (["--device", "cpu", "--quick", "--threads", "1", "--batches", "1", "--vocab", "256"],
+                         "CPU mode: torch reference vs LlamaGen's chain; the fused kernels need CUDA",
+                         '"impl": "chain"'),
+    "bench_noise_model_dtype.py": (["--configs", "tiny", "--seeds", "1"], "CPU: the tiny noise model, bf16 vs fp32",
+                                   '"tiny"'),
+    "bench_quality.py": (["--images-per-class", "1", "--seeds", "0", "--cfg-scales", "2", "--w2s-scales", "1.5",
+                          "--schedule-fractions", "0.5", "--real-per-class", "2", "--threads", "1", "--out-dir",
+                          "{tmp}"], "CPU: the shipped mini world, one image per class and configuration",
+                         '"markdown"'),
+    "bench_t2i.py": (["--preset", "tiny", "--device", "cpu", "--batch", "1", "--modes", "slow"],
+                     "CPU: a tiny text-to-image model", '"seconds_per_image"'),
+    "bench_weak_cost.py": (["--base", "GPT-B", "--weak", "W-1", "--batch", "1", "--repeats", "1", "--threads", "1"],
+                           "CPU: GPT-B shapes, one timed step per variant", '"logits_in"'),
+    "compare_weak_inputs.py": (["--dim", "32", "--vocab", "64", "--images", "20", "--steps", "2", "--weak-dim",
+                                "32"], "CPU: both weak-model designs, 2 training steps", '"logits"'),
+    "gpu_report.py": (["--dry-run"], "the plan only: the report itself needs CUDA (tests/test_gpu_report.py)",
+                      "bench_generate.py"),
+    "kernel_resources.py": (["--batches", "1", "--vocab", "256"],
+                            "compiles the sampling kernels for an H100 with Triton + ptxas; needs no GPU",
+                            ",select,"),
+}
+# Modules the scripts import, with no command line of their own; the smoke run that executes them.
+LIBRARIES = {"baseline_decoder.py": "bench_generate.py"}
+
+
+def test_every_benchmark_script_has_a_smoke_run():
+    scripts = {p.name for p in BENCH.glob("*.py")}
+    assert scripts == set(SMOKE) | set(LIBRARIES)
+    assert all(LIBRARIES[name] in SMOKE and "baseline" in SMOKE[LIBRARIES[name]][0] for name in LIBRARIES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SMOKE))
+def test_benchmark_script_runs_from_the_command_line(script, tmp_path):
+    """`python benchmarks/<script> ...` from the repository root, as the README and RESULTS.md start them."""
+    import os
+    import subprocess
+    import sys
+
+    if script == "kernel_resources.py":
+        pytest.importorskip("triton")
+    if script == "bench_noise_model_dtype.py":
+        pytest.importorskip("diffusers")
+    args, _, expected = SMOKE[script]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, f"benchmarks/{script}", *[a.replace("{tmp}", str(tmp_path)) for a in args]],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert expected in run.stdout, run.stdout[-3000:]
+    if script == "compare_weak_inputs.py":
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+        assert all(result[name]["ratio"] > 0 for name in ("hidden", "logits"))
+
+
+def test_bench_block_kernels_smoke_runs_every_op_on_cpu(capsys, tmp_path, single_thread):
+    """The block-kernel benchmark on CPU with the interpreted kernels (a correctness smoke run, not a timing): every
+    op, the fused decode-layer kernels beside today's unfused ops, the % of the bandwidth floor."""
+    import csv
+
+    bench = _load("bench_block_kernels")
+    bench.main(["--device", "cpu", "--quick", "--threads", "1", "--interpret", "--presets", "tiny", "--rows", "3",
+                "--filled", "64", "--out-dir", str(tmp_path)])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["bandwidth_gbs"] > 0
+    rows = list(csv.DictReader(open(summary["csv"])))
+    impls = {(r["op"], r["impl"]) for r in rows}
+    for op in bench.OPS:
+        assert (op, "triton") in impls and (op, "torch") in impls, op
+    assert {("norm_qkv_rope", "unfused"), ("norm_w13_swiglu", "unfused")} <= impls
+    for r in rows:
+        us, floor, pct = float(r["us_per_call"]), float(r["floor_us"]), float(r["pct_of_floor"])
+        assert us > 0 and floor > 0 and pct == pytest.approx(100 * floor / us, rel=0.01, abs=0.1)
+        if r["impl"] in ("triton", "unfused"):
+            assert float(r["max_abs_diff_vs_torch"]) <= 1e-4, r
+    assert all(r["speedup_vs_unfused"] for r in rows if r["op"].startswith("norm_"))

@@ -247,10 +247,12 @@ def test_decode_attention_kernel_fp16():
 
 
 def test_decode_attention_split_count_fills_an_h100_and_never_depends_on_position():
+    # Issue 21 replaced the rule (>= 2 programs per SM, splits of >= one 64-key block) by num_kv_splits (FA3's
+    # fill threshold, FlashInfer's chunks of >= 128 keys); its table is in tests/test_fused_decode_kernels.py.
     splits = attention_kernel.launch_config
-    assert splits(2, 12, 1144, 64, on_gpu=True, sm_count=132)[0] == 11  # GPT-B batch 1 CFG: 24 programs x 11
+    assert splits(2, 12, 1144, 64, on_gpu=True, sm_count=132)[0] == 9  # GPT-B batch 1 CFG: 24 programs x 9
     assert splits(128, 20, 1144, 64, on_gpu=True, sm_count=132)[0] == 1  # enough (row, head) programs already
-    assert splits(1, 12, 100, 64, on_gpu=True, sm_count=132)[0] == 2  # capped by the key blocks of the cache
+    assert splits(1, 12, 100, 64, on_gpu=True, sm_count=132)[0] == 1  # fewer keys than one 128-key chunk
     assert splits(1, 12, 100, 64, on_gpu=False)[0] == 1
 
 

@@ -47,8 +47,9 @@ def test_generate_writes_a_grid(tmp_path, capsys):
     summary = json.loads(captured.out.strip().splitlines()[-1])
     assert summary["num_images"] == 6 and summary["grid"] == str(out / "grid.png")
     assert captured.err == ""  # --quiet: no progress bar, no chatter
-    with Image.open(out / "grid.png") as im:
-        assert im.size == (3 * 16 + 4 * 2, 2 * 16 + 3 * 2)  # torchvision-style grid: 2 px padding
+    with Image.open(out / "grid.png") as im:  # labelled sheet: a header, a row per class of 2 tiles, 16 px x 4
+        width, height = im.size
+        assert height == 14 + 3 * (16 * 4 + 2) + 2 and width - (2 * (16 * 4 + 2) + 2) > 0
     singles = sorted(p.name for p in (out / "images").iterdir())
     assert singles == ["00000_class0.png", "00001_class0.png", "00002_class1.png", "00003_class1.png",
                        "00004_class2.png", "00005_class2.png"]  # 2 per class, in 2 batches (4 + 2)
@@ -155,3 +156,59 @@ def test_allow_other_base_weights_lets_a_same_shape_base_use_the_weak_model(tmp_
     assert "weights fingerprint" in capsys.readouterr().err
     assert main([*argv, "--out", str(tmp_path / "allowed"), "--allow-other-base-weights"]) == 0
     assert (tmp_path / "allowed" / "grid.png").is_file()
+
+
+def test_generate_grid_has_class_labels_and_a_scale(tmp_path, capsys):
+    """Issue 19: grid.png was raw tiles; now a row per class, labelled (the demo's grid code), tiles upscaled."""
+    import numpy as np
+
+    gpt, vq = _tiny_world(tmp_path)
+    gpt.save_pretrained(tmp_path / "gpt")
+    vq.save_pretrained(tmp_path / "vq")
+    out = tmp_path / "samples"
+    rc = main(["generate", "--gpt", str(tmp_path / "gpt"), "--vq", str(tmp_path / "vq"), "--classes", "0,3",
+               "--per-class", "3", "--nrow", "2", "--scale", "2", "--top-k", "0", "--out", str(out),
+               "--device", "cpu", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    grid = np.asarray(Image.open(out / "grid.png").convert("RGB"))
+    singles = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((out / "images").iterdir())]
+    cell, pad, header = 16 * 2 + 2, 2, 14
+    # class 0: images 0, 1 | image 2 (wrapped after --nrow 2); class 3: images 3, 4 | image 5
+    assert grid.shape[0] == header + 4 * cell + pad
+    label_width = grid.shape[1] - 2 * cell - pad
+    assert label_width >= 20  # room for "class 3"
+    for n, (row, col) in enumerate([(0, 0), (0, 1), (1, 0), (2, 0), (2, 1), (3, 0)]):
+        top, left = header + row * cell + pad, label_width + col * cell + pad
+        tile = grid[top:top + 32, left:left + 32]
+        assert (tile == singles[n].repeat(2, axis=0).repeat(2, axis=1)).all(), n  # nearest-neighbour x2
+    labels = grid[header:, :label_width]
+    for row in (0, 2):  # a class's first row carries its label, a wrapped row none
+        band = labels[row * cell:(row + 1) * cell]
+        assert (band < 128).any(), row
+    assert not (labels[cell:2 * cell] < 128).any()
+    assert (grid[:header] < 128).any()  # the header names the guidance
+
+
+def test_generate_t2i_labels_rows_with_captions_and_records_them(tmp_path, capsys, monkeypatch):
+    """The t2i path of generate (caption features stand in for T5, which tests/test_text.py covers)."""
+    import numpy as np
+
+    from llamagen_core2 import cli
+    from tiny_models import captions
+
+    t2i = tiny_gpt("t2i", image_size=16, downsample=4)
+    _, vq = _tiny_world(tmp_path)
+    t2i.save_pretrained(tmp_path / "gpt")
+    vq.save_pretrained(tmp_path / "vq")
+    feats, mask = captions(t2i, 2, [3, 6])
+    names = ["a red cat", "a dog on a very long road under the stars"]
+    monkeypatch.setattr(cli, "load_conditions", lambda args, gpt: (feats, mask, names))
+    out = tmp_path / "t2i"
+    argv = ["generate", "--gpt", str(tmp_path / "gpt"), "--vq", str(tmp_path / "vq"), "--captions", "unused.txt",
+            "--per-class", "2", "--out", str(out), "--device", "cpu", "--quiet"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads((out / "settings.json").read_text())["conditions"] == names
+    assert sorted(p.name for p in (out / "images").iterdir()) == [
+        "00000_caption0.png", "00001_caption0.png", "00002_caption1.png", "00003_caption1.png"]
+    grid = np.asarray(Image.open(out / "grid.png").convert("RGB"))
+    assert grid.shape[0] == 14 + 2 * (16 * 4 + 2) + 2  # a row per caption

@@ -200,6 +200,38 @@ def test_refused_sample_leaves_nothing_that_blocks_the_corrected_rerun(world, tm
     one_line_error([*base, "--cfg-scale", "3"], capsys, contains=["cfg_scale: 2.0 -> 3.0"])
 
 
+def test_generate_rerun_with_other_settings_is_refused_and_the_same_settings_resume(world, tmp_path, capsys):
+    """Issue 19: `generate --out DIR` twice with other classes mixed both runs' images in one directory."""
+    out = tmp_path / "g"
+    argv = generate_argv(world, tmp_path, "--batch-size", "1")
+    assert main(argv) == 0
+    first = {p.name: p.read_bytes() for p in (out / "images").iterdir()}
+    assert sorted(first) == ["00000_class1.png", "00001_class2.png"]
+    assert json.loads((out / "settings.json").read_text())["conditions"] == [1, 2]
+    other = list(argv)
+    other[other.index("--classes") + 1] = "5"
+    one_line_error(other, capsys, contains=["llamagen-core2 generate: error:", str(out), "conditions: [1, 2] -> [5]",
+                                            "new --out"])
+    one_line_error([*argv, "--cfg-scale", "2"], capsys, contains=["cfg_scale: 4.0 -> 2.0"])
+    assert {p.name: p.read_bytes() for p in (out / "images").iterdir()} == first  # nothing mixed in
+    # The same settings resume: finished images are kept, a missing one is made again, the same bytes.
+    (out / "images" / "00001_class2.png").unlink()
+    capsys.readouterr()
+    assert main([*argv[:-1], "2"]) == 0  # --batch-size 2: the batch size is not a setting (the seed rule)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["num_images"] == 2 and summary["images_generated"] == 2
+    assert {p.name: p.read_bytes() for p in (out / "images").iterdir()} == first
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images_generated"] == 0
+
+
+def test_generate_refuses_an_out_holding_images_without_a_settings_record(world, tmp_path, capsys):
+    out = tmp_path / "g"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "00000_class7.png").write_bytes(b"made by an older version")
+    one_line_error(generate_argv(world, tmp_path), capsys, contains=[str(out), "settings.json", "new --out"])
+
+
 def test_reflect_rerun_with_other_settings_is_refused_naming_the_difference(world, tmp_path, capsys):
     out = tmp_path / "weak"
     base = ["reflect", "--gpt", world["gpt"], "--shards", str(world["shards"]), "--out", str(out), "--steps", "2",
@@ -277,3 +309,82 @@ def test_diffusion_commands_refuse_bad_settings_before_loading_or_writing(tmp_pa
                     "99999999999999999999999", "--out", str(tmp_path / "c")], capsys, contains=["--seeds"])
     one_line_error(["diffuse-collect", "--pipeline", "sd3", "--model", "tiny", "--prompt", "x", "--cfg-scale", "1",
                     "--out", str(tmp_path / "c")], capsys, contains=["--cfg-scale"])
+
+
+def test_generate_progress_bar_reaches_its_total_over_every_batch(world, tmp_path, capsys):
+    argv = [a for a in generate_argv(world, tmp_path, "--batch-size", "1") if a != "--quiet"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    lines = [line.strip() for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    bars = [line for line in lines if line.startswith("tokens:")]
+    assert bars[-1].startswith("tokens: 100%") and "32/32" in bars[-1], lines  # 2 images x 16 tokens, one bar
+    assert lines[-1].startswith("wrote "), lines
+
+
+def test_every_subcommand_ends_with_its_result_as_one_json_line(world, tmp_path, capsys):
+    """One format for every subcommand's result (docs/cli.md#outputs-and-reruns): the last stdout line is the
+    whole result as one JSON object, so `| tail -n 1` gives it to any JSON tool."""
+    quiet = ["--quiet", "--device", "cpu"]
+    commands = {
+        "generate": generate_argv(world, tmp_path),
+        "collect": ["collect", "--gpt", world["gpt"], "--classes", "1,2", "--out", str(tmp_path / "c"), *quiet],
+        "reflect": ["reflect", "--gpt", world["gpt"], "--shards", str(world["shards"]), "--out", str(tmp_path / "w"),
+                    "--steps", "2", "--batch-size", "4", "--holdout", "0.2", "--weak-preset", "W-1",
+                    "--weak-heads", "4", "--weak-dim", "32", *quiet],
+        "sample": ["sample", "--gpt", world["gpt"], "--vq", world["vq"], "--classes", "1", "--top-k", "0",
+                   "--out", str(tmp_path / "s"), *quiet],
+    }
+    for name, argv in commands.items():
+        capsys.readouterr()
+        assert main(argv) == 0, name
+        lines = capsys.readouterr().out.strip().splitlines()
+        result = json.loads(lines[-1])
+        assert isinstance(result, dict) and len(result) > 2, (name, lines)
+        assert not any(line.strip() in ("{", "}") for line in lines), (name, lines)  # no indented JSON
+
+
+# ---------------------------------------------------------------------- habits: LlamaGen's --compile, named errors
+def _subcommands():
+    import argparse
+
+    parser = cli.build_parser()
+    return sorted(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
+
+
+def test_every_usage_error_names_its_subcommand(world, tmp_path, capsys):
+    names = _subcommands()
+    assert {"generate", "sample", "collect", "reflect", "demo", "convert"} <= set(names)
+    for name in names:  # unknown option, required arguments missing or not: argparse's error names the subcommand
+        one_line_error([name, "--no-such-option"], capsys, contains=[f"llamagen-core2 {name}: error:"])
+    one_line_error([*generate_argv(world, tmp_path), "--bogus", "x"], capsys,
+                   contains=["llamagen-core2 generate: error: unrecognized arguments: --bogus x"])
+    one_line_error(["demo", "--bogus"], capsys, contains=["llamagen-core2 demo: error: unrecognized arguments"])
+
+
+def test_compile_is_accepted_with_one_line_saying_what_the_engine_does(world, tmp_path, capsys):
+    """LlamaGen users type --compile; the engine captures CUDA graphs by itself, and on a CPU it has no effect."""
+    for argv in (generate_argv(world, tmp_path),
+                 ["sample", "--gpt", world["gpt"], "--vq", world["vq"], "--classes", "1", "--top-k", "0", "--out",
+                  str(tmp_path / "s"), "--quiet", "--device", "cpu"],
+                 ["collect", "--gpt", world["gpt"], "--classes", "1", "--out", str(tmp_path / "c"), "--quiet",
+                  "--device", "cpu"]):
+        capsys.readouterr()
+        assert main([*argv, "--compile"]) == 0, argv[0]
+        notes = [line for line in capsys.readouterr().err.splitlines() if "--compile" in line]
+        assert len(notes) == 1 and "no effect" in notes[0] and "CUDA graphs" in notes[0], notes
+        assert notes[0].startswith(f"llamagen-core2 {argv[0]}: ")
+
+
+def test_console_script_names_the_subcommand_and_takes_compile(world, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "llamagen-core2"
+    script = str(script) if script.is_file() else shutil.which("llamagen-core2")
+    if script is None:
+        pytest.skip("the llamagen-core2 console script is not installed (pip install -e .)")
+    run = subprocess.run([script, "generate", "--gpt", "g", "--vq", "v", "--classes", "1", "--compile", "--bogus"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.startswith("llamagen-core2 generate: error:"), run.stderr
+    assert "--bogus" in run.stderr and "--compile" not in run.stderr.split("error:", 1)[1], run.stderr

@@ -171,6 +171,41 @@ def test_reflect_resume_after_interruption_matches_unbroken_run(trained, tmp_pat
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_reflect_log_has_no_repeated_step_after_a_kill_between_an_eval_line_and_the_next_checkpoint(
+        trained, tmp_path, monkeypatch):
+    """Issue 19: killed after logging step 8 but before its checkpoint, the resumed run (from step 4) logged steps
+    6 and 8 a second time."""
+    from llamagen_core2 import reflect as reflect_module
+
+    gpt, shards = trained["gpt"], trained["shards"]
+    kw = dict(preset="W-1", weak_overrides=WEAK_TINY, steps=12, batch_size=8, holdout=0.2, eval_every=2,
+              checkpoint_every=4, progress=False)
+
+    def log(out):
+        return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+    reflect(gpt, shards, tmp_path / "a", **kw)
+    save = reflect_module._save_checkpoint
+
+    def die_before_checkpoint_8(out_dir, weak, optimizer, step, *args, **kwargs):
+        if step == 8:
+            raise KeyboardInterrupt("simulated kill after the eval line of step 8, before its checkpoint")
+        return save(out_dir, weak, optimizer, step, *args, **kwargs)
+
+    monkeypatch.setattr(reflect_module, "_save_checkpoint", die_before_checkpoint_8)
+    with pytest.raises(KeyboardInterrupt):
+        reflect(gpt, shards, tmp_path / "b", **kw)
+    monkeypatch.setattr(reflect_module, "_save_checkpoint", save)
+    assert [r["step"] for r in log(tmp_path / "b")] == [2, 4, 6, 8]  # logged past the last checkpoint (4)
+    with open(tmp_path / "b" / "train_log.jsonl", "a") as f:
+        f.write('{"step": 10, "train_kl": 0.')  # and a line torn by the kill
+    reflect(gpt, shards, tmp_path / "b", **kw)
+    unbroken, resumed = log(tmp_path / "a"), log(tmp_path / "b")
+    assert [r["step"] for r in resumed] == [r["step"] for r in unbroken] == [2, 4, 6, 8, 10, 12]
+    for a, b in zip(unbroken, resumed):
+        assert b == pytest.approx(a, rel=1e-4)
+
+
 # ---------------------------------------------------------------------- Refine: rows and catch-up
 def test_row_counts_with_the_real_weak_model(trained):
     gpt = trained["gpt"]

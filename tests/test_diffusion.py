@@ -27,6 +27,7 @@ FEATURES = {"sdxl": (2 * 77, 64, 64, 4, 16), "sd3": (2 * (77 + 256), 64, 128, 4,
 
 @pytest.fixture(scope="module")
 def pipes():
+    pytest.importorskip("diffusers")
     out = {}
     for kind, build in TINY.items():
         pipe = build()
@@ -184,6 +185,7 @@ def test_expert_routing():
 
 
 def test_presets_have_the_released_shapes():
+    pytest.importorskip("diffusers")
     sd35, sdxl = expected_shapes(noise_model_preset("sd35")), expected_shapes(noise_model_preset("sdxl"))
     assert sd35["trans_linear.linear.weight"] == (1536, 666 + 1 + 4096)
     assert sd35["skip_connection.linear.weight"] == (2 * 16, 667)
@@ -273,6 +275,7 @@ TINY_OFFICIAL = NoiseModelConfig(in_channels=4, num_layers=5, num_heads=2, head_
 
 
 def test_official_layout_pth_loads_and_matches_the_released_forward(tmp_path):
+    pytest.importorskip("diffusers")
     torch.manual_seed(0)
     oracle = _official_oracle(TINY_OFFICIAL)
     path = tmp_path / "tiny_noise_model.pth"
@@ -298,6 +301,7 @@ def test_official_layout_pth_loads_and_matches_the_released_forward(tmp_path):
 
 
 def test_bad_noise_model_checkpoints_are_reported_by_name(tmp_path):
+    pytest.importorskip("diffusers")
     torch.manual_seed(0)
     state = _official_oracle(TINY_OFFICIAL).state_dict()
     renamed = dict(state)
@@ -371,6 +375,7 @@ def _cli(argv):
 
 
 def test_cli_diffuse_writes_pngs(tmp_path, capsys):
+    pytest.importorskip("diffusers")
     from PIL import Image
 
     argv = ["diffuse", "--pipeline", "sd3", "--model", "tiny", "--prompt", "a red cat", "--prompt", "a dog",

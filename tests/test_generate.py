@@ -203,3 +203,34 @@ def test_fp16_generation_runs():
     model = tiny_gpt().to(torch.float16)
     tokens = generate(model, torch.tensor([3]), cfg_scale=2.0, seed=0, num_tokens=6)
     assert tokens.shape == (1, 6) and int(tokens.max()) < 97
+
+
+def _bar_lines(stderr: str) -> list:
+    """The states a tqdm bar printed (each redraw starts with a carriage return), non-empty ones only."""
+    return [line.strip() for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_tokens_progress_bar_reaches_its_total_and_stays(engine, capsys):
+    """Issue 19: the bar was last drawn at 33/36 and then erased (leave=False, the final state never redrawn)."""
+    gpt = tiny_gpt()
+    N = gpt.config.num_image_tokens
+    capsys.readouterr()
+    generate(gpt, torch.tensor([1, 2]), top_k=0, seed=0, progress=True, engine=engine)
+    last = _bar_lines(capsys.readouterr().err)[-1]
+    assert last.startswith("tokens: 100%") and f"{N}/{N}" in last, last
+
+
+def test_meta_tensors_are_refused_with_a_clear_error():
+    """Issue 19: a condition on the meta device (no values) failed deep inside with `Tensor.item() cannot be called
+    on meta tensors`."""
+    gpt, t2i = tiny_gpt(), tiny_gpt("t2i")
+    with pytest.raises(InvalidArgument, match=r"cond .*meta"):
+        generate(gpt, torch.tensor([1, 2], device="meta"))
+    feats, mask = captions(t2i, 2, [3, 6])
+    with pytest.raises(InvalidArgument, match=r"cond .*meta"):
+        generate(t2i, feats.to("meta"), cond_mask=mask)
+    with pytest.raises(InvalidArgument, match=r"cond_mask .*meta"):
+        generate(t2i, feats, cond_mask=mask.to("meta"))
+    with pytest.raises(InvalidArgument, match=r"tokens .*meta"):
+        gpt.logits(torch.tensor([1]), torch.zeros(1, 3, dtype=torch.long, device="meta"))

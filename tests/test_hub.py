@@ -84,6 +84,17 @@ def test_missing_repo_offline_is_one_clear_error(offline_cache):
     assert not is_repo_id("no/such/local/path.pt") and is_repo_id("google/flan-t5-xl")
 
 
+def test_a_missing_relative_path_names_what_was_tried_locally_and_on_the_hub(offline_cache, tmp_path, monkeypatch):
+    """Issue 19: the README's relative checkpoint paths, run from another directory, were taken for Hub ids."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError) as err:
+        GPT.from_pretrained("checkpoints/world_gpt")
+    message = str(err.value)
+    assert str(tmp_path / "checkpoints" / "world_gpt") in message  # the local path tried, from the working dir
+    assert "Hub" in message and "offline" in message and str(offline_cache) in message  # and the Hub repo
+    assert "shipped_paths()" in message and "\n" not in message  # the way to the shipped mini world
+
+
 def test_cache_location_follows_hf_home_at_call_time(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))

@@ -1,6 +1,8 @@
 """Jacobi decoding (llamagen_core2/jacobi.py): the tokens of sequential decoding for the same seed, for every mode and
 schedule, both engines, batch 1 and 3; forward passes counted independently; window edge cases; bad arguments; the
 engine's graph-replay grouping; the Triton step on CPU; the shipped mini world (fewer passes than tokens)."""
+import json
+
 import pytest
 import torch
 
@@ -299,8 +301,12 @@ def test_sample_resumes_across_decodings_and_the_cli_flags(tmp_path, capsys):
 
     assert cli.main(["generate", *base, "--out", str(tmp_path / "gen"), "--decoding", "jacobi",
                      "--jacobi-window", "4"]) == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert '"decoding": "jacobi"' in line
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["decoding"] == "jacobi" and summary["images_generated"] == 6
+    assert summary["forward_passes_per_image"] <= 16
+    # generate resumes too: the decoding is not in its settings.json, so the sequential rerun finds every image
+    assert cli.main(["generate", *base, "--out", str(tmp_path / "gen")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images_generated"] == 0
     for bad, match in ((["--decoding", "parallel"], "invalid choice"), (["--jacobi-window", "0"], "integer >= 1")):
         with pytest.raises(SystemExit):
             cli.main(["generate", *base, "--out", str(tmp_path / "bad"), *bad])

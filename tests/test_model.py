@@ -242,3 +242,56 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
         pickle.dump({"model": Evil()}, f)
     with pytest.raises(CheckpointError):
         GPT.from_pretrained(tmp_path / "evil.pt", preset="GPT-B")
+
+
+def test_logits_checks_cond_mask_as_generate_does():
+    """Issue 19: gpt.logits accepted a cond_mask on a class-conditional model silently (generate refuses it)."""
+    from llamagen_core2.generate import generate
+
+    gpt, t2i = tiny_gpt(), tiny_gpt("t2i")
+    labels, tokens = torch.tensor([1, 2]), torch.zeros(2, 4, dtype=torch.long)
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    for call in (lambda: gpt.logits(labels, tokens, cond_mask=mask), lambda: generate(gpt, labels, cond_mask=mask)):
+        with pytest.raises(InvalidArgument, match="cond_mask is only meaningful for text-conditional"):
+            call()
+    feats, t2i_mask = captions(t2i, 2, [3, 6])
+    for bad, match in ((t2i_mask[:, 1:], r"cond_mask must be a tensor \[B=2, 6\]"),
+                       (t2i_mask.float(), "cond_mask must be bool")):
+        for call in (lambda: t2i.logits(feats, tokens, cond_mask=bad), lambda: generate(t2i, feats, cond_mask=bad)):
+            with pytest.raises(InvalidArgument, match=match):
+                call()
+    assert t2i.logits(feats, tokens, cond_mask=t2i_mask).shape == (2, 4, t2i.config.vocab_size)
+
+
+@pytest.mark.parametrize("key,dtype", [("norm.weight", torch.int32), ("tok_embeddings.weight", torch.int64),
+                                       ("output.weight", torch.bool)])
+def test_an_integer_float_weight_is_a_named_dtype_error(tmp_path, key, dtype):
+    """Issue 19: an int32 norm.weight failed inside load_state_dict ('Only Tensors of floating point ... can require
+    gradients') instead of naming the key and its dtype."""
+    from llamagen_core2.vq import VQModel
+    from llamagen_core2.weak_model import WeakModel
+
+    gpt = tiny_gpt()
+    state = {k: v.clone() for k, v in gpt.state_dict().items()}
+    state[key] = state[key].to(dtype)
+    torch.save({"model": state}, tmp_path / "c2i_tiny_64.pt")
+    with pytest.raises(CheckpointError, match=rf"{key}: torch.{str(dtype).split('.')[-1]}.*floating"):
+        GPT.from_pretrained(tmp_path / "c2i_tiny_64.pt", **{k: getattr(gpt.config, k) for k in
+                                                             ("n_head", "multiple_of", "downsample")})
+    weak = WeakModel.for_base(gpt, "W-1", dim=32, n_head=4, multiple_of=32)
+    weak.save_pretrained(tmp_path / "weak")
+    weak_state = {k: v.contiguous() for k, v in weak.state_dict().items()}
+    weak_state["norm.weight"] = weak_state["norm.weight"].to(torch.int32)
+    save_file(weak_state, str(tmp_path / "weak" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"norm.weight: torch.int32.*floating"):
+        WeakModel.from_pretrained(tmp_path / "weak", gpt)
+    from llamagen_core2.config import VQConfig
+
+    vq = VQModel(VQConfig(ch=16, z_channels=16, codebook_size=97, codebook_embed_dim=8, norm_groups=8,
+                          ch_mult=(1, 1, 1))).eval()
+    vq.save_pretrained(tmp_path / "vq")
+    vq_state = {k: v.contiguous() for k, v in vq.state_dict().items()}
+    vq_state["quant_conv.weight"] = vq_state["quant_conv.weight"].to(torch.int32)
+    save_file(vq_state, str(tmp_path / "vq" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"quant_conv.weight: torch.int32.*floating"):
+        VQModel.from_pretrained(tmp_path / "vq")

@@ -162,6 +162,7 @@ def _diffusion_shards(directory, nan=False):
 
 
 def test_diffusion_reflect_refuses_nan_inputs_and_diverged_training(tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
     from llamagen_core2.diffusion.reflect import train_noise_model
 
     _diffusion_shards(tmp_path / "bad", nan=True)
@@ -190,6 +191,7 @@ def test_a_weak_or_noise_model_with_nan_weights_is_refused_at_load(tmp_path):
     save_file(tensors, str(tmp_path / "weak" / "model.safetensors"))  # as an older, unchecked writer would
     with pytest.raises(CheckpointError, match=r"weak model: proj_out.weight holds 1 NaN/inf"):
         WeakModel.from_pretrained(tmp_path / "weak", gpt)
+    pytest.importorskip("diffusers")  # the weak-model half above needs none
     config = NoiseModelConfig(in_channels=4, num_layers=1, num_heads=2, head_dim=8, sample_size=8,
                               pos_embed_max_size=4, text_dim=16, text_tokens=6, pooled_dim=8, svd_rank=2,
                               cond_hidden=8, lora_rank=2, num_experts=2)

@@ -132,6 +132,7 @@ def run_fast(pipe, kind, model, *, negative_prompt=None, max_sequence_length=Non
 
 @pytest.fixture(scope="module")
 def pipes(single_thread):
+    pytest.importorskip("diffusers")
     out = {}
     for kind, build in TINY.items():
         out[kind] = build()
@@ -206,6 +207,7 @@ def test_guided_denoiser_refuses_a_weak_mode_without_the_summary(pipes):
 def test_noise_model_in_bf16_stays_close_to_fp32():
     """The official sampler runs the noise model in bf16; ours follows the loader's dtype (default fp32).
     benchmarks/bench_noise_model_dtype.py measures the gap at the released sizes (docs/diffusion.md)."""
+    pytest.importorskip("diffusers")
     model = spy_noise_model("sd3")
     with torch.no_grad():
         for p in model.parameters():     # no zero-initialised path, as in trained weights

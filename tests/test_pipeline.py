@@ -37,6 +37,15 @@ def gens(seeds):
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
+def _tiny_vq():
+    from llamagen_core2.config import VQConfig
+    from llamagen_core2.vq import VQModel
+
+    torch.manual_seed(0)
+    return VQModel(VQConfig(ch=16, z_channels=16, codebook_size=97, codebook_embed_dim=8, norm_groups=8,
+                            ch_mult=(1, 1, 1))).eval()
+
+
 @needs_world
 def test_generator_list_gives_the_same_image_i_at_any_batch_size(pipe):
     labels = [0, 5, 9]
@@ -184,11 +193,11 @@ def test_top_level_imports_are_lazy_and_generate_is_the_function():
 
 
 @needs_world
-def test_readme_python_block_runs_as_written(tmp_path, monkeypatch, single_thread):
+def test_readme_python_block_runs_as_written_from_any_directory(tmp_path, monkeypatch, single_thread):
     blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
-    example = next(b for b in blocks if "LlamaGenPipeline" in b and "checkpoints/world_gpt" in b)
-    (tmp_path / "checkpoints").symlink_to(default_checkpoint_dir())
-    monkeypatch.chdir(tmp_path)  # the README runs from the repository root; here a copy of its layout
+    example = next(b for b in blocks if "LlamaGenPipeline" in b and "shipped_paths()" in b)
+    monkeypatch.chdir(tmp_path)  # not the repository root: the shipped models are found from the package
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and never looked for on the Hub
     namespace = {}
     exec(compile(example, "README.md", "exec"), namespace)
     written = sorted(p.name for p in tmp_path.glob("*.png"))
@@ -197,8 +206,73 @@ def test_readme_python_block_runs_as_written(tmp_path, monkeypatch, single_threa
 
 
 @needs_world
+def test_shipped_paths_from_any_directory_and_a_clear_error_without_them(tmp_path, monkeypatch):
+    from llamagen_core2.errors import CheckpointError
+    from llamagen_core2.world import shipped_paths
+
+    monkeypatch.chdir(tmp_path)
+    paths = shipped_paths()
+    assert paths.root == default_checkpoint_dir() and paths.root.is_absolute()
+    for part in (paths.gpt, paths.vq, paths.weak, paths.evaluator):
+        assert (part / "config.json").is_file()
+    monkeypatch.setenv("LLAMAGEN_CORE2_CHECKPOINTS", str(tmp_path / "empty"))  # as after a wheel install
+    with pytest.raises(CheckpointError, match="LLAMAGEN_CORE2_CHECKPOINTS") as err:
+        shipped_paths()
+    assert str(tmp_path / "empty" / "world_gpt") in str(err.value) and "wheel" in str(err.value)
+
+
+@needs_world
 def test_pipeline_keeps_one_engine_across_calls(pipe):
     pipe(class_labels=[1, 2], seed=0, output_type="tokens", progress=False)
     cache, binding = pipe.engine.cache, pipe.engine.binding
     pipe(class_labels=[3, 4], seed=1, output_type="tokens", progress=False)
     assert pipe.engine.cache is cache and pipe.engine.binding == binding  # buffers (and, on a GPU, graphs) reused
+
+
+def test_pipeline_shows_one_tokens_bar_over_all_batches_that_reaches_its_total(capsys):
+    gpt = tiny_gpt(image_size=16, downsample=4)
+    vq = _tiny_vq()
+    N = gpt.config.num_image_tokens
+    capsys.readouterr()
+    LlamaGenPipeline(gpt, vq)(class_labels=[1, 2, 3], batch_size=1, seed=0, output_type="tokens")
+    lines = [line.strip() for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1].startswith("tokens: 100%") and f"{3 * N}/{3 * N}" in lines[-1], lines
+    assert all(line.startswith("tokens:") for line in lines)  # one bar, not one per batch plus a batch bar
+
+
+def test_diffusers_habits_guidance_scale_and_progress_bar_config(capsys):
+    """diffusers users type `pipe(..., guidance_scale=3.0)` and `pipe.set_progress_bar_config(disable=True)`."""
+    import io
+
+    pipe = LlamaGenPipeline(tiny_gpt(image_size=16, downsample=4), _tiny_vq())
+    call = dict(class_labels=[1, 2, 3], seed=0, output_type="tokens", progress=False)
+    by_name = pipe(**call, guidance_scale=1.5)
+    by_config = pipe(**call, guidance=pipe.guidance.replace(cfg_scale=1.5))
+    assert torch.equal(by_name.tokens, by_config.tokens)
+    assert not torch.equal(by_name.tokens, pipe(**call).tokens)  # not ignored: the default is cfg 4.0
+    assert torch.equal(pipe(**call, guidance=GuidanceConfig(cfg_scale=1.5), guidance_scale=1.5).tokens,
+                       by_name.tokens)  # both given and equal: fine
+    with pytest.raises(InvalidArgument, match=r"guidance_scale=3.0 .*guidance.cfg_scale=1.5"):
+        pipe(**call, guidance=GuidanceConfig(cfg_scale=1.5), guidance_scale=3.0)
+    with pytest.raises(InvalidArgument, match="guidance_scale"):
+        pipe(**call, guidance_scale=float("nan"))
+
+    call.pop("progress")  # the default: a bar
+    pipe.set_progress_bar_config(disable=True)
+    capsys.readouterr()
+    pipe(**call)
+    assert capsys.readouterr().err == ""
+    buf = io.StringIO()
+    pipe.set_progress_bar_config(file=buf, desc="drawing")  # replaces the whole configuration, as in diffusers
+    pipe(**call)
+    assert "drawing: 100%" in buf.getvalue() and capsys.readouterr().err == ""
+    pipe(**call, progress=False)  # the call's progress=False still wins
+    assert buf.getvalue().count("drawing: 100%") == 1
+    with pytest.raises(InvalidArgument, match="bogus"):
+        pipe.set_progress_bar_config(bogus=1)
+
+
+def test_pipeline_refuses_meta_conditions_clearly():
+    pipe = LlamaGenPipeline(tiny_gpt(image_size=16, downsample=4), _tiny_vq())
+    with pytest.raises(InvalidArgument, match="class_labels .*meta"):
+        pipe(class_labels=torch.tensor([1, 2], device="meta"), progress=False)

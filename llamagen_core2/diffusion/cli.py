@@ -12,7 +12,6 @@ any work.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -20,10 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from ..cli_common import (add_device_arg, add_threads_arg, float_in, non_negative_float, non_negative_int,
-                          positive_int, seed_int)
+                          positive_int, print_json, seed_int)
 from ..device import resolve_device
 from ..errors import InvalidArgument, NonFiniteError
 from ..files import check_output_dir
+from ..optional import require
 from .modes import DIFFUSION_MODES, MODES
 
 logger = logging.getLogger(__name__)
@@ -56,8 +56,7 @@ def load_pipeline(kind: str, model: str, device, dtype, *, ddim: bool = False):
         if not local and not hub.is_repo_id(model):
             raise InvalidArgument(f"--model must be a local diffusers pipeline directory or a Hub repo id "
                                   f"'org/repo', got {model!r}")
-        import diffusers
-
+        diffusers = require("diffusers", "diffuse --model")
         cls = {"sdxl": diffusers.StableDiffusionXLPipeline, "sd3": diffusers.StableDiffusion3Pipeline,
                "flux": diffusers.FluxPipeline}[kind]
         options = {} if local else hub.pretrained_kwargs()
@@ -152,8 +151,8 @@ def cmd_diffuse(args) -> int:
             count += 1
         rows = res.rows_per_image
     seconds = time.perf_counter() - start
-    print(json.dumps({"pipeline": args.pipeline, "mode": args.mode, "images": count, "steps": args.steps,
-                      "denoiser_rows_per_image": rows, "seconds": round(seconds, 3), "out": str(out)}))
+    print_json({"pipeline": args.pipeline, "mode": args.mode, "images": count, "steps": args.steps,
+                "denoiser_rows_per_image": rows, "seconds": round(seconds, 3), "out": str(out)}, every_rank=True)
     return 0
 
 
@@ -175,7 +174,7 @@ def cmd_collect(args) -> int:
                           num_inference_steps=args.steps, batch_size=args.batch_size,
                           negative_prompt=args.negative_prompt or "", svd_rank=args.svd_rank,
                           flux_guidance=args.flux_guidance, progress=not args.quiet, **_pipeline_extra(args))
-    print(json.dumps({"collected": n, "out": args.out}))
+    print_json({"collected": n, "out": args.out}, every_rank=True)
     return 0
 
 
@@ -196,7 +195,7 @@ def cmd_reflect(args) -> int:
     model, report = train_noise_model(args.shards, config, iters=args.iters, batch_size=args.batch_size, lr=args.lr,
                                       holdout=args.holdout, seed=args.seed, log_every=0 if args.quiet else 50)
     save_noise_model(model, args.out)
-    print(json.dumps({"out": args.out, **report.__dict__}))
+    print_json({"out": args.out, **report.__dict__}, every_rank=True)
     return 0
 
 

@@ -24,15 +24,18 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from diffusers.configuration_utils import register_to_config
-from diffusers.guiders import BaseGuidance
-from diffusers.guiders.guider_utils import GuiderOutput
 
 from ..errors import InvalidArgument, check_finite_scale, check_int
 from ..guidance import mix_guidance
 from ..guidance_config import MODE_TABLE
+from ..optional import require
 from .modes import diffusion_mode, needs_noise_model, step_mode
 from .prompt_summary import RECIPES, PromptSummary, prompt_features, stack_halves
+
+require("diffusers", "CoRe2Guidance (a diffusers guider)")
+from diffusers.configuration_utils import register_to_config  # noqa: E402 -- after the named check
+from diffusers.guiders import BaseGuidance  # noqa: E402
+from diffusers.guiders.guider_utils import GuiderOutput  # noqa: E402
 
 PROMPT_TOKEN_KEYS = {"prompt_embeds": "sdxl", "encoder_hidden_states": "sd3"}  # input name -> pipeline kind
 PROMPT_POOLED_KEY = "text_embeds"

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..config import DictConfig
 from ..errors import InvalidArgument, check_int, check_number
+from ..optional import require
 from .moe_lora import expert_index, set_active_expert, wrap_linears_with_moe_lora
 
 
@@ -93,6 +94,7 @@ class NoiseModel(nn.Module):
     def __init__(self, config: NoiseModelConfig):
         super().__init__()
         # diffusers building blocks give the exact parameter names of the released checkpoints
+        require("diffusers", "NoiseModel")
         from diffusers.models.attention import BasicTransformerBlock
         from diffusers.models.embeddings import PatchEmbed
         from diffusers.models.normalization import AdaLayerNormContinuous

@@ -55,7 +55,7 @@ def load_noise_model(path: Union[str, os.PathLike], *, config: Optional[NoiseMod
     cfg = _resolve_config(path, config, preset)
     state = read_state_dict(path)
     model = build_meta_model(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    expected = model.state_dict()  # shapes and dtypes checked against these
     kept = validate_state_dict(
         state, expected, what=f"noise model ({cfg.base or 'custom'} config)",
         hint="Check the preset/config (in_channels, num_layers, text_tokens, pooled_dim, lora_rank, num_experts).")

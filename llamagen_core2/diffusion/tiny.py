@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..optional import require
+
 WORDS = ("a photo of cat dog red blue green small large tree house car bird on the in with sky sea "
          "mountain painting portrait city night day sun moon flower").split()
 
@@ -51,6 +53,7 @@ def _vae(**extra):
 
 
 def tiny_sdxl(seed: int = 0, scheduler: str = "euler"):
+    require("diffusers", "the tiny SDXL pipeline")
     from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -70,6 +73,7 @@ def tiny_sdxl(seed: int = 0, scheduler: str = "euler"):
 
 
 def tiny_sd3(seed: int = 0):
+    require("diffusers", "the tiny SD3 pipeline")
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(seed)
@@ -84,6 +88,7 @@ def tiny_sd3(seed: int = 0):
 
 
 def tiny_flux(seed: int = 0):
+    require("diffusers", "the tiny FLUX pipeline")
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(seed)

@@ -3,10 +3,9 @@
 Contract:
   * `run_demo(out_png, classes=None, modes=("cond", "cfg", "fast", "slow"), seed=0, samples_per_mode=2,
     scale=3, checkpoint_dir=None, decoding="sequential", jacobi_window=16, **sampling) -> dict` loads the shipped
-    models (`pipeline.load_world`),
-    samples `samples_per_mode` images per (class, mode) through `LlamaGenPipeline` (`sampling` overrides fields of
-    `WORLD_GUIDANCE`) with the same seed for every mode, and writes the grid:
-    a header row of mode names, then one row per class with its name on the left. Modes "fast"/"slow" need
+    models (`pipeline.load_world`), samples `samples_per_mode` images per (class, mode) through `LlamaGenPipeline` (`sampling` overrides fields of
+    `WORLD_GUIDANCE`) with the same seed for every mode, and writes the grid (images.labelled_grid, the sheet
+    `generate` writes too): a header row of mode names, then one row per class with its name on the left. Modes "fast"/"slow" need
     the CoRe^2 weak model; without one they are skipped and the returned `notes` (also printed by the CLI) say
     so. Returns {"path", "size": (width, height), "modes", "classes", "skipped", "notes", "seconds", "base_rows",
     "forward_passes"} (per image and mode; Jacobi decoding draws the same images in fewer passes).
@@ -20,20 +19,16 @@ import time
 from typing import Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
-
 from ..cli_common import (add_decoding_args, add_threads_arg, apply_threads, class_names_help, int_in,
                           non_negative_float, non_negative_int, seed_int)
 from ..errors import InvalidArgument, check_int
 from ..files import check_output_file
 from ..guidance_config import MODE_TABLE, MODES
-from ..images import save_png
+from ..images import GRID_PAD as PAD, HEADER_HEIGHT as HEADER_H, labelled_grid, save_png
 from ..jacobi import DEFAULT_WINDOW
 from .dataset import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
 from .pipeline import WORLD_GUIDANCE, load_world
 
-PAD = 2
-HEADER_H = 14
 LABEL_W = 84
 DEMO_MODES = ("cond", "cfg", "fast", "slow")
 
@@ -86,19 +81,10 @@ def run_demo(out_png, classes: Optional[Sequence[int]] = None, modes: Sequence[s
 
     n_cols = len(modes) * samples_per_mode
     width, height = grid_size(len(classes), n_cols, scale)
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    cell = IMAGE_SIZE * scale + PAD
-    for j, mode in enumerate(modes):
-        draw.text((LABEL_W + j * samples_per_mode * cell + PAD, 1), mode, fill=(0, 0, 0))
-        for r, cls in enumerate(classes):
-            if j == 0:
-                draw.text((2, HEADER_H + r * cell + cell // 2 - 6), CLASS_NAMES[cls], fill=(0, 0, 0))
-            for k in range(samples_per_mode):
-                tile = columns[j][r, k]
-                tile = Image.fromarray(np.ascontiguousarray(tile)).resize((IMAGE_SIZE * scale,) * 2, Image.NEAREST)
-                canvas.paste(tile, (LABEL_W + (j * samples_per_mode + k) * cell + PAD, HEADER_H + r * cell + PAD))
-    path = save_png(np.asarray(canvas), out_png)
+    sheet = labelled_grid([np.concatenate([column[r] for column in columns]) for r in range(len(classes))],
+                          [CLASS_NAMES[c] for c in classes], column_labels=[(m, samples_per_mode) for m in modes],
+                          scale=scale, label_width=LABEL_W)
+    path = save_png(sheet, out_png)
     return dict(path=str(path), size=(width, height), modes=modes, classes=classes, skipped=skipped, notes=notes,
                 seconds=time.time() - start, base_rows=base_rows, forward_passes=passes)
 

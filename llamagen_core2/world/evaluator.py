@@ -63,7 +63,7 @@ class Evaluator(nn.Module):
             raise CheckpointError(f"{directory}/config.json is not a world evaluator config "
                                   f"(expected kind 'world_evaluator', got {saved.get('kind')!r})")
         model = cls(**saved["config"])
-        expected = {k: v.shape for k, v in model.state_dict().items()}
+        expected = model.state_dict()  # shapes and dtypes checked against these
         state = validate_state_dict(read_state_dict(directory), expected, what="world evaluator")
         model.load_state_dict(state, strict=True)
         return model.eval()

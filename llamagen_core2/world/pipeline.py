@@ -1,8 +1,8 @@
 """Load the shipped mini-world models and sample images from them (used by the demo and the quality benchmark).
 
 Contract:
-  * `default_checkpoint_dir()`: `$LLAMAGEN_CORE2_CHECKPOINTS` if set, else `<repo>/checkpoints` (the
-    directory shipped next to the package in a source checkout / editable install).
+  * `default_checkpoint_dir()` / `shipped_paths()` (paths.py): where the shipped models are
+    (`$LLAMAGEN_CORE2_CHECKPOINTS` if set, else `<repo>/checkpoints`).
   * `load_world(checkpoint_dir=None, with_evaluator=False) -> World` loads `world_vq`, `world_gpt` and, when
     present, `world_weak` (a CoRe^2 weak model from `reflect`) and `world_evaluator`. A missing VQ or GPT
     raises CheckpointError naming the path and how to rebuild it; a missing weak model leaves `weak=None`.
@@ -12,7 +12,6 @@ Contract:
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -24,15 +23,10 @@ from ..guidance_config import GuidanceConfig
 from ..model import GPT
 from ..pipeline import LlamaGenPipeline
 from ..vq import VQModel
+from .paths import EVALUATOR_DIR, GPT_DIR, VQ_DIR, WEAK_DIR, default_checkpoint_dir  # noqa: F401 (re-exported)
 
-VQ_DIR, GPT_DIR, WEAK_DIR, EVALUATOR_DIR = "world_vq", "world_gpt", "world_weak", "world_evaluator"
 # The VQ vocabulary is only 256 codes, so top-k is off (full vocabulary), as in LlamaGen's FID runs.
 WORLD_GUIDANCE = GuidanceConfig(cfg_scale=3.0, w2s_scale=1.5, temperature=1.0, top_k=0, top_p=1.0)
-
-
-def default_checkpoint_dir() -> Path:
-    env = os.environ.get("LLAMAGEN_CORE2_CHECKPOINTS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "checkpoints"
 
 
 @dataclass

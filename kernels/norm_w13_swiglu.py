@@ -1,0 +1,159 @@
+"""The FFN half's entry of a decode block in one launch: add + RMSNorm -> [w1; w3] GEMM -> SwiGLU.
+
+Reference: llamagen_core2.block_ops.norm_w13_swiglu_reference (add_rmsnorm, F.linear, swiglu composed).
+
+    x, residual [..., d] (residual None: h = x), norm_weight [d], w13 [2F, d] (FeedForward.w13: rows 0:F = w1,
+    F:2F = w3; dtype promote(x, norm_weight) as F.linear needs)
+    -> (silu(w1 n) * w3 n [..., F] in w13's dtype, h = x + residual [..., d] (x itself when residual is None)),
+       n = RMSNorm(h)
+
+A skinny GEMM (kernels/skinny_gemm.py: all rows in one tile, split-K reduced in the same launch) with the add +
+RMSNorm prologue of kernels/norm_qkv_rope.py (kernels/add_rmsnorm._norm_prologue_tile: 1/rms applied to the fp32
+accumulator) and a SwiGLU epilogue, as Hazy Research's megakernel's `rms_upgate_silu`: a program owns BLOCK_N
+columns j of the FFN and accumulates the matching gate (w1 row j) and up (w3 row F + j) tiles side by side, so
+silu(gate) * up is computed in registers (kernels/swiglu._silu_mul, after rounding both to the dtype as F.linear
+does) and the [rows, 2F] gate_up tensor never exists. Numerics: as norm_qkv_rope (GEMM summation order, one
+rounding of the normalised activations); fp16 caveat: h * norm_weight must stay below 65504.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..block_ops import check_norm_w13_swiglu_args
+from ..errors import InvalidArgument
+from .add_rmsnorm import _inv_rms, _norm_prologue_tile
+from .dispatch import interpreted, multiprocessor_count
+from .skinny_gemm import (GemmConfig, SplitKWorkspace, _arrive, _reset, _sum_partials, check_config, dot_precision,
+                          gemm_config, split_layout, workspace_buffers)
+from .swiglu import _silu_mul
+
+
+@triton.jit
+def _swiglu_epilogue(acc_gate, acc_up, sum_squares, K, eps, out, out_ok, LIBDEVICE_EXP: tl.constexpr):
+    dtype = out.dtype.element_ty
+    inv_rms = _inv_rms(sum_squares, K, eps)[:, None]
+    gate = (acc_gate * inv_rms).to(dtype)  # w1 n and w3 n as F.linear rounds them
+    up = (acc_up * inv_rms).to(dtype)
+    tl.store(out, _silu_mul(gate, up, LIBDEVICE_EXP).to(dtype), mask=out_ok)
+
+
+@triton.jit
+def _norm_w13_swiglu_kernel(
+    x_ptr, residual_ptr, h_ptr, norm_weight_ptr, w_ptr,  # [M, d] x3 (unit stride on d), [d], [2F, d]
+    out_ptr,                                             # [M, F]
+    partial_ptr, squares_ptr, counter_ptr,               # fp32 [SPLIT_K, M, 2F], fp32 [tiles, SPLIT_K, BM], int32
+    M, K, ffn_dim, k_per_split, eps,
+    stride_x, stride_residual, stride_h, stride_w, stride_out,
+    HAS_RESIDUAL: tl.constexpr,
+    LIBDEVICE_EXP: tl.constexpr,  # False under the interpreter, which has no libdevice
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_f = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # FFN columns j: gate row j, up row F + j
+    row_ok = rows < M
+    col_f_ok = cols_f < ffn_dim
+    h_ok = (rows < tl.where(pid_n == 0, M, 0))[:, None]  # the first column block stores h
+    rows64 = rows[:, None].to(tl.int64)
+    x_rows = x_ptr + rows64 * stride_x
+    residual_rows = residual_ptr + rows64 * stride_residual
+    h_rows = h_ptr + rows64 * stride_h
+    w_gate = w_ptr + cols_f[:, None].to(tl.int64) * stride_w
+    w_up = w_ptr + (ffn_dim + cols_f)[:, None].to(tl.int64) * stride_w
+    lo = split * k_per_split
+    hi = tl.minimum(lo + k_per_split, K)
+
+    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    sum_squares = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(lo, hi, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < hi
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        operand, squares = _norm_prologue_tile(x_rows, residual_rows, h_rows, norm_weight_ptr, cols, tile_ok,
+                                               h_ok & col_ok[None, :], col_ok, HAS_RESIDUAL,
+                                               w_ptr.dtype.element_ty)
+        sum_squares += squares
+        w_ok = col_f_ok[:, None] & col_ok[None, :]
+        gate = tl.load(w_gate + cols[None, :], mask=w_ok, other=0.0)
+        up = tl.load(w_up + cols[None, :], mask=w_ok, other=0.0)
+        acc_gate = tl.dot(operand, tl.trans(gate), acc_gate, input_precision=DOT_PRECISION)
+        acc_up = tl.dot(operand, tl.trans(up), acc_up, input_precision=DOT_PRECISION)
+
+    out_ok = row_ok[:, None] & col_f_ok[None, :]
+    out = out_ptr + rows64 * stride_out + cols_f[None, :]
+    if SPLIT_K > 1:
+        n_cols = 2 * ffn_dim
+        part = partial_ptr + rows[:, None] * n_cols + cols_f[None, :]
+        tl.store(part + split * M * n_cols, acc_gate, mask=out_ok)
+        tl.store(part + split * M * n_cols + ffn_dim, acc_up, mask=out_ok)
+        tile = pid_m * tl.num_programs(1) + pid_n
+        squares_part = squares_ptr + tile * SPLIT_K * BLOCK_M + tl.arange(0, BLOCK_M)
+        tl.store(squares_part + split * BLOCK_M, sum_squares)
+        if _arrive(counter_ptr + tile) == SPLIT_K - 1:
+            acc_gate = _sum_partials(part, out_ok, M * n_cols, SPLIT_K)
+            acc_up = _sum_partials(part + ffn_dim, out_ok, M * n_cols, SPLIT_K)
+            sum_squares = _sum_partials(squares_part, row_ok, BLOCK_M, SPLIT_K)
+            _swiglu_epilogue(acc_gate, acc_up, sum_squares, K, eps, out, out_ok, LIBDEVICE_EXP)
+            _reset(counter_ptr + tile)
+    else:
+        _swiglu_epilogue(acc_gate, acc_up, sum_squares, K, eps, out, out_ok, LIBDEVICE_EXP)
+
+
+def norm_w13_swiglu_triton(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
+                           w13: torch.Tensor, *, workspace: Optional[SplitKWorkspace] = None,
+                           config: Optional[GemmConfig] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher: see the module doc. Unit stride needed along the last dimension of x, residual and w13.
+    `workspace`: the caller's split-K scratch (a one-off one when None); `config`: overrides
+    skinny_gemm.gemm_config (block_n counts FFN columns, each a gate and an up weight row)."""
+    ffn_dim = check_norm_w13_swiglu_args(x, residual, norm_weight, eps, w13)
+    for name, t in (("x", x), ("residual", residual), ("w13", w13)):
+        if t is not None and t.stride(-1) != 1:
+            raise InvalidArgument(f"{name} must have unit stride along its last dimension, got strides {t.stride()}")
+    d = x.shape[-1]
+    out = torch.empty(*x.shape[:-1], ffn_dim, dtype=w13.dtype, device=x.device)
+    h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x
+    x2 = x.reshape(-1, d)
+    M = x2.shape[0]
+    if M == 0:
+        return out, h
+    h2 = h.view(M, d) if residual is not None else x2
+    res2 = residual.reshape(M, d) if residual is not None else x2
+    out2 = out.view(M, ffn_dim)
+    if norm_weight.stride(0) != 1:
+        norm_weight = norm_weight.contiguous()
+    on_gpu = x.device.type == "cuda" and not INTERPRETED
+    if config is None:
+        config = gemm_config(M, ffn_dim, d, on_gpu, multiprocessor_count(x.device) if on_gpu else 132,
+                             weight_rows_per_unit=2, element_size=w13.element_size())
+    config = check_config(config)
+    split_k, k_per_split = split_layout(d, config.block_k, config.split_k)
+    grid = (triton.cdiv(M, config.block_m), triton.cdiv(ffn_dim, config.block_n), split_k)
+    tiles = grid[0] * grid[1]
+    if split_k > 1:
+        partials, counters = workspace_buffers(workspace, split_k * (M * 2 * ffn_dim + tiles * config.block_m),
+                                               tiles, x.device)
+        squares = partials[split_k * M * 2 * ffn_dim:]
+    else:
+        partials = squares = counters = out2  # never touched without a split
+    _norm_w13_swiglu_kernel[grid](
+        x2, res2, h2, norm_weight, w13, out2, partials, squares, counters,
+        M, d, ffn_dim, k_per_split, float(eps),
+        x2.stride(0), res2.stride(0), h2.stride(0), w13.stride(0), out2.stride(0),
+        HAS_RESIDUAL=residual is not None, LIBDEVICE_EXP=on_gpu, SPLIT_K=split_k, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, DOT_PRECISION=dot_precision(w13.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out, h
+
+
+INTERPRETED = interpreted(_norm_w13_swiglu_kernel)
