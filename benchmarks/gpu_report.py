@@ -10,7 +10,10 @@ on an H100 with start-up included):
   4. bench_generate.py with every baseline engine it offers (read from its own `--engines` choices, so an
      engine added there is measured here too), the same grid, batch 8 first;
   5. the engine targets that need other shapes: CoRe^2 fast vs CFG at GPT-XL b64 x 576 tokens (bench_generate) and
-     text-to-image GPT-XL at 512 px, batch 8, CoRe^2 slow, end to end with the VQ decode (bench_t2i.py).
+     text-to-image GPT-XL at 512 px, batch 8, CoRe^2 slow, end to end with the VQ decode (bench_t2i.py);
+  6. Jacobi vs sequential decoding with the same engine, GPT-XL b1 and b8 CFG (bench_jacobi_throughput.py):
+     random weights, so its acceptance means nothing; the window pass's cost and the images/s it projects at
+     the compression measured on the trained mini world (docs/decoding.md).
 The report ends with the decode-engine targets (issue 12) checked against the measured rows.
 Budget: every generation is timed once (`--repeats 1`); baselines warm up on 8 tokens instead of a whole image
 (ours warms up on all tokens, which captures its CUDA graphs); each phase gets a slice of the time left and is
@@ -48,6 +51,11 @@ BATCHES = (8, 64, 1)  # batch 8 first: the headline comparison when the budget r
 MODES = ("cfg", "cond", "fast", "slow")
 TOKENS = 256
 BASELINE_WARMUP_TOKENS = 8
+JACOBI_WINDOW = 16
+# Forward passes per image, sequential / Jacobi, on the trained mini world (CFG 3, W = 16, each image decoded
+# alone, mean over seeds 0-3; docs/decoding.md): the Jacobi phase projects images/s with it from the measured cost
+# of a window pass (random weights: their own acceptance means nothing).
+JACOBI_COMPRESSION = 2.17
 
 
 @dataclass
@@ -104,6 +112,11 @@ def plan(args, engines: list[str]) -> list[Phase]:
                              "--modes", "cfg", "fast"], share=0.25))
         phases.append(Phase("targets t2i GPT-XL 512 px", [py, "benchmarks/bench_t2i.py", "--preset", "XL",
                                                           "--batch", "8", "--modes", "slow", "cfg"], share=0.3))
+        if not getattr(args, "skip_jacobi", False):
+            phases.append(Phase("jacobi GPT-XL b1 b8 CFG",
+                                [py, "benchmarks/bench_jacobi_throughput.py", "--preset", "XL", "--batch", "1", "8",
+                                 "--device", "cuda", "--window", str(JACOBI_WINDOW), "--compression",
+                                 str(JACOBI_COMPRESSION)], share=0.2))
     if "baseline-compiled" in baselines and not args.skip_generate:  # the headline peer first: one compile
         phases.append(Phase("targets baseline-compiled GPT-XL b8 CFG",
                             [py, "benchmarks/bench_generate.py", "--engines", "baseline-compiled", "--preset", "XL",
@@ -192,6 +205,14 @@ def render(meta: dict, phases: list[Phase], args) -> str:
         out += kernel_table(csv_rows(kernels.stdout, "device"))
     out += ["", f"## Generation (bench_generate.py; {TOKENS} tokens, bf16, CFG 4.0, top-k 2000)", ""]
     out += generate_table(phases, args, meta.get("engines", []))
+    jacobi = next((p for p in phases if p.name.startswith("jacobi")), None)
+    if jacobi is not None:
+        out += ["", f"## Jacobi vs sequential decoding (bench_jacobi_throughput.py; GPT-XL, {TOKENS} tokens, bf16, "
+                f"CFG 4.0, top-k 2000, W = {JACOBI_WINDOW})", "",
+                "Random weights: their acceptance (passes per image) means nothing. `ms/pass` is the cost of one "
+                "window pass against one sequential step; `projected img/s` applies the compression measured on the "
+                f"trained mini world ({JACOBI_COMPRESSION}x, docs/decoding.md) to it.", ""]
+        out += jacobi_table(csv_rows(jacobi.stdout, "preset"))
     out += ["", "## Decode-engine targets (issue 12; H100, bf16, CFG 4.0, top-k 2000)", ""]
     out += targets_table(phases)
     return "\n".join(out) + "\n"
@@ -232,6 +253,17 @@ def targets_table(phases: list[Phase]) -> list[str]:
     for name, value, op, goal in checks:
         met = "–" if value is None else ("yes" if (value <= goal if op == "<=" else value >= goal) else "no")
         lines.append(f"| {name} | {'not measured' if value is None else _num(value, 3)} | {op} {goal} | {met} |")
+    return lines
+
+
+def jacobi_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["Not measured (the phase produced no rows; see its exit status above)."]
+    lines = ["| batch | decoding | img/s | forward passes | ms/pass | projected img/s | warm-up s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['decoding']} | {_num(r['images_per_s'])} | {r['forward_passes']} | "
+                     f"{_num(r['ms_per_pass'])} | {_num(r.get('projected_images_per_s'))} | {_num(r['warmup_s'])} |")
     return lines
 
 
@@ -324,6 +356,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-tests", action="store_true", help="do not run the gpu tests")
     p.add_argument("--skip-kernels", action="store_true", help="do not run bench_kernels.py")
     p.add_argument("--skip-generate", action="store_true", help="do not run bench_generate.py")
+    p.add_argument("--skip-jacobi", action="store_true", help="do not run bench_jacobi_throughput.py")
     p.add_argument("--out", default=None, help="report path (default: benchmarks/results/gpu_report_<date>_<gpu>.md)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit (works without CUDA)")
     args = p.parse_args(argv)

@@ -17,10 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_common import (Parser, add_compile_arg, add_condition_args, add_model_args, add_refine_args,
-                         add_sampling_args, add_threads_arg, add_vq_args, apply_threads, check_refine_args,
-                         checkpoint_source, guidance_from_args, int_at_least, int_in, load_conditions, load_gpt,
-                         load_refine, load_vq, positive_float, positive_int, print_json, run_subcommand)
+from .cli_common import (Parser, add_compile_arg, add_condition_args, add_decoding_args, add_model_args,
+                         add_refine_args, add_sampling_args, add_threads_arg, add_vq_args, apply_threads,
+                         check_refine_args, checkpoint_source, guidance_from_args, int_at_least, int_in,
+                         load_conditions, load_gpt, load_refine, load_vq, positive_float, positive_int, print_json,
+                         run_subcommand)
 from .files import check_output_dir
 
 MIN_GRID_TILE = 64  # --scale's default: the smallest upscaling that makes grid.png's tiles at least this wide (px)
@@ -70,12 +71,14 @@ def cmd_generate(args) -> int:
     todo = [index for index in batches if not all(paths[n].is_file() for n in index)]  # the rest: an earlier run's
     bar = tqdm(total=len(todo) * gpt.config.num_image_tokens, desc="tokens", unit="token", disable=args.quiet)
     t0 = time.perf_counter()
-    pixels, generated = {}, 0
+    pixels, generated, passes = {}, 0, 0.0
     for index in todo:
         rows = torch.tensor(index) // args.per_class
         condition = dict(class_labels=conds[rows]) if c2i else \
             dict(prompt_embeds=conds[rows], prompt_attention_mask=cond_mask[rows])
-        out = pipe(**condition, seed=args.seed, first_image_index=index[0], output_type="np", progress=bar)
+        out = pipe(**condition, seed=args.seed, first_image_index=index[0], output_type="np", progress=bar,
+                   decoding=args.decoding, jacobi_window=args.jacobi_window)
+        passes += out.stats["forward_passes_per_image"] * len(index)
         for n, image in zip(index, out.images):
             save_png(image, paths[n])
             pixels[n] = image
@@ -96,7 +99,9 @@ def cmd_generate(args) -> int:
               f"({seconds:.2f} s of generation + VQ decode on {args.device})", file=sys.stderr)
     print_json({"grid": str(grid), "images_dir": str(image_dir), "num_images": total, "images_generated": generated,
                 "tokens_per_image": gpt.config.num_image_tokens, "mode": args.mode, "cfg_scale": args.cfg_scale,
-                "top_k": args.top_k, "seed": args.seed, "seconds": round(seconds, 4),
+                "top_k": args.top_k, "seed": args.seed, "decoding": args.decoding,
+                "forward_passes_per_image": round(passes / generated, 3) if generated else None,
+                "seconds": round(seconds, 4),
                 "images_per_s": round(generated / seconds, 4) if generated and seconds > 0 else None,
                 "device": str(args.device)})
     return 0
@@ -150,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(g, cfg_default=4.0, top_k_default=2000)
     add_refine_args(g)
     g.add_argument("--cfg-interval", type=int_at_least(-1), default=-1, help="CFG for tokens 0..N+1 only (-1 = all)")
+    add_decoding_args(g)
     add_vq_args(g)
     g.add_argument("--nrow", type=positive_int, default=8,
                    help="images per row of grid.png: a row per class / caption, wrapped after this many")

@@ -384,6 +384,17 @@ def add_refine_args(p: argparse.ArgumentParser) -> None:
                    help="use a weak model trained for a same-shape base with different weights")
 
 
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    """How tokens are decoded (not which: Jacobi decoding returns the sequential tokens, docs/decoding.md)."""
+    from .jacobi import DECODINGS, DEFAULT_WINDOW
+
+    p.add_argument("--decoding", default="sequential", choices=DECODINGS,
+                   help="sequential: one forward pass per token; jacobi: windows of --jacobi-window tokens per pass, "
+                        "the same tokens in fewer passes (docs/decoding.md)")
+    p.add_argument("--jacobi-window", type=positive_int, default=DEFAULT_WINDOW,
+                   help="tokens predicted per forward pass with --decoding jacobi")
+
+
 def check_refine_args(args) -> None:
     """Argument-only checks of add_refine_args' options, run before any model is loaded."""
     schedule_given = any(getattr(args, k) is not None for k in

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from .cli_common import (Parser, add_compile_arg, add_condition_args, add_model_args, add_refine_args,
-                         add_sampling_args, add_vq_args, apply_threads, check_refine_args, checkpoint_source, float_in,
-                         load_conditions, load_gpt, load_refine, load_vq, non_negative_float, non_negative_int,
-                         positive_int, print_json, run_subcommand, seed_int)
+from .cli_common import (Parser, add_compile_arg, add_condition_args, add_decoding_args, add_model_args,
+                         add_refine_args, add_sampling_args, add_vq_args, apply_threads, check_refine_args,
+                         checkpoint_source, float_in, load_conditions, load_gpt, load_refine, load_vq,
+                         non_negative_float, non_negative_int, positive_int, print_json, run_subcommand, seed_int)
 from .errors import rank_and_world
 from .files import check_output_dir
 
@@ -135,7 +135,8 @@ def run_sample(args) -> dict:
                            per_condition=args.per_class, batch_size=args.batch_size, mode=args.mode, schedule=schedule,
                            weak_model=weak, weak_path=None if args.weak is None else checkpoint_source(args.weak),
                            cfg_scale=args.cfg_scale, w2s_scale=args.w2s_scale, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=not args.quiet)
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=not args.quiet,
+                           decoding=args.decoding, jacobi_window=args.jacobi_window)
     print_json(result)
     return result
 
@@ -151,6 +152,7 @@ def add_sample_subcommand(subparsers):
     add_vq_args(p)
     p.add_argument("--out", required=True, help="output directory: images/*.png, samples.npz, settings.json")
     add_refine_args(p)
+    add_decoding_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_compile_arg(p)
     p.set_defaults(func=_exit_status(run_sample), run=run_sample)

@@ -55,19 +55,37 @@ class StepRecord:
 
 @dataclass
 class GenerationStats:
-    """Base-model work, counted in rows: a row = one sequence through the base model for one step."""
-    step_rows: list = field(default_factory=list)  # rows computed at the step producing token i
+    """Base-model work, counted in rows: a row = one sequence through the base model at one position.
+
+    Sequential decoding: one forward pass per token, `step_rows[i]` rows at the pass producing token i.
+    Jacobi decoding (jacobi.py): `step_rows[p]` = rows x window positions of forward pass p, and the pass counts
+    below say how many passes the images needed."""
+    step_rows: list = field(default_factory=list)  # row-positions computed by each decoding forward pass
     catchup_rows: int = 0  # row-positions of catch-up prefills of the uncond half
     catchup_calls: int = 0
-    weak_steps: int = 0
+    weak_steps: int = 0  # weak-model positions computed per image
+    forward_passes: int = 0  # base-model decoding forward calls (the prefill pass included; catch-ups not)
+    passes_per_image: list = field(default_factory=list)  # [B]: the pass after which image b was complete
+    accepted_per_pass: list = field(default_factory=list)  # tokens that became final at each pass (all images)
 
     @property
     def base_rows(self) -> int:
         return sum(self.step_rows) + self.catchup_rows
 
     def as_dict(self) -> dict:
+        per_image = list(self.passes_per_image)
         return dict(step_rows=list(self.step_rows), base_rows=self.base_rows, catchup_rows=self.catchup_rows,
-                    catchup_calls=self.catchup_calls, weak_steps=self.weak_steps)
+                    catchup_calls=self.catchup_calls, weak_steps=self.weak_steps,
+                    forward_passes=self.forward_passes, forward_passes_per_image=per_image,
+                    forward_passes_mean=sum(per_image) / len(per_image) if per_image else 0.0,
+                    accepted_per_pass=list(self.accepted_per_pass))
+
+    def sequential(self, batch: int, num_tokens: int) -> "GenerationStats":
+        """Fill the pass counts of sequential decoding: one pass per token, every image complete after N."""
+        self.forward_passes = num_tokens
+        self.passes_per_image = [num_tokens] * batch
+        self.accepted_per_pass = [batch] * num_tokens
+        return self
 
 
 def addresses(module) -> tuple:
@@ -98,10 +116,50 @@ def catch_up_uncond(gpt, cache: KVCache, null_prefix: torch.Tensor, tokens: torc
     return gpt.forward_hidden(torch.cat(parts, dim=1), cache, start=filled, row_start=B, backend=backend)[:, -1]
 
 
+def mode_logits(gpt, mode: str, batch: int, hidden: torch.Tensor, weak_hidden: Optional[torch.Tensor]):
+    """The logits a mode samples from, with one head GEMM over exactly the rows it needs.
+
+    hidden [R, ..., d] (cond rows 0:B first, uncond B:2B when computed), weak_hidden [B, ..., d] | None ->
+    (cond, uncond, weak, sample_mode, logits): each [B, ..., V] fp32 or None, the mode to pass to the sampler
+    (fast samples the weak prediction as a plain conditional row) and the GEMM's output [k*B, ..., V]."""
+    spec = MODE_TABLE[mode]
+    B = batch
+    base_rows = hidden[:2 * B] if spec.cond_logits and spec.uncond else \
+        hidden[:B] if spec.cond_logits else hidden[B:2 * B] if spec.uncond else None
+    parts = ([] if base_rows is None else [base_rows]) + ([weak_hidden.to(hidden.dtype)] if spec.weak else [])
+    logits = gpt.head(parts[0] if len(parts) == 1 else torch.cat(parts))  # one GEMM, fp32 [k*B, ..., V]
+    split = list(logits.split(B))
+    cond = split.pop(0) if spec.cond_logits else None
+    uncond = split.pop(0) if spec.uncond else None
+    weak = split.pop(0) if spec.weak else None
+    if mode == "fast":  # out = w: the weak prediction sampled as a plain conditional row
+        cond, weak, mode = weak, None, "cond"
+    return cond, uncond, weak, mode, logits
+
+
+@dataclass
+class Request:
+    """One request's shape facts, set up by `Engine.begin_request` (shared by sequential and Jacobi decoding)."""
+    batch: int
+    num_tokens: int
+    uses_uncond: bool
+    all_rows_always: bool  # compact_rows=False: the uncond half is computed at every step once any token needs it
+    weak: Optional[torch.nn.Module]  # the weak model when any token uses it, else None
+    cond: torch.Tensor  # on the device
+    mask: Optional[torch.Tensor]  # bool [B, T] on the device, or None
+
+    def rows(self, mode: str) -> int:
+        """Base rows a step of `mode` computes: [cond; uncond] when it (or compact_rows=False) needs them."""
+        return 2 * self.batch if MODE_TABLE[mode].uncond or self.all_rows_always else self.batch
+
+
 class Engine:
     def __init__(self, gpt, *, use_graphs: Optional[bool] = None, steps_per_graph: int = STEPS_PER_GRAPH,
-                 bucket: int = BUCKET, backend: Optional[str] = None):
-        for name, value in (("steps_per_graph", steps_per_graph), ("bucket", bucket)):
+                 bucket: int = BUCKET, backend: Optional[str] = None, passes_per_graph: int = 1):
+        """`passes_per_graph`: Jacobi window passes per graph replay (the host reads the frontier once per
+        replay; passes after a segment is complete are no-ops, counted in the stats)."""
+        for name, value in (("steps_per_graph", steps_per_graph), ("bucket", bucket),
+                            ("passes_per_graph", passes_per_graph)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgument(f"{name} must be an integer >= 1, got {value!r}")
         if backend not in (None, "torch", "triton"):
@@ -110,6 +168,7 @@ class Engine:
         self.bucket = bucket
         self.use_graphs_setting = use_graphs
         self.steps_per_graph = int(steps_per_graph)
+        self.passes_per_graph = int(passes_per_graph)
         self.backend_setting = backend
         self.cache: Optional[KVCache] = None
         self.weak_cache: Optional[KVCache] = None
@@ -117,6 +176,7 @@ class Engine:
         self.graphs: Optional[StepGraphs] = None
         self.binding = None  # addresses the captured graphs depend on
         self.allocations = 0  # cache (re)allocations so far: part of the binding
+        self.jacobi_buffers = None  # (binding, jacobi.WindowState) of Jacobi decoding, made by its first request
 
     # ------------------------------------------------------------------ settings
     @property
@@ -180,24 +240,18 @@ class Engine:
         self.counters.zero_()
         self.finite.fill_(True)
 
+    def request_knobs(self, batch: int) -> dict:
+        """The sampler's per-row knobs of the current request (device tensors [B])."""
+        return {name: t[:batch] for name, t in self.knobs.items()}
+
     # ------------------------------------------------------------------ one step (device-only)
     def _sample(self, mode: str, batch: int, hidden: torch.Tensor, weak_hidden: Optional[torch.Tensor],
                 record: bool) -> None:
         """hidden [R, d] (cond rows first), weak_hidden [B, d] | None -> token written at the token index."""
-        gpt = self.gpt
         spec = MODE_TABLE[mode]
         B = batch
-        base_rows = hidden[:2 * B] if spec.cond_logits and spec.uncond else \
-            hidden[:B] if spec.cond_logits else hidden[B:2 * B] if spec.uncond else None
-        parts = ([] if base_rows is None else [base_rows]) + ([weak_hidden.to(hidden.dtype)] if spec.weak else [])
-        logits = gpt.head(parts[0] if len(parts) == 1 else torch.cat(parts))  # one GEMM, fp32 [k*B, V]
-        split = list(logits.split(B))
-        cond = split.pop(0) if spec.cond_logits else None
-        uncond = split.pop(0) if spec.uncond else None
-        weak = split.pop(0) if spec.weak else None
-        if mode == "fast":  # out = w: the weak prediction sampled as a plain conditional row
-            cond, weak, mode = weak, None, "cond"
-        knobs = {name: t[:B] for name, t in self.knobs.items()}
+        cond, uncond, weak, mode, logits = mode_logits(self.gpt, mode, B, hidden, weak_hidden)
+        knobs = self.request_knobs(B)
         result = guided_sample(cond, uncond, weak, mode=mode, **knobs, seeds=self.keys[:B],
                                offset=self.counters[3:4], return_mixed=record, check_values=False,
                                backend=self.backend_now)
@@ -232,30 +286,45 @@ class Engine:
     @torch.inference_mode()
     def run(self, cond: torch.Tensor, cond_mask: Optional[torch.Tensor], modes: list[str], *, keys: torch.Tensor,
             knobs: dict, weak=None, compact_rows: bool = True, on_step: Optional[Callable] = None,
-            progress_bar=None) -> tuple[torch.Tensor, GenerationStats]:
-        """cond [B] / [B, T, C] (validated), modes [N] (one per token) -> (tokens [B, N] view, stats)."""
+            progress_bar=None, jacobi=None) -> tuple[torch.Tensor, GenerationStats]:
+        """cond [B] / [B, T, C] (validated), modes [N] (one per token) -> (tokens [B, N] view, stats).
+
+        `jacobi`: None (sequential decoding, one token per step) or a `jacobi.JacobiSettings` (window decoding
+        with the same tokens in fewer forward passes, run by `jacobi.run_static` on this engine's state)."""
         # Graph capture and Triton launches use the *current* CUDA device: make it the model's.
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
-            return self._run(cond, cond_mask, modes, keys, knobs, weak, compact_rows, on_step, progress_bar)
+            request = self.begin_request(cond, cond_mask, modes, keys, knobs, weak, compact_rows)
+            if jacobi is not None:
+                from .jacobi import run_static
 
-    def _run(self, cond, cond_mask, modes, keys, knobs, weak, compact_rows, on_step, progress_bar):
-        gpt = self.gpt
+                return run_static(self, request, modes, jacobi, progress_bar)
+            return self._run(request, modes, on_step, progress_bar)
+
+    def begin_request(self, cond, cond_mask, modes, keys, knobs, weak, compact_rows) -> Request:
+        """Caches and buffers that fit the request, the backend, the request's keys and knobs, the prefix mask."""
         B, N = cond.shape[0], len(modes)
-        T = gpt.config.cls_token_num
+        T = self.gpt.config.cls_token_num
         uses_uncond, uses_weak = needs_uncond(modes), needs_weak(modes)
-        all_rows_always = uses_uncond and not compact_rows  # LlamaGen: compute the uncond half, discard if unneeded
-        rows_total = 2 * B if uses_uncond else B
         weak = weak if uses_weak else None
-        self._ensure(B, rows_total, T + N, weak)
+        self._ensure(B, 2 * B if uses_uncond else B, T + N, weak)
         self.backend_now = self.backend
         # Graphs need the fused backend: the torch reference sampler syncs with the host (so without Triton on
         # CUDA the same steps run eagerly; the dispatch logs why).
         self.graphs_now = self.graphs is not None and self.backend_now == "triton"
         self._load_request(B, keys, knobs)
         device = self.device
-        cond = cond.to(device)
         mask = None if cond_mask is None else cond_mask.to(device=device, dtype=torch.bool)
         self.cache.set_prefix_mask(mask, copies=2 if uses_uncond else 1)
+        cond = cond.to(device)
+        self.null_prefix = self.gpt.condition_embeddings(self.gpt.null_condition(B, cond)) if uses_uncond else None
+        # LlamaGen (compact_rows=False): compute the uncond half at every step once any token needs it
+        return Request(B, N, uses_uncond, uses_uncond and not compact_rows, weak, cond, mask)
+
+    def _run(self, request: Request, modes, on_step, progress_bar):
+        gpt = self.gpt
+        B, N, weak, cond, mask = request.batch, request.num_tokens, request.weak, request.cond, request.mask
+        T = gpt.config.cls_token_num
+        all_rows_always = request.all_rows_always
         stats = GenerationStats()
         record = on_step is not None
         if record:
@@ -264,7 +333,6 @@ class Engine:
         # ---- token 0: eager prefill of the prefix (both halves if token 0 needs them), then one sample
         run_u = MODE_TABLE[modes[0]].uncond or all_rows_always
         prefix = gpt.condition_embeddings(cond)
-        self.null_prefix = gpt.condition_embeddings(gpt.null_condition(B, cond)) if uses_uncond else None
         if run_u:
             prefix = torch.cat([prefix, self.null_prefix])
         hidden = gpt.forward_hidden(prefix, self.cache, backend=self.backend_now)[:, -1]
@@ -292,7 +360,7 @@ class Engine:
             rows = 2 * B if run_u else B
             position = T + i - 1  # fed at token i's step
             if run_u and uncond_filled < position:
-                self._catch_up(B, uncond_filled, position)
+                self.catch_up(B, uncond_filled, position)
                 stats.catchup_rows += B * (position - uncond_filled)
                 stats.catchup_calls += 1
             run_end = i
@@ -312,7 +380,7 @@ class Engine:
             if run_u:
                 uncond_filled = T + i - 1
         stats.weak_steps = N if weak is not None else 0
-        return self.tokens_out[:B, :N], stats
+        return self.tokens_out[:B, :N], stats.sequential(B, N)
 
     def _max_ends(self, first_position: int, weak) -> tuple[int, int]:
         """Host bounds of the keys a chunk starting at `first_position` may read (base, weak)."""
@@ -347,7 +415,8 @@ class Engine:
         self.tokens_in.copy_(tokens_in)
         self.finite.copy_(finite)
 
-    def _catch_up(self, batch: int, filled: int, position: int) -> None:
+    def catch_up(self, batch: int, filled: int, position: int) -> None:
+        """Prefill the uncond rows over positions filled..position-1 from the tokens written so far."""
         hidden = catch_up_uncond(self.gpt, self.cache, self.null_prefix, self.tokens_out[:batch], filled, position,
                                  self.backend_now)
         self.finite.logical_and_(torch.isfinite(hidden).all())

@@ -22,6 +22,9 @@ Contract:
   * Before allocating, the KV cache + workspaces are checked against the device's free memory (`memory.py`).
   * NaN/inf in any hidden state (base rows, weak predictions) is accumulated on the device and raised once at
     the end (FloatingPointError).
+  * Decoding: "sequential" (one forward pass per token, the default) or "jacobi" (`jacobi.py`, docs/decoding.md):
+    windows of `jacobi_window` tokens per forward pass that return the sequential tokens (the per-token noise is
+    fixed) in fewer passes, on either engine.
 
 Weak model (CoRe^2, weak_model.py): stepped at every token whenever any token uses fast/slow, so its own cache
 never has holes; its hidden prediction goes through the frozen base head.
@@ -37,6 +40,7 @@ from .engine import Engine, GenerationStats, StepRecord, catch_up_uncond  # noqa
 from .errors import InvalidArgument, check_int
 from .guidance import guided_sample
 from .guidance_config import MODE_TABLE, GuidanceConfig, needs_uncond, needs_weak, require_weak
+from .jacobi import DEFAULT_WINDOW, check_decoding, run_eager as run_jacobi_eager
 from .memory import check_fits, estimate_generation_bytes
 from .seeding import row_keys
 
@@ -56,8 +60,9 @@ def _check_args(gpt, cond, cond_mask, num_tokens, guidance: GuidanceConfig) -> t
     return B, N
 
 
-def _check_memory(gpt, B: int, rows: int, N: int, state: Optional[Engine]) -> None:
-    """Refuse a batch whose KV cache + workspaces do not fit; a cache that must grow is released first."""
+def _check_memory(gpt, B: int, rows: int, N: int, state: Optional[Engine], window: int) -> None:
+    """Refuse a batch whose KV cache + workspaces (for `window` positions per pass) do not fit; a cache that must
+    grow is released first."""
     weight = gpt.output.weight
     T = gpt.config.cls_token_num
     resident = state is not None and state.cache is not None and \
@@ -65,7 +70,7 @@ def _check_memory(gpt, B: int, rows: int, N: int, state: Optional[Engine]) -> No
     if state is not None and not resident:
         state.cache = None  # the engine would otherwise hold the old and the new cache at once
     need = estimate_generation_bytes(gpt.config, batch=B, rows=rows, num_tokens=N, dtype=weight.dtype,
-                                     cache_resident=resident)
+                                     cache_resident=resident, positions_per_pass=window)
     check_fits(need, weight.device, f"batch {B} ({rows} cache rows x {T + N} positions, KV cache + sampling "
                                     f"workspace)")
 
@@ -95,6 +100,9 @@ def generate(
     return_stats: bool = False,
     engine: Union[str, Engine] = "auto",
     compact_rows: bool = True,
+    decoding: str = "sequential",
+    jacobi_window: int = DEFAULT_WINDOW,
+    jacobi_guess: str = "left",
 ):
     """Sample image tokens [B, N] for conditions `cond` (class ids [B] or caption features [B, T, C] + cond_mask).
 
@@ -102,6 +110,9 @@ def generate(
     individual knobs given here overriding its fields; top_k larger than the vocabulary = the full vocabulary.
     Randomness: `seed`, one `generator` or a list of B generators (one per image), or per-image Philox keys
     `seeds` [B] directly (`seeding.row_keys`); none of them = a fresh random seed.
+    Decoding: "sequential" (one forward pass per token) or "jacobi" (jacobi.py: windows of `jacobi_window` tokens
+    per forward pass, the same tokens in fewer passes; `jacobi_guess` = first guess of unpredicted tokens; no
+    `on_step`). `return_stats=True` reports forward_passes (per batch, per image, mean) and accepted_per_pass.
     `progress`: True draws a "tokens" bar on stderr that ends at N/N; a progress bar object (anything with
     `update(n)`, e.g. a tqdm bar) is advanced by one per token instead, so one bar can span several calls.
     """
@@ -111,6 +122,10 @@ def generate(
         raise InvalidArgument(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
     guidance = (guidance or GuidanceConfig()).replace(**{k: v for k, v in overrides.items() if v is not None})
     B, N = _check_args(gpt, cond, cond_mask, num_tokens, guidance)
+    jacobi = check_decoding(decoding, jacobi_window, jacobi_guess)
+    if jacobi is not None and on_step is not None:
+        raise InvalidArgument("on_step records sequential decoding steps (Collect uses it); decoding='jacobi' has "
+                              "no such steps: use decoding='sequential' with on_step")
     if not isinstance(engine, Engine) and engine not in ENGINES:
         raise InvalidArgument(f"engine must be one of {ENGINES} or an Engine, got {engine!r}")
     if isinstance(engine, Engine) and engine.gpt is not gpt:
@@ -141,16 +156,20 @@ def generate(
     device = gpt.output.weight.device
     static = isinstance(engine, Engine) or engine == "static" or (engine == "auto" and device.type == "cuda")
     state = engine if isinstance(engine, Engine) else (Engine(gpt) if static else None)
-    _check_memory(gpt, B, 2 * B if uses_uncond else B, N, state)
+    _check_memory(gpt, B, 2 * B if uses_uncond else B, N, state, 1 if jacobi is None else jacobi.window)
     # A bar of its own ends drawn at N/N and stays (tqdm redraws at most every 0.1 s: close() draws the last state).
     own_bar = not hasattr(progress, "update")
     bar = tqdm(total=N, disable=not progress, desc="tokens", unit="token") if own_bar else progress
+    weak = weak_model if uses_weak else None
     if state is not None:
-        tokens, stats, finite = _run_static(state, cond, cond_mask, modes, keys, guidance,
-                                            weak_model if uses_weak else None, compact_rows, on_step, bar)
+        tokens, stats, finite = _run_static(state, cond, cond_mask, modes, keys, guidance, weak, compact_rows,
+                                            on_step, bar, jacobi)
+    elif jacobi is not None:
+        tokens, stats, finite = run_jacobi_eager(gpt, cond, cond_mask, modes, keys.to(device),
+                                                 guidance.sampling_knobs(), weak, compact_rows, jacobi, bar)
     else:
-        tokens, stats, finite = _run_eager(gpt, cond, cond_mask, modes, keys.to(device), guidance,
-                                           weak_model if uses_weak else None, compact_rows, on_step, bar)
+        tokens, stats, finite = _run_eager(gpt, cond, cond_mask, modes, keys.to(device), guidance, weak,
+                                           compact_rows, on_step, bar)
     if own_bar:
         bar.close()
     # One host sync for the whole run: a NaN/inf hidden state anywhere means the tokens are garbage.
@@ -160,9 +179,9 @@ def generate(
     return (tokens, stats.as_dict()) if return_stats else tokens
 
 
-def _run_static(state: Engine, cond, cond_mask, modes, keys, guidance, weak, compact_rows, on_step, bar):
+def _run_static(state: Engine, cond, cond_mask, modes, keys, guidance, weak, compact_rows, on_step, bar, jacobi):
     tokens, stats = state.run(cond, cond_mask, modes, keys=keys, knobs=guidance.sampling_knobs(), weak=weak,
-                              compact_rows=compact_rows, on_step=on_step, progress_bar=bar)
+                              compact_rows=compact_rows, on_step=on_step, progress_bar=bar, jacobi=jacobi)
     return tokens.clone(), stats, state.finite.clone()
 
 
@@ -222,4 +241,4 @@ def _run_eager(gpt, cond, cond_mask, modes, keys, guidance, weak, compact_rows, 
         if on_step is not None:
             on_step(StepRecord(i, m, next_tokens, h_c, hidden[B:2 * B] if spec.uncond else None, weak_logits, mixed))
         bar.update(1)
-    return tokens, stats, finite
+    return tokens, stats.sequential(B, N), finite

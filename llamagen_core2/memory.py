@@ -51,13 +51,16 @@ def weight_bytes(module: torch.nn.Module) -> int:
 
 
 def estimate_generation_bytes(config, *, batch: int, rows: int, num_tokens: int, dtype: torch.dtype,
-                              weights: int = 0, cache_resident: bool = False) -> int:
+                              weights: int = 0, cache_resident: bool = False, positions_per_pass: int = 1) -> int:
     """Device bytes a generate() call still needs: KV cache (unless already allocated) + workspaces + weights
-    (pass `weights=0` when the model is already on the device)."""
-    max_len = config.cls_token_num + num_tokens
+    (pass `weights=0` when the model is already on the device). `positions_per_pass` > 1: Jacobi windows (the
+    logits of every window position, the prefill with the window appended, window-by-cache attention scores)."""
+    T, W = config.cls_token_num, positions_per_pass
+    max_len = T + num_tokens
     kv = 0 if cache_resident else kv_cache_bytes(config, rows, max_len, dtype)
-    return (weights + kv + sampling_workspace_bytes(rows, config.vocab_size)
-            + activation_bytes(config, rows, config.cls_token_num, dtype) + batch * num_tokens * 8)
+    window_scores = rows * config.n_head * W * max_len * 4 if W > 1 else 0
+    return (weights + kv + sampling_workspace_bytes(rows * W, config.vocab_size)
+            + activation_bytes(config, rows, T + W - 1, dtype) + window_scores + batch * num_tokens * 8)
 
 
 def available_bytes(device) -> Optional[int]:

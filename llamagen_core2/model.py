@@ -208,10 +208,12 @@ def run_blocks(layers: nn.ModuleList, final_norm: RMSNorm, rope: torch.Tensor, x
       * decode step with a cache: L == 1 at `position` (a device LongTensor [1], never read on the host, so the
         step can be captured in a CUDA graph); max_end is a host bound >= position + 1. With the Triton backend
         the decode-attention kernel walks only keys 0..position; the torch reference reads [:max_end] masked.
+        L > 1 at `position` is a window at positions position..position+L-1 (Jacobi decoding, docs/decoding.md):
+        attention through SDPA over [:max_end] with the causal mask built on the device (graph-capturable).
     """
     R, L, _ = x.shape
     if position is not None:
-        positions = position
+        positions = position if L == 1 else position + torch.arange(L, device=x.device)
     else:
         positions = torch.arange(start, start + L, device=x.device)
     if cache is None:
@@ -224,7 +226,7 @@ def run_blocks(layers: nn.ModuleList, final_norm: RMSNorm, rope: torch.Tensor, x
     else:
         end = max_end if max_end is not None else start + L
         key_valid = None if cache.key_valid is None else cache.key_valid[row_start:row_start + R]
-    fused_decode = position is not None and backend != "torch"
+    fused_decode = position is not None and L == 1 and backend != "torch"
     mask = None
     if not fused_decode and not (position is None and L == 1 and key_valid is None and end == start + 1):
         mask = block_ops.attention_mask(positions, end, key_valid)
@@ -371,12 +373,13 @@ class GPT(nn.Module):
                        position: Optional[torch.Tensor] = None, row_start: int = 0, max_end: Optional[int] = None,
                        prefix_valid: Optional[torch.Tensor] = None, backend: str = "torch") -> torch.Tensor:
         """x [R, L, d] embeddings -> final normed hidden [R, L, d]; see `run_blocks` for the three uses
-        (no cache / prefill at host positions start.. / decode step at a device position)."""
+        (no cache / prefill at host positions start.. / decode step or window at a device position)."""
         R, L, _ = x.shape
         if cache is None and (start != 0 or position is not None):
             raise InvalidArgument("forward_hidden without a KV cache runs positions 0..L-1 (start=0, no position)")
-        if position is not None and (L != 1 or max_end is None):
-            raise InvalidArgument("a decode step at a device position takes one input per row (L == 1) and max_end")
+        if position is not None and max_end is None:
+            raise InvalidArgument("a decode step (or window) at a device position needs max_end, a host bound on the "
+                                  "keys it reads")
         end = max_end if max_end is not None else start + L
         if cache is not None and (row_start + R > cache.rows or end > cache.max_len or start + L > end):
             raise InvalidArgument(f"cache of {cache.rows} rows x {cache.max_len} positions cannot hold rows "

@@ -9,7 +9,7 @@ Contract:
     (LlamaGen's sample_t2i.py). `from_pretrained(gpt, vq, ...)` loads the parts from local paths or Hub ids.
   * `pipe(class_labels=... | prompt=... | prompt_embeds=..., num_images_per_prompt=1, guidance=None,
     generator=None, seed=None, batch_size=None, output_type="pil", return_dict=True, progress=True,
-    guidance_scale=None)`.
+    guidance_scale=None, decoding="sequential", jacobi_window=16)`.
     Images are condition-major: the `num_images_per_prompt` images of condition 0 first.
   * Seed rule (seeding.py): image i of a call uses the Philox key `image_key(s, first_image_index + i)`, with s =
     `seed`, or one draw from `generator`; with a list of generators (one per image) image i uses the first key of
@@ -26,7 +26,10 @@ Contract:
   * `guidance_scale=` (diffusers' name) sets the CFG scale of this call: `guidance.cfg_scale` of the pipeline's
     guidance, or of `guidance=` when both are given and agree (InvalidArgument when they disagree).
   * return_dict=True -> `LlamaGenPipelineOutput(images, tokens, stats)`; False -> `(images,)`, or `(tokens,)`
-    for output_type "tokens". `stats`: base-model rows and weak steps (generate()'s counts) and seconds.
+    for output_type "tokens". `stats`: base-model rows and weak steps (generate()'s counts), forward passes (per
+    batch summed, and the mean per image) and seconds.
+  * `decoding="jacobi"` (`jacobi_window` tokens per forward pass, docs/decoding.md) returns the tokens of the
+    default `decoding="sequential"` for the same seed in fewer forward passes; it is not an image setting.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from .engine import Engine
 from .errors import InvalidArgument, check_has_values, check_int, check_number
 from .generate import generate
 from .guidance_config import GuidanceConfig, require_weak
+from .jacobi import DEFAULT_WINDOW, check_decoding
 from .images import to_pil_images, to_uint8
 from .seeding import row_keys
 
@@ -203,8 +207,10 @@ class LlamaGenPipeline:
                  num_images_per_prompt: int = 1, guidance: Optional[GuidanceConfig] = None,
                  generator: Generators = None, seed: Optional[int] = None, first_image_index: int = 0,
                  batch_size: Optional[int] = None, output_type: str = "pil", return_dict: bool = True,
-                 progress=True, guidance_scale: Optional[float] = None):
+                 progress=True, guidance_scale: Optional[float] = None, decoding: str = "sequential",
+                 jacobi_window: int = DEFAULT_WINDOW):
         num_images_per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, minimum=1)
+        check_decoding(decoding, jacobi_window)
         batch_size = None if batch_size is None else check_int("batch_size", batch_size, minimum=1)
         if output_type not in OUTPUT_TYPES:
             raise InvalidArgument(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -233,8 +239,8 @@ class LlamaGenPipeline:
         device, vq_device = self.device, self.vq.post_quant_conv.weight.device
 
         tokens_out, images_out = [], []
-        stats = dict(images=total, base_rows=0, catchup_rows=0, weak_steps_per_image=0.0, generate_seconds=0.0,
-                     decode_seconds=0.0)
+        stats = dict(images=total, base_rows=0, catchup_rows=0, weak_steps_per_image=0.0, forward_passes=0,
+                     forward_passes_per_image=0.0, generate_seconds=0.0, decode_seconds=0.0)
         batches = range(0, total, step)
         # One "tokens" bar over every batch of the call (or the caller's bar), drawn to its end.
         own_bar = not hasattr(progress, "update")
@@ -251,9 +257,11 @@ class LlamaGenPipeline:
                                          cond_mask=None if mask is None else mask[rows].to(device),
                                          guidance=guidance, seeds=keys[start:start + step],
                                          weak_model=self.weak_model, progress=bar, return_stats=True,
-                                         engine=self.engine)
+                                         engine=self.engine, decoding=decoding, jacobi_window=jacobi_window)
             t1 = time.perf_counter()
             stats["base_rows"] += gen_stats["base_rows"]
+            stats["forward_passes"] += gen_stats["forward_passes"]
+            stats["forward_passes_per_image"] += gen_stats["forward_passes_mean"] * len(rows) / total
             stats["catchup_rows"] += gen_stats["catchup_rows"]
             stats["weak_steps_per_image"] += gen_stats["weak_steps"] * len(rows) / total
             stats["generate_seconds"] += t1 - t0

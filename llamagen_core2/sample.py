@@ -11,7 +11,8 @@ Contract:
     `settings.json` records the run's settings; rerunning with other settings in the same directory is refused
     (naming each difference) once it holds an image (run_settings.py, the rule `generate` and `collect` share);
     every argument is validated before anything is written.
-  * Resume: a group whose PNGs all exist is skipped, so a killed run loses at most the groups in flight.
+  * Resume: a group whose PNGs all exist is skipped, so a killed run loses at most the groups in flight. The
+    decoding (sequential or Jacobi, which returns the same tokens) is not a setting: a run resumes with either.
   * torchrun: RANK / WORLD_SIZE give rank r the groups g with g % WORLD_SIZE == r; with a process group
     initialised (gloo/nccl), ranks meet at a barrier and rank 0 writes the npz.
 """
@@ -32,6 +33,7 @@ from .errors import InvalidArgument, check_int, rank_and_world
 from .files import atomic_write
 from .guidance_config import GuidanceConfig, Schedule, check_mode, require_weak
 from .images import save_png
+from .jacobi import DEFAULT_WINDOW, check_decoding
 from .pipeline import LlamaGenPipeline
 from .run_settings import check_run_settings
 from .seeding import check_seed
@@ -93,8 +95,13 @@ def sample_images(
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     progress: bool = True,
+    decoding: str = "sequential",
+    jacobi_window: int = DEFAULT_WINDOW,
 ) -> dict:
-    """Generate and save images; returns {"images_written", "groups_run", "npz", "seconds", "base_rows", ...}."""
+    """Generate and save images; returns {"images_written", "groups_run", "npz", "seconds", "base_rows", ...}.
+
+    `decoding` / `jacobi_window` choose how the tokens are decoded, not which: Jacobi decoding returns the
+    sequential tokens (docs/decoding.md), so they are not settings and a run resumes with either."""
     c = gpt.config
     for name, value in (("per_condition", per_condition), ("batch_size", batch_size)):
         check_int(name, value, minimum=1)
@@ -102,6 +109,7 @@ def sample_images(
                               temperature=temperature, top_k=top_k, top_p=top_p)
     require_weak(guidance.token_modes(c.num_image_tokens), weak_model)
     check_seed(seed)
+    check_decoding(decoding, jacobi_window)
     rank, world_size = rank_and_world(rank, world_size)
     pipe = LlamaGenPipeline(gpt, vq, weak_model=weak_model, guidance=guidance)
     M, pick = check_conditions(gpt, conditions, caption_mask)
@@ -115,7 +123,8 @@ def sample_images(
     out_dir = Path(out_dir)
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    # Not the batch size: image n does not depend on it (the seed rule), so a rerun with another one resumes.
+    # Not the batch size: image n does not depend on it (the seed rule), so a rerun with another one resumes. Nor
+    # the decoding: Jacobi decoding returns the sequential tokens.
     settings = dict(conditions=cond_meta, num_conditions=M, per_condition=per_condition, mode=mode, schedule=None if schedule is None else list(schedule), weak=weak_path,
                     cfg_scale=float(cfg_scale), w2s_scale=float(w2s_scale), temperature=float(temperature),
                     top_k=int(top_k), top_p=float(top_p), seed=int(seed), seed_rule=SEED_RULE, gpt=c.to_dict())
@@ -128,15 +137,17 @@ def sample_images(
 
     mine = [g for g in range(num_groups) if g % world_size == rank
             and not all(png(i).is_file() for i in range(g * batch_size, min((g + 1) * batch_size, total)))]
-    started, written, base_rows = time.perf_counter(), 0, 0
+    started, written, base_rows, forward_passes = time.perf_counter(), 0, 0, 0
     for g in tqdm(mine, desc=f"sample rank {rank}/{world_size}", disable=not progress, unit="batch"):
         index = torch.arange(g * batch_size, min((g + 1) * batch_size, total))
         cond_index = index // per_condition
         condition = dict(class_labels=conds[cond_index]) if c.model_type == "c2i" else \
             dict(prompt_embeds=conds[cond_index],
                  prompt_attention_mask=None if caption_mask is None else caption_mask[cond_index])
-        out = pipe(**condition, seed=seed, first_image_index=int(index[0]), output_type="np", progress=False)
+        out = pipe(**condition, seed=seed, first_image_index=int(index[0]), output_type="np", progress=False,
+                   decoding=decoding, jacobi_window=jacobi_window)
         base_rows += out.stats["base_rows"]
+        forward_passes += out.stats["forward_passes"]
         for i, image in zip(index.tolist(), out.images):
             save_png(image, png(i))
         written += len(index)
@@ -160,4 +171,4 @@ def sample_images(
             _atomic_savez(npz, arr_0=arr, labels=labels.numpy())
     return dict(images_written=written, groups_run=len(mine), total_images=total, npz=None if npz is None else str(npz),
                 seconds=seconds, images_per_second=written / seconds if seconds > 0 and written else None,
-                base_rows=base_rows)
+                base_rows=base_rows, forward_passes=forward_passes)

@@ -97,3 +97,20 @@ def test_engine_targets_are_checked_against_the_measured_rows():
     assert "| CoRe^2 fast / CFG images/s, GPT-XL b64 x 256 | 1.562 | >= 1.4 | yes |" in table
     assert "| GPT-B b1 CFG ms/step | not measured | <= 0.3 | – |" in table
     assert "s/image incl. VQ decode | 0.800 | <= 1.0 | yes |" in table
+
+
+def test_jacobi_phase_is_planned_and_its_rows_become_a_table(single_thread, capsys):
+    """The Jacobi phase runs bench_jacobi_throughput.py (here on CPU, tiny model, 24 tokens) and the report reads
+    its CSV rows."""
+    report = _load("gpu_report")
+    args = Namespace(presets=["XL"], batches=[8], modes=["cfg"], skip_tests=True, skip_kernels=True,
+                     skip_generate=False, skip_jacobi=False)
+    phase = next(p for p in report.plan(args, ["ours"]) if p.name.startswith("jacobi"))
+    assert "bench_jacobi_throughput.py --preset XL --batch 1 8" in phase.command
+    _load("bench_jacobi_throughput").main(["--preset", "tiny", "--batch", "2", "--num-tokens", "24", "--device",
+                                           "cpu"])
+    rows = report.csv_rows(capsys.readouterr().out, "preset")
+    assert [r["decoding"] for r in rows] == ["sequential", "jacobi"]
+    assert int(rows[0]["forward_passes"]) == 24 and int(rows[1]["forward_passes"]) <= 24
+    table = "\n".join(report.jacobi_table(rows))
+    assert "| 2 | jacobi |" in table and "| 2 | sequential |" in table

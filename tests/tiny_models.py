@@ -57,6 +57,12 @@ class ScaledCondWeak(torch.nn.Module):
         self.steps.append((start if position is None else int(position)) - self.cls_token_num)
         return self.scale * hidden_cond
 
+    def window_hidden(self, hidden_cond, cache, *, start=None, position=None, max_end=None, backend="torch"):
+        """hidden_cond [B, L, d]: L steps at once (Jacobi decoding); records the L token indices."""
+        first = (start if position is None else int(position)) - self.cls_token_num
+        self.steps.extend(range(first, first + hidden_cond.shape[1]))
+        return self.scale * hidden_cond
+
 
 TINY_VQ = dict(ch=16, z_channels=16, codebook_size=97, codebook_embed_dim=8, norm_groups=8, ch_mult=(1, 1, 1))
 
