@@ -5,9 +5,9 @@ Contract (same semantics as `llamagen_core2.guidance.guided_sample`, the torch r
     mode               : "cond" | "cfg" | "fast" | "slow"  (see guidance.py for the formulas)
     cfg_scale, w2s_scale, temperature, top_k, top_p : Python numbers or per-row tensors [B]
     seeds, offset      : Philox keys (an int, or an int64 tensor [1] or [B]) and the counter base
-                         (an int, or an int64 tensor [1] that may live on the device); the counter
-                         layout is `llamagen_core2.philox`'s, and the torch reference draws the same
-                         uniforms, so both backends give the same tokens
+                         (an int, or an int64 tensor [1] -- or [B], one base per row -- that may live
+                         on the device); the counter layout is `llamagen_core2.philox`'s, and the
+                         torch reference draws the same uniforms, so both backends give the same tokens
     returns tokens LongTensor [B] (and the fp32 mixed logits [B, V] when return_mixed=True).
 
 Two launches, no sort, no host synchronisation, scratch sized from (B, V) only -- graph-capturable.
@@ -54,7 +54,7 @@ import triton.language as tl
 
 from ..errors import InvalidArgument, check_finite_scale, check_sampling_args
 from ..guidance_config import MODE_TABLE
-from ..philox import check_offset, check_seeds, counter_strides
+from ..philox import check_offset, check_seeds, counter_strides, per_row_offsets
 from .dispatch import interpreted, multiprocessor_count
 
 MAX_VOCAB = 65536  # the select kernel holds a row in registers
@@ -123,8 +123,8 @@ def _mix_race_kernel(
     x_ptr, s_ptr,                            # [B, V] fp32 scratch: scaled logits, race scores (STORE_ROWS)
     part_f_ptr, part_i_ptr,                  # [2, B, NB] fp32 / int32 per-block partials (max, first index)
     cfg_ptr, cfg_val, w2s_ptr, w2s_val, temp_ptr, temp_val,   # knobs: [B] tensors or scalars
-    seeds_ptr, offset_ptr, offset_val,       # int64 Philox keys [1] or [B]; counter base
-    n_rows, vocab, n_blocks, seed_stride, counter_row_stride,
+    seeds_ptr, offset_ptr, offset_val,       # int64 Philox keys [1] or [B]; counter base(s) [1] or [B], or a value
+    n_rows, vocab, n_blocks, seed_stride, offset_stride, counter_row_stride,
     stride_c, stride_u, stride_w, stride_m,
     MODE: tl.constexpr, CFG_MIX: tl.constexpr, KNOBS_PER_ROW: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr,
     WRITE_MIXED: tl.constexpr, SCALE: tl.constexpr, GREEDY: tl.constexpr, SAMPLE: tl.constexpr,
@@ -145,7 +145,7 @@ def _mix_race_kernel(
     if SAMPLE:
         seed = tl.load(seeds_ptr + rows64 * seed_stride, mask=row_ok, other=0)
         if OFFSET_FROM_PTR:
-            base = tl.load(offset_ptr) + rows64 * counter_row_stride
+            base = tl.load(offset_ptr + rows64 * offset_stride, mask=row_ok, other=0) + rows64 * counter_row_stride
         else:
             base = offset_val + rows64 * counter_row_stride
 
@@ -526,7 +526,8 @@ def fused_guided_sample(
             raise InvalidArgument(f"mode {mode!r} with cfg_scale > 1 needs the unconditional output `uncond`")
     seeds = check_seeds(seeds, batch, vocab, device)
     offset = check_offset(offset, batch, vocab, seeds.numel())
-    seed_stride, counter_row_stride = counter_strides(seeds.numel(), vocab)
+    seed_stride, offset_stride, counter_row_stride = counter_strides(seeds.numel(), vocab,
+                                                                     per_row_offsets(offset, batch))
 
     knobs = dict(cfg_scale=cfg_scale, w2s_scale=w2s_scale, temperature=temperature, top_k=top_k, top_p=top_p)
     per_row = any(isinstance(v, torch.Tensor) for v in knobs.values())
@@ -562,7 +563,7 @@ def fused_guided_sample(
     uncond_t = uncond if uncond is not None else cond   # never read when cfg_mix is off
     weak_t = weak if weak is not None else cond         # never read outside fast/slow
     offset_on_device = isinstance(offset, torch.Tensor)
-    offset_t = offset.to(device=device, dtype=torch.int64).reshape(1) if offset_on_device else seeds
+    offset_t = offset.to(device=device, dtype=torch.int64).reshape(-1) if offset_on_device else seeds
     offset_val = 0 if offset_on_device else offset
 
     row_groups = math.ceil(batch / cfg.rows_per_program)
@@ -571,7 +572,7 @@ def fused_guided_sample(
         ptrs["cfg_scale"], vals["cfg_scale"], ptrs["w2s_scale"], vals["w2s_scale"],
         ptrs["temperature"], vals["temperature"],
         seeds, offset_t, offset_val,
-        batch, vocab, nb, seed_stride, counter_row_stride,
+        batch, vocab, nb, seed_stride, offset_stride, counter_row_stride,
         cond.stride(0), uncond_t.stride(0), weak_t.stride(0), mixed.stride(0) if return_mixed else 0,
         MODE=MODE_IDS[mode], CFG_MIX=cfg_mix, KNOBS_PER_ROW=per_row,
         OFFSET_FROM_PTR=offset_on_device, WRITE_MIXED=return_mixed, SCALE=scale, GREEDY=greedy, SAMPLE=sample,

@@ -140,7 +140,8 @@ def sample_logits(
     tokens: argmax_j x_j - log(-log U_j), x = logits / temperature in fp32, which draws exactly
     from softmax(x) over the kept set without a host synchronisation. U is Philox noise
     (`llamagen_core2.philox`): with `seeds` (an int, or an int64 tensor [1] or [B]) and `offset`
-    (an int, or an int64 tensor [1]) the uniforms -- and so the tokens -- are those of the fused
+    (an int, or an int64 tensor [1], or [B]: one counter base per row) the uniforms -- and so the tokens --
+    are those of the fused
     Triton kernel for the same arguments; otherwise one key per row is drawn from `generator`
     (the default generator of the logits' device when None) and `offset` (0 by default) is the
     counter base.
@@ -201,8 +202,10 @@ def guided_sample(
     give the same tokens for the same arguments up to the ulps of `log`, docs/sampling.md):
     with `seeds` the race uses Philox keys `seeds` (an int or int64 tensor [1]: one key, counters
     offset + row * V + column; an int64 tensor [B]: one key per row, counters offset + column) and
-    the counter base `offset` (an int or a device-resident int64 tensor [1]); a caller reusing its
-    keys advances offset by V per draw with per-row keys (B * V with one key). Without seeds, one
+    the counter base `offset` (an int or a device-resident int64 tensor [1]; or [B], one base per row:
+    row b then uses counters offset[b] + column with either kind of keys, exactly what a one-row call
+    with offset[b] draws); a caller reusing its keys advances offset by V per draw with per-row keys or
+    offsets (B * V with one key and one offset). Without seeds, one
     key per row is drawn from `generator` with torch.randint on the generator's device (no host
     sync) and the offset is `offset` (0 by default). `check_values=False` skips the host-syncing
     value checks of per-row tensor knobs on the Triton path (for CUDA graph capture once the
