@@ -33,7 +33,7 @@ from llamagen_core2.kernels import fused_guided_sample as F  # noqa: E402
 H100_SMS = 132
 TARGET = GPUTarget("cuda", 90, 32)
 POINTER_TYPES = {"part_i_ptr": "*i32", "seeds_ptr": "*i64", "offset_ptr": "*i64", "top_k_ptr": "*i64",
-                 "tokens_ptr": "*i64"}
+                 "tokens_ptr": "*i64", "threshold_ptr": "*i32"}
 SCALAR_TYPES = {"offset_val": "i64", "top_k_val": "i32"}
 
 
@@ -58,18 +58,19 @@ def compile_kernel(fn, consts: dict, num_warps: int, logits_dtype: str = "fp32",
 def mix_consts(config: "F.LaunchConfig", **flags) -> dict:
     """The benchmark's call by default: CFG, Python-number knobs, temperature 1, device offset."""
     consts = dict(MODE=1, CFG_MIX=True, KNOBS_PER_ROW=False, OFFSET_FROM_PTR=True, WRITE_MIXED=False,
-                  SCALE=False, GREEDY=False, SAMPLE=True, STORE_ROWS=True)
+                  SCALE=False, ARGMAX_X=True, SAMPLE=True, STORE_ROWS=True)
     consts.update(flags)
     consts.update(BLOCK_ROWS=config.rows_per_program, CHUNK=config.chunk, CHUNKS=config.chunks_per_block)
     return consts
 
 
 def select_consts(config: "F.LaunchConfig", vocab: int, **flags) -> dict:
-    consts = dict(KNOBS_PER_ROW=False, GREEDY=False, SAMPLE=True, FILTERS=True)
+    """The benchmark's call by default: Python-number knobs, top-k on, top-p off, the kernel select path."""
+    consts = dict(KNOBS_PER_ROW=False, GREEDY=False, SAMPLE=True, TOPK=True, TOPP=False, THRESHOLD=False)
     consts.update(flags)
     consts.update(BLOCK_ROWS=config.rows_per_program, BLOCK_V=triton.next_power_of_2(vocab),
                   BLOCK_NB=triton.next_power_of_2(config.blocks_per_row), SCAN=config.scan_chunk,
-                  TOP_P_ROUNDS=config.top_p_rounds)
+                  RESIDENT=config.resident, MAX_REJECTIONS=config.rejection_rounds, VALUE_STEPS=config.value_steps)
     return consts
 
 
