@@ -97,6 +97,19 @@ def _row_values(x, name: str, batch: int, device, dtype) -> torch.Tensor:
     return t
 
 
+def filter_flags(temperature, top_k, top_p, vocab: int) -> tuple[bool, bool]:
+    """(top_k_on, top_p_on): whether any sampled row (temperature != 0) uses top-k (0 < k < vocab) / top-p
+    (p < 1). Knobs are numbers or [B] tensors; a tensor on a GPU is read once (a host sync): call it once per
+    request, not per step (the engine does, and passes the answer to every step as `filters`)."""
+    def host(x):
+        return torch.as_tensor(x).detach().reshape(-1).cpu()
+
+    t, k, p = host(temperature), host(top_k), host(top_p)
+    n = max(t.numel(), k.numel(), p.numel())
+    sampled = (t != 0).expand(n)
+    return bool((sampled & (k > 0).expand(n) & (k < vocab).expand(n)).any()), bool((sampled & (p < 1).expand(n)).any())
+
+
 def filter_logits(logits: torch.Tensor, *, top_k=0, top_p=1.0) -> torch.Tensor:
     """LlamaGen's top-k then top-p filtering on [B, V] logits; removed entries become -inf.
 
@@ -193,6 +206,9 @@ def guided_sample(
     return_mixed: bool = False,
     check_values: bool = True,
     backend: Optional[str] = None,
+    filters: Optional[tuple] = None,
+    select: str = "kernel",
+    top_k_max: Optional[int] = None,
 ):
     """Mix then sample: [B, V] logits in, LongTensor [B] out (and the fp32 mixed logits if asked).
 
@@ -209,7 +225,9 @@ def guided_sample(
     key per row is drawn from `generator` with torch.randint on the generator's device (no host
     sync) and the offset is `offset` (0 by default). `check_values=False` skips the host-syncing
     value checks of per-row tensor knobs on the Triton path (for CUDA graph capture once the
-    request was validated); the torch path always checks.
+    request was validated); the torch path always checks. `filters` (the host's (top_k_on, top_p_on)
+    promise, `filter_flags`), `select` ("kernel" | "torch") and `top_k_max` tune the Triton path only
+    (`kernels.fused_guided_sample`); the torch reference needs no promise.
     """
     from .kernels.dispatch import select_backend
 
@@ -225,7 +243,8 @@ def guided_sample(
         return fused_guided_sample(
             cond, uncond, weak, mode=mode, cfg_scale=cfg_scale, w2s_scale=w2s_scale,
             temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, offset=offset,
-            return_mixed=return_mixed, check_values=check_values)
+            return_mixed=return_mixed, check_values=check_values, filters=filters, select=select,
+            top_k_max=top_k_max)
 
     mixed = mix_guidance(cond.float(), None if uncond is None else uncond.float(),
                          None if weak is None else weak.float(),
