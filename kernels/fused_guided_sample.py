@@ -669,8 +669,14 @@ def torch_select_thresholds(x: torch.Tensor, top_k, top_p, *, top_k_max: int, to
     [B] tensors; `top_k_max` >= every row's top_k (the caller knows it on the host)."""
     batch, vocab = x.shape
     device = x.device
-    k = torch.as_tensor(top_k, device=device, dtype=torch.int64).expand(batch)
-    p = torch.as_tensor(top_p, device=device, dtype=torch.float32).expand(batch)
+
+    def per_row(value, dtype):  # a Python number becomes a fill kernel, never a host-to-device copy (capture)
+        if isinstance(value, torch.Tensor):
+            return value.to(device=device, dtype=dtype).expand(batch)
+        return torch.full((batch,), value, device=device, dtype=dtype)
+
+    k = per_row(top_k, torch.int64)
+    p = per_row(top_p, torch.float32)
     threshold = torch.full((batch,), float("-inf"), device=device)
     if topk and 0 < top_k_max:
         values = torch.topk(x, min(int(top_k_max), vocab), dim=1).values               # [B, k_max] descending

@@ -29,6 +29,24 @@ def test_bench_generate_runs_ours_and_the_baseline_side_by_side(capsys, single_t
     assert out[0].startswith("engine,preset,")  # the CSV header gpu_report parses
 
 
+def test_bench_generate_profile_prints_the_top_ops_per_step(capsys, single_thread):
+    """--profile (the decode-step table of issue 20; on CPU the top ops by self CPU time): a markdown table on
+    stderr and the same rows in the JSON line, per step of one profiled generation."""
+    bench = _load("bench_generate")
+    bench.main(["--preset", "tiny", "--batch", "2", "--tokens", "256", "--modes", "cfg", "--engines", "ours",
+                "--device", "cpu", "--warmup-tokens", "2", "--copy-mb", "8", "--profile", "--profile-top", "60"])
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    (profile,) = summary["profiles"]
+    assert (profile["preset"], profile["batch"], profile["mode"], profile["tokens"]) == ("GPT-tiny", 2, "cfg", 256)
+    rows = profile["rows"]
+    assert 10 < len(rows) <= 60 and all(r["ms_per_step"] >= 0 and r["launches_per_step"] > 0 for r in rows)
+    assert [r["ms_per_step"] for r in rows] == sorted((r["ms_per_step"] for r in rows), reverse=True)
+    gemms = next(r for r in rows if r["name"] == "aten::mm")  # per step: 4 GEMMs x 2 layers + the head
+    assert 8.9 <= gemms["launches_per_step"] <= 9.1
+    assert "# profile ours GPT-tiny b2 cfg 256 tokens" in captured.err and "| op | ms/step | launches/step |" in captured.err
+
+
 def test_bench_t2i_reports_seconds_per_image(capsys, single_thread):
     _load("bench_t2i").main(["--preset", "tiny", "--device", "cpu", "--batch", "2", "--modes", "slow"])
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
