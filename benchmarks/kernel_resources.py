@@ -8,7 +8,9 @@ instructions per logit it handles (one loop step over CHUNK columns). This is th
 input in docs/sampling.md; timings need a GPU (benchmarks/bench_kernels.py).
 
     python benchmarks/kernel_resources.py                     # batch 1, 64, 256 at V = 16384
-    python benchmarks/kernel_resources.py --batches 8 --vocab 32768 --dtype bf16
+    python benchmarks/kernel_resources.py --batches 8 --vocab 65536 --dtype bf16
+
+The select kernel is reported per filter variant (top-k, top-p, both, the torch thresholds path).
 
 tests/test_kernels.py compiles the kernels through `compile_kernel` too (without a GPU).
 """
@@ -56,9 +58,10 @@ def compile_kernel(fn, consts: dict, num_warps: int, logits_dtype: str = "fp32",
 
 
 def mix_consts(config: "F.LaunchConfig", **flags) -> dict:
-    """The benchmark's call by default: CFG, Python-number knobs, temperature 1, device offset."""
+    """The benchmark's call by default: CFG, Python-number knobs, temperature 1, device offset, top-k (rows
+    stored for the select, no x argmax: that one is for greedy rows and top-p)."""
     consts = dict(MODE=1, CFG_MIX=True, KNOBS_PER_ROW=False, OFFSET_FROM_PTR=True, WRITE_MIXED=False,
-                  SCALE=False, ARGMAX_X=True, SAMPLE=True, STORE_ROWS=True)
+                  SCALE=False, ARGMAX_X=False, SAMPLE=True, STORE_ROWS=True)
     consts.update(flags)
     consts.update(BLOCK_ROWS=config.rows_per_program, CHUNK=config.chunk, CHUNKS=config.chunks_per_block)
     return consts
@@ -125,11 +128,19 @@ def main(argv=None) -> int:
         per_logit = (double["sass_instructions"] - mix["sass_instructions"]) / per_thread
         print(f"{batch},{args.vocab},mix_race,{launch},{config.mix_warps},{mix['registers']},{mix['stack_bytes']},"
               f"{mix['sass_instructions']},{per_logit:.0f}")
-        select = resources(compile_kernel(F._select_kernel, select_consts(config, args.vocab), config.select_warps,
-                                          vocab=args.vocab))
-        print(f"{batch},{args.vocab},select,{launch},{config.select_warps},{select['registers']},"
-              f"{select['stack_bytes']},{select['sass_instructions']},")
+        for name, flags in SELECT_VARIANTS.items():
+            select = resources(compile_kernel(F._select_kernel, select_consts(config, args.vocab, **flags),
+                                              config.select_warps, vocab=args.vocab))
+            print(f"{batch},{args.vocab},{name},{launch} resident={config.resident},{config.select_warps},"
+                  f"{select['registers']},{select['stack_bytes']},{select['sass_instructions']},")
     return 0
+
+
+# the select kernel as the filter flags compile it (Python-number knobs): the rejection select for top-k, top-p
+# and both, and the torch select path (thresholds given)
+SELECT_VARIANTS = {"select(top-k)": dict(TOPK=True, TOPP=False), "select(top-p)": dict(TOPK=False, TOPP=True),
+                   "select(top-k+top-p)": dict(TOPK=True, TOPP=True),
+                   "select(torch thresholds)": dict(TOPK=True, TOPP=True, THRESHOLD=True)}
 
 
 if __name__ == "__main__":

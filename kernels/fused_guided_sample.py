@@ -11,33 +11,37 @@ Contract (same semantics as `llamagen_core2.guidance.guided_sample`, the torch r
     returns tokens LongTensor [B] (and the fp32 mixed logits [B, V] when return_mixed=True).
 
 Two launches, no sort, no host synchronisation, scratch sized from (B, V) only -- graph-capturable.
-docs/sampling.md has the design, the cost model and what is measured.
+docs/sampling.md has the design, why, the cost model and what is measured.
 
 1. `_mix_race_kernel`, grid (row groups, blocks per row): each program takes a block of columns of
    its rows and loops over it in chunks: mixes in fp32 (the reference association `u + s (c - u)`;
    FMA contraction is disabled, so the result is bit-identical to `guidance.mix_guidance`), divides
    by the temperature with IEEE division (x), adds the race noise s = x - log(-log U) with
-   U = tl.rand(key, counter), writes x and s to scratch (only when top-k / top-p can be on) and
+   U = tl.rand(key, counter), writes x and s to scratch (only when a filter flag is on) and
    per-block partials: the first index of the largest s (the unfiltered race winner) and, when a
-   row may be greedy, of the largest x.
+   row may be greedy or top-p needs the row max, of the largest x.
 2. `_select_kernel`, one program per row (or per group of small rows): combines the partials. With
-   no top-k / top-p the token is the unfiltered race winner and no row is re-read. Otherwise it
-   loads the row's keys (the order-preserving int32 image of x) from scratch into registers and
-   * top-k: the exact k-th largest key -- a radix select (12 + 10 + 10-bit histograms) with one
-     row per program, a 32-step bisection for packed rows. Every logit >= it is kept, so ties at
-     the k-th value survive exactly as in LlamaGen's `logits < topk(...)[-1]` filter. The race
-     winner stands if its key clears the threshold; if not, the argmax of s over the kept set is
-     taken (a pass that streams s from scratch);
-   * top-p: the kept set is {key >= v}, v the smallest kept key whose strictly-larger mass
-     M(v) = sum_{x_j > v} softmax_j is <= p (LlamaGen's "smallest sorted prefix whose mass reaches
-     p, including the crossing token", for distinct values). A kept token t survives iff
-     M(x_t) <= p, so the race is finished by rejection: test the current winner (one masked sum);
-     if it is cut, its key bounds v from below and the next winner is the argmax of s above it.
-     The first accepted token is the argmax of s over the top-p set, since every rejected token
-     lies below v. After TOP_P_ROUNDS rejections (rare: a rejection needs the winner in the last
-     1 - p of the mass) an exact bisection for v finishes the row. Exact ties at the cut and
-     rounding differ from the reference as docs/sampling.md describes;
+   no top-k / top-p the token is the unfiltered race winner and no row is re-read. Otherwise the
+   kept set is {key >= threshold} (keys: the order-preserving int32 image of x; LlamaGen keeps
+   every value >= the k-th, ties included; top-p keeps the smallest kept key v whose
+   strictly-larger mass, over the top-k kept set, is <= p, the crossing token included) and the
+   token is the race winner over it -- found without the threshold in the common case:
+   * the unfiltered winner w is the winner over any kept set that contains it, and w is kept iff
+     count(key > key_w) < k (and, top-p, mass(key > key_w) <= p * Z_k): one pass over the row's
+     keys, resident in registers (V <= 16384) or streamed from scratch;
+   * a rejected candidate t bounds the kept set from below (every kept key is > key_t), so the
+     next candidate is the race winner above key_t, tested the same way (each test pass also
+     finds the winner above the candidate it tests). With top-k and top-p both on, Z_k (the top-k
+     mass) is bracketed by the candidates' ranks; an undecided top-p test narrows the bracket;
+   * after `rejection_rounds` rejections a bounded exact path finishes the row: the k-th key and
+     the top-p cut by bisection (<= 32 passes each), then one race pass over the kept set;
+   * select="torch": the threshold comes from torch.topk / torch.sort between the two launches
+     (`torch_select_thresholds`) and the kernel only finishes the race (the candidate that
+     `kernels/dispatch.py` times against the rejection select, `kernels/timed_choice.py`);
    * temperature 0 = greedy: the first index of the largest mixed logit (like torch.argmax).
+   Exact ties at the top-p cut (all kept) and top-p mass rounding differ from the reference as
+   docs/sampling.md describes; every path gives the same tokens (the masses of one row are always
+   summed over the same tile in the same order, so their bounds are consistent).
 NaN logits give an unspecified token (the engine detects NaN/inf separately).
 
 Every launch setting comes from `launch_config(batch, vocab, device)` (documented there).
@@ -57,7 +61,7 @@ from ..guidance_config import MODE_TABLE
 from ..philox import check_offset, check_seeds, counter_strides, per_row_offsets
 from .dispatch import interpreted, multiprocessor_count
 
-MAX_VOCAB = 65536  # the select kernel holds a row in registers
+MAX_VOCAB = 65536  # rows beyond 16384 entries are streamed from scratch by the select kernel
 MODE_IDS = {"cond": 0, "cfg": 1, "fast": 2, "slow": 3}
 INT32_MIN = tl.constexpr(-2147483648)
 INT32_MAX = tl.constexpr(2147483647)
@@ -132,8 +136,8 @@ def _mix_race_kernel(
 ):
     """Per (row group, column block): mix, x = mixed / temperature (SCALE; else the temperature is
     1 or 0 and x = mixed), s = x + Gumbel noise (SAMPLE), x and s to scratch (STORE_ROWS), and the
-    block's (max, first index) of x (ARGMAX_X: some row may be greedy, or top-k / top-p need the row max)
-    and of s."""
+    block's (max, first index) of x (ARGMAX_X: some row may be greedy, or top-p needs the row max) and of
+    s."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)       # [R]
     block = tl.program_id(1)
     row_ok = rows < n_rows
@@ -364,8 +368,9 @@ def _exact_finish(key_res, x_rows, s_rows, row_ok, vocab, rows_in, xmax, shift, 
     """The bounded exact path for the rows `rows_in`: the k-th key by bisection (<= 32 passes), the top-p cut
     v = the smallest key with mass(key > v) <= p * Z_k by bisection (<= 32 passes), then the race over
     {key >= max(kth, v)} (one pass). Returns the token."""
-    top_key = _ordered_key(xmax)
-    khi = tl.where(khi == INT32_MAX, top_key + 1, khi)                   # count(key > row max) = 0 < k
+    top_key = _ordered_key(xmax)                                          # (xmax is known with top-p only)
+    if TOPP:
+        khi = tl.where(khi == INT32_MAX, top_key + 1, khi)               # count(key > row max) = 0 < k
     kth, z_k = _kth_bisect(key_res, x_rows, s_rows, row_ok, vocab, rows_in & topk_on, k, klo, zlo, khi, zhi,
                            shift, TOPP, RESIDENT, BLOCK_V, SCAN)
     kth = tl.where(topk_on, kth, INT32_MIN + 1)
@@ -486,24 +491,27 @@ def _race_by_rejection(key_res, x_rows, s_rows, row_ok, vocab, win, key_w, xmax,
 
 
 @triton.jit
-def _filtered_race(x_ptr, s_ptr, rows64, row_ok, vocab, win, xmax, k, p, topk_on, topp_on, threshold,
-                   TOPK: tl.constexpr, TOPP: tl.constexpr, THRESHOLD: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                   BLOCK_V: tl.constexpr, SCAN: tl.constexpr, RESIDENT: tl.constexpr,
-                   MAX_REJECTIONS: tl.constexpr, VALUE_STEPS: tl.constexpr):
-    """Token per row: the race winner over the top-k / top-p kept set. THRESHOLD: the kept set is given as
-    {key >= threshold} (computed by torch: the `select="torch"` path); the winner stands if it is kept, else
-    one pass finds the winner above the threshold."""
+def _resident_keys(x_ptr, rows64, row_ok, vocab, BLOCK_V: tl.constexpr):
+    """[R, BLOCK_V] keys of the rows (INT32_MIN = padding), loaded from scratch into registers."""
+    cols = tl.arange(0, BLOCK_V)
+    in_row = row_ok[:, None] & (cols < vocab)[None, :]
+    key = _ordered_key(tl.load(x_ptr + rows64[:, None] * vocab + cols[None, :], mask=in_row, other=float("-inf")))
+    return tl.where(in_row, key, INT32_MIN)
+
+
+@triton.jit
+def _filtered_race(key_res, x_ptr, s_ptr, rows64, row_ok, vocab, win, xmax, k, p, topk_on, topp_on, threshold,
+                   TOPK: tl.constexpr, TOPP: tl.constexpr, THRESHOLD: tl.constexpr, BLOCK_V: tl.constexpr,
+                   SCAN: tl.constexpr, RESIDENT: tl.constexpr, MAX_REJECTIONS: tl.constexpr,
+                   VALUE_STEPS: tl.constexpr):
+    """Token per row: the race winner over the top-k / top-p kept set (key_res: the resident keys, or unused
+    when the passes stream the rows). THRESHOLD: the kept set is given as {key >= threshold} (computed by
+    torch: the `select="torch"` path); the winner stands if it is kept, else one streamed pass finds the
+    winner above the threshold."""
     # [R] row pointers + int32 columns: no row-sized 64-bit address tensor stays live
     x_rows = x_ptr + rows64 * vocab
     s_rows = s_ptr + rows64 * vocab
-    if RESIDENT:                                                          # the row's keys stay in registers
-        cols = tl.arange(0, BLOCK_V)
-        in_row = row_ok[:, None] & (cols < vocab)[None, :]
-        key_res = _ordered_key(tl.load(x_rows[:, None] + cols[None, :], mask=in_row, other=float("-inf")))
-        key_res = tl.where(in_row, key_res, INT32_MIN)
-    else:
-        key_res = tl.full([BLOCK_ROWS, 1], INT32_MIN, tl.int32)          # unused: passes stream the row
-    shift = tl.where(row_ok, xmax, 0.0)                                   # exp(x - row max) <= 1
+    shift = tl.where(row_ok, xmax, 0.0)                                   # exp(x - row max) <= 1 (top-p)
     key_w = _ordered_key(tl.load(x_rows + win, mask=row_ok, other=0.0))
     on = topk_on | topp_on
     if THRESHOLD:
@@ -511,7 +519,7 @@ def _filtered_race(x_ptr, s_ptr, rows64, row_ok, vocab, win, xmax, k, p, topk_on
         lost = on & (key_w < threshold)
         if tl.max(lost.to(tl.int32), axis=0) > 0:
             stats = _row_pass(key_res, x_rows, s_rows, row_ok, vocab, threshold - 1, threshold, shift, False, False,
-                True, False, False, RESIDENT, BLOCK_V, SCAN)
+                              True, False, False, False, BLOCK_V, SCAN)
             t2 = stats[4]
             t = tl.where(lost, t2, t)
     else:
@@ -540,9 +548,14 @@ def _select_kernel(
     at = rows[:, None] * n_blocks + blocks[None, :]
     plane = n_rows * n_blocks
 
+    # The rejection select reads the rows' keys first: issued before the partials are combined, their load
+    # overlaps that latency (only compiled when a filter flag is on; the torch path needs no row up front).
+    key_res = tl.full([BLOCK_ROWS, 1], INT32_MIN, tl.int32)
+    if RESIDENT and (TOPK or TOPP) and not THRESHOLD:
+        key_res = _resident_keys(x_ptr, rows64, row_ok, vocab, BLOCK_V)
     token = tl.zeros([BLOCK_ROWS], tl.int32)
     xmax = tl.zeros([BLOCK_ROWS], tl.float32)
-    if GREEDY or TOPK or TOPP:  # the largest x and its first index
+    if GREEDY or TOPP:  # the largest x (top-p: the softmax shift) and its first index (greedy)
         xmax, greedy_token = _combine_argmax(part_f_ptr, part_i_ptr, at, pmask)
         if GREEDY:
             token = greedy_token
@@ -564,9 +577,9 @@ def _select_kernel(
             if THRESHOLD:
                 threshold = tl.load(threshold_ptr + rows, mask=row_ok, other=0)
             if tl.max((topk_on | topp_on).to(tl.int32), axis=0) > 0:
-                t = _filtered_race(x_ptr, s_ptr, rows64, row_ok, vocab, win, xmax, k, p, topk_on, topp_on,
-                                   threshold, TOPK, TOPP, THRESHOLD, BLOCK_ROWS, BLOCK_V, SCAN, RESIDENT,
-                                   MAX_REJECTIONS, VALUE_STEPS)
+                t = _filtered_race(key_res, x_ptr, s_ptr, rows64, row_ok, vocab, win, xmax, k, p, topk_on,
+                                   topp_on, threshold, TOPK, TOPP, THRESHOLD, BLOCK_V, SCAN,
+                                   RESIDENT and not THRESHOLD, MAX_REJECTIONS, VALUE_STEPS)
                 token = tl.where(topk_on | topp_on, t, token)
     tl.store(tokens_ptr + rows, token.to(tl.int64), mask=row_ok)
 
@@ -849,7 +862,7 @@ def fused_guided_sample(
         batch, vocab, nb, seed_stride, offset_stride, counter_row_stride,
         cond.stride(0), uncond_t.stride(0), weak_t.stride(0), mixed.stride(0) if return_mixed else 0,
         MODE=MODE_IDS[mode], CFG_MIX=cfg_mix, KNOBS_PER_ROW=per_row,
-        OFFSET_FROM_PTR=offset_on_device, WRITE_MIXED=return_mixed, SCALE=scale, ARGMAX_X=greedy or store_rows,
+        OFFSET_FROM_PTR=offset_on_device, WRITE_MIXED=return_mixed, SCALE=scale, ARGMAX_X=greedy or topp_flag,
         SAMPLE=sample, STORE_ROWS=store_rows, BLOCK_ROWS=cfg.rows_per_program, CHUNK=cfg.chunk,
         CHUNKS=cfg.chunks_per_block, num_warps=cfg.mix_warps, enable_fp_fusion=False,
     )
