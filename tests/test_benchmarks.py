@@ -52,3 +52,22 @@ def test_bench_t2i_reports_seconds_per_image(capsys, single_thread):
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
     assert row["mode"] == "slow" and row["seconds_per_image"] > 0 and row["paper_s_per_image"] == 48.7
     assert row["generate_s"] + row["decode_s"] == pytest.approx(row["seconds_per_image"] * 2, rel=1e-2)
+
+
+def test_select_rounds_replays_the_candidate_sequence(capsys, single_thread):
+    """benchmarks/select_rounds.py on a small vocabulary: peaked rows are accepted at the first test, flat rows
+    with a small top-k need rejections, and the rounds are those of an independent count (rank of each
+    successive race winner above the last rejected one)."""
+    bench = _load("select_rounds")
+    bench.main(["--scales", "3,0.05", "--vocab", "500", "--rows", "64"])
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows_out"]
+    by = {(r["scale"], r["top_k"], r["top_p"]): r for r in rows}
+    assert by[(3.0, 2000, 1.0)]["first_test_accepts"] == 1.0  # top-k >= V: nothing is ever cut
+    assert by[(0.05, 50, 1.0)]["first_test_accepts"] < 0.5 and by[(0.05, 50, 1.0)]["mean_rejections"] > 1
+    import torch
+
+    x = torch.tensor([[3.0, 1.0, 2.0, 0.0]])
+    score = torch.tensor([[0.0, 9.0, 5.0, 1.0]])  # winners: col 1 (x=1), then col 2 (x=2), then col 0 (x=3)
+    assert bench.rounds(x, score, top_k=1, top_p=1.0).tolist() == [2]
+    assert bench.rounds(x, score, top_k=2, top_p=1.0).tolist() == [1]
+    assert bench.rounds(x, score, top_k=3, top_p=1.0).tolist() == [0]
