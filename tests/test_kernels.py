@@ -346,6 +346,21 @@ def test_torch_select_candidate_gives_the_kernel_tokens():
     assert torch.equal(kernel(c, select="torch", **scalar), kernel(c, **scalar))
 
 
+def test_the_guards_two_candidates_draw_the_same_tokens():
+    """fused_guided_sample.select_candidates: the two runs the engine's guard times (the rejection select and the
+    torch thresholds, per-row knobs as in the decode graph) return the same tokens."""
+    batch, vocab = 5, 600
+    knobs = dict(temperature=torch.tensor([1.0, 0.0, 0.7, 1.0, 1.2], device=DEVICE),
+                 top_k=torch.tensor([20, 5, 0, 300, 2], device=DEVICE),
+                 top_p=torch.tensor([0.9, 1.0, 0.5, 1.0, 0.3], device=DEVICE),
+                 seeds=torch.arange(batch, device=DEVICE) + 100)
+    kernel_run, torch_run = fgs.select_candidates(batch, vocab, DEVICE, filters=(True, True), top_k_max=300, **knobs)
+    assert (kernel_run.name, kernel_run.backend, torch_run.name, torch_run.backend) == ("kernel", "triton", "torch",
+                                                                                       "torch")
+    tokens = kernel_run.run()
+    assert tokens.shape == (batch,) and torch.equal(tokens, torch_run.run())
+
+
 def test_top_p_crossing_token_over_the_top_k_mass():
     """top-p keeps the token that crosses p, and measures mass over the top-k kept set (LlamaGen filters
     top-k first): masses 0.4, 0.3, 0.2, 0.1 with p = 0.5 keep {0, 1} (token 1 crosses), but with top-k 2
