@@ -481,7 +481,7 @@ def _race_by_rejection(key_res, x_rows, s_rows, row_ok, vocab, win, key_w, xmax,
             state = tl.where((testing | refining) & ~(accept | reject), REFINE, state)
             mid = _pick_mid(klo, khi, refines, xmax, VALUE_STEPS)
             passes += 1
-        state = tl.where(state > 0, EXACT, state)                         # (the pass cap is never reached)
+        state = tl.where(state > 0, EXACT, state)                         # a safety net: passes are bounded anyway
     exact = state == EXACT
     if tl.max(exact.to(tl.int32), axis=0) > 0:
         t2 = _exact_finish(key_res, x_rows, s_rows, row_ok, vocab, exact, xmax, shift, k, p, topk_on, topp_on,
