@@ -21,6 +21,14 @@ Random weights of the preset's shapes are used unless --checkpoint is given (a L
 dir). fast/slow use an untrained `WeakModel` W-2 (the cost of a trained one). `warmup_s` is the first, untimed
 call: CUDA-graph capture for ours, torch.compile for baseline-compiled. `--count-kernels` adds the CUDA kernels
 per decode step of one extra run (torch.profiler).
+
+`--profile` profiles one more generation of every configuration (torch.profiler) and prints, to stderr, its top
+kernels by GPU time per step -- name, ms/step, launches/step, share of the GPU time (on CPU: the top ops by self
+CPU time) -- as a markdown table; the JSON line carries the same rows under "profiles". Per step = over the whole
+generation (prefill included) divided by the tokens. The decode step's table of issue 20 (the select kernel's
+share at GPT-XL b8 CFG) is
+
+  python benchmarks/bench_generate.py --preset XL --batch 8 --tokens 256 --modes cfg --engines ours --profile
 """
 from __future__ import annotations
 
@@ -141,6 +149,41 @@ def count_kernels(call, tokens: int, device) -> float:
     return kernels / tokens
 
 
+def profile_steps(call, tokens: int, device, top: int = 15) -> list[dict]:
+    """One profiled generation -> the top kernels (CUDA) or ops (CPU) by time per step: dicts with name,
+    ms_per_step, launches_per_step, pct (of the total device time, or of the total self CPU time)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU]) as prof:
+        call(tokens, 0)
+        sync(device)
+    totals: dict = {}
+    for e in prof.events():
+        if on_cuda:
+            if e.device_type != DeviceType.CUDA:
+                continue
+            us = e.time_range.elapsed_us()
+        else:
+            us = e.self_cpu_time_total
+        time_us, count = totals.get(e.name, (0.0, 0))
+        totals[e.name] = (time_us + us, count + 1)
+    everything = sum(t for t, _ in totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:top]
+    return [dict(name=name, ms_per_step=round(t / tokens / 1e3, 4), launches_per_step=round(n / tokens, 2),
+                 pct=round(100 * t / everything, 1)) for name, (t, n) in ranked]
+
+
+def print_profile(label: str, rows: list[dict], device, total_ms: float) -> None:
+    what, by = ("kernel", "GPU time") if device.type == "cuda" else ("op", "self CPU time")
+    lines = [f"# profile {label}: top {len(rows)} {what}s by {by} per step ({total_ms:.3f} ms/step together)", "",
+             f"| {what} | ms/step | launches/step | % of all {by} |", "|---|---|---|---|"]
+    lines += [f"| {r['name'][:90]} | {r['ms_per_step']:.4f} | {r['launches_per_step']:.2f} | {r['pct']:.1f} |"
+              for r in rows]
+    print("\n".join(lines) + "\n", file=sys.stderr, flush=True)
+
+
 def run_one(call, tokens: int, args, device) -> tuple[float, float]:
     """-> (best seconds over --repeats, warm-up seconds)."""
     warm = tokens if args.warmup_tokens is None else min(args.warmup_tokens, tokens)
@@ -183,6 +226,9 @@ def main(argv=None):
     p.add_argument("--baseline-max-batch", type=int, default=None, help="skip the baseline above this batch")
     p.add_argument("--copy-mb", type=int, default=None, help="copy-bandwidth buffer (default 1024 CUDA, 256 CPU)")
     p.add_argument("--count-kernels", action="store_true", help="CUDA kernels per step (one extra profiled run)")
+    p.add_argument("--profile", action="store_true",
+                   help="top kernels by GPU time per step of one extra profiled run (stderr table + JSON)")
+    p.add_argument("--profile-top", type=int, default=15, help="rows of the --profile table")
     p.add_argument("--csv", default=None)
     p.add_argument("--plot", default=None)
     args = p.parse_args(argv)
@@ -198,7 +244,7 @@ def main(argv=None):
           f"(read+write)", file=sys.stderr)
     writer = csv.DictWriter(sys.stdout, FIELDS)
     writer.writeheader()
-    rows = []
+    rows, profiles = [], []
     for preset in args.preset:
         for tokens in args.tokens:
             try:
@@ -229,6 +275,12 @@ def main(argv=None):
                             call = make_runner(engine, gpt, state, baselines, cond, mode, weak, args)
                             seconds, warmup_s = run_one(call, tokens, args, device)
                             kernels = count_kernels(call, tokens, device) if args.count_kernels else ""
+                            if args.profile:
+                                top = profile_steps(call, tokens, device, args.profile_top)
+                                label = f"{engine} GPT-{preset} b{batch} {mode} {tokens} tokens on {device_name}"
+                                print_profile(label, top, device, sum(r["ms_per_step"] for r in top))
+                                profiles.append(dict(engine=engine, preset=f"GPT-{preset}", batch=batch, mode=mode,
+                                                     tokens=tokens, rows=top))
                         except InvalidArgument as err:
                             row.update(status="refused", note=str(err))
                             writer.writerow(row)
@@ -249,6 +301,8 @@ def main(argv=None):
                    torch=torch.__version__, engine_setting=args.engine,
                    speedup_vs_baseline=speedups(rows, "baseline"),
                    speedup_vs_baseline_compiled=speedups(rows, "baseline-compiled"), rows=rows)
+    if args.profile:
+        summary["profiles"] = profiles
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, FIELDS)

@@ -6,6 +6,9 @@ cfg 4.0, temperature 1.0, for every batch x top_k x top_p:
                  key per row and the counter offset as device tensors (what the engine passes)
     fused_graph  the same call captured in a CUDA graph, GRAPH_CALLS calls per graph, time per call:
                  the GPU time the engine pays when sampling sits inside its decode graph
+    torchsel_graph  (--torch-select) the same graph with select="torch": the kept-set thresholds from
+                 torch.topk / torch.sort between the two launches -- the candidate the engine's dispatch times
+                 against the select kernel before capture (kernels/timed_choice.py)
     torch        llamagen_core2.guidance mix_guidance + sample_logits (the reference / CPU path)
     chain        split, mix, / temperature, topk mask, sort + softmax + cumsum top-p, softmax,
                  torch.multinomial -- the op-by-op structure of LlamaGen's sampler (eager)
@@ -41,8 +44,9 @@ TEMPERATURE = 1.0
 GRAPH_CALLS = 20
 FIELDS = ["device", "impl", "batch", "vocab", "top_k", "top_p", "us_per_call", "gb_per_s", "pct_of_copy",
           "speedup_vs_chain", "launch"]
-# issue targets (H100, V = 16384): us per call for batch <= 64 and at 256; fused / chain at b64, top-k 2000, top-p 1
-TARGET_US_SMALL, TARGET_US_256, TARGET_SPEEDUP_B64 = 15.0, 40.0, 10.0
+# issue targets (V = 16384, fp32, CFG rows, inside a CUDA graph: fused_graph): us per call for batch <= 64 and at 256
+# (issue 20, H200); fused / chain at b64, top-k 2000, top-p 1 (issue 13)
+TARGET_US_SMALL, TARGET_US_256, TARGET_SPEEDUP_B64 = 10.0, 25.0, 10.0
 
 
 def llamagen_chain(logits: torch.Tensor, *, top_k: int, top_p: float) -> torch.Tensor:
@@ -70,7 +74,8 @@ def torch_reference(logits: torch.Tensor, *, top_k: int, top_p: float) -> torch.
     return sample_logits(mixed, temperature=TEMPERATURE, top_k=top_k, top_p=top_p)
 
 
-def make_fused(batch: int, vocab: int, device: torch.device, top_k: int, top_p: float, blocks_per_row):
+def make_fused(batch: int, vocab: int, device: torch.device, top_k: int, top_p: float, blocks_per_row,
+               select: str = "kernel"):
     """The eager fused call, after checking it against the reference on the benchmark's inputs."""
     from llamagen_core2.kernels.fused_guided_sample import fused_guided_sample, launch_config
 
@@ -78,7 +83,7 @@ def make_fused(batch: int, vocab: int, device: torch.device, top_k: int, top_p: 
     keys = torch.randint(0, 2 ** 62, (batch,), device=device, dtype=torch.int64)
     offset = torch.zeros(1, dtype=torch.int64, device=device)
     knobs = dict(mode="cfg", cfg_scale=CFG_SCALE, temperature=TEMPERATURE, top_k=top_k, top_p=top_p,
-                 seeds=keys, offset=offset, check_values=False, config=config)
+                 seeds=keys, offset=offset, check_values=False, config=config, select=select)
 
     probe = torch.randn(2 * batch, vocab, device=device) * 3.0
     tokens, mixed = fused_guided_sample(probe[:batch], probe[batch:], return_mixed=True, **knobs)
@@ -210,6 +215,8 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks-per-row", type=int, default=None,
                     help="override the vocabulary split of the fused kernels (tuning; default: launch_config)")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch reference (slow at large batch)")
+    ap.add_argument("--torch-select", action="store_true",
+                    help="also time the fused call with select='torch' in a CUDA graph (torchsel_graph rows)")
     ap.add_argument("--out", type=Path, default=None, help="directory for kernels_<device>.csv / .md")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (1 avoids OpenMP spin-wait collapse on shared, loaded cores)")
@@ -242,6 +249,11 @@ def main(argv=None) -> int:
                     labels["fused_graph"] = labels["fused"]
                     timings["fused"] = time_us(fused, logits, device, warmup=warmup, iters=iters)
                     timings["fused_graph"] = time_graph_us(fused, logits, device, iters=max(1, iters // 10))
+                    if args.torch_select and (top_k > 0 or top_p < 1.0):
+                        torchsel, labels["torchsel_graph"] = make_fused(batch, args.vocab, device, top_k, top_p,
+                                                                        args.blocks_per_row, select="torch")
+                        timings["torchsel_graph"] = time_graph_us(torchsel, logits, device,
+                                                                  iters=max(1, iters // 10))
                 for impl, fn in impls.items():
                     timings[impl] = time_us(fn, logits, device, warmup=warmup, iters=iters, top_k=top_k, top_p=top_p)
                 for impl, us in timings.items():
@@ -259,7 +271,8 @@ def main(argv=None) -> int:
               "copy_bandwidth_gbs": round(copy_gbs, 1), "graph_calls": GRAPH_CALLS,
               "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-              "impls": (["fused", "fused_graph"] if run_fused else []) + list(impls)}
+              "impls": (["fused", "fused_graph"] if run_fused else []) +
+              (["torchsel_graph"] if run_fused and args.torch_select else []) + list(impls)}
     if args.out:
         write_outputs(args.out, name, rows, header)
     print(json.dumps({**header, "targets": targets(rows) if run_fused else None, "rows": rows}))

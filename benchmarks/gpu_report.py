@@ -4,7 +4,12 @@ It runs, each as its own subprocess under one time budget (default 450 s, so the
 on an H100 with start-up included):
   1. the `gpu` tests (`pytest -m gpu tests/`): engines agree on CUDA, CUDA graphs, in-graph sampling, bf16 vs
      fp32, --device cuda on every command line;
-  2. benchmarks/bench_kernels.py: the fused guided-sampling kernel vs the torch reference vs LlamaGen's chain;
+  2. benchmarks/bench_kernels.py: the fused guided-sampling kernel vs the torch reference vs LlamaGen's chain,
+     per call eagerly and inside a CUDA graph, with both select paths (the rejection select kernel and the
+     torch.topk / sort thresholds the engine's dispatch times it against); the select's own share per call is
+     the graph time of a filtered row minus the unfiltered row of the same batch;
+  2b. bench_generate.py --profile at GPT-XL b8 CFG: the decode step's top kernels by GPU time per step (the
+     select kernel's row);
   3. benchmarks/bench_generate.py with our engine: GPT-B, XL, XXL x batch 1, 8, 64 x cond/cfg/fast/slow,
      256 tokens, bf16;
   4. bench_generate.py with every baseline engine it offers (read from its own `--engines` choices, so an
@@ -95,7 +100,12 @@ def plan(args, engines: list[str]) -> list[Phase]:
                                           "tests/"], share=0.3))
     if not args.skip_kernels:
         phases.append(Phase("kernels", [py, "benchmarks/bench_kernels.py", "--device", "cuda", "--iters", "50",
-                                        "--warmup", "5"], share=0.15))
+                                        "--warmup", "5", "--torch-select"], share=0.15))
+    if not args.skip_generate:
+        phases.append(Phase("profile ours GPT-XL b8 CFG",
+                            [py, "benchmarks/bench_generate.py", "--engines", "ours", "--preset", "XL", "--device",
+                             "cuda", "--dtype", "bf16", "--tokens", str(TOKENS), "--repeats", "1", "--batch", "8",
+                             "--modes", "cfg", "--profile", "--profile-top", "12"], share=0.12))
     common = ["--device", "cuda", "--dtype", "bf16", "--tokens", str(TOKENS), "--repeats", "1",
               "--batch", *map(str, args.batches), "--modes", *args.modes]
     ours = [e for e in engines if e == "ours"]
@@ -203,6 +213,11 @@ def render(meta: dict, phases: list[Phase], args) -> str:
     if kernels is not None:
         out += ["", "## Fused guided sampling (bench_kernels.py; V = 16384, fp32 logits, CFG rows)", ""]
         out += kernel_table(csv_rows(kernels.stdout, "device"))
+    profile = next((p for p in phases if p.name.startswith("profile")), None)
+    if profile is not None:
+        out += ["", "## Decode-step profile (bench_generate.py --profile; GPT-XL b8 CFG, 256 tokens, bf16, top-k 2000)",
+                ""]
+        out += profile_table(profile.stderr)
     out += ["", f"## Generation (bench_generate.py; {TOKENS} tokens, bf16, CFG 4.0, top-k 2000)", ""]
     out += generate_table(phases, args, meta.get("engines", []))
     jacobi = next((p for p in phases if p.name.startswith("jacobi")), None)
@@ -273,14 +288,33 @@ def kernel_table(rows: list[dict]) -> list[str]:
     by_key: dict = {}
     for r in rows:
         by_key.setdefault((int(r["batch"]), int(r["top_k"]), float(r["top_p"])), {})[r["impl"]] = r
-    lines = ["| batch | top_k / top_p | fused µs | torch µs | chain µs | fused speedup vs chain |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| batch | top_k / top_p | fused µs | fused_graph µs | select share µs (graph) | torchsel_graph µs | "
+             "torch µs | chain µs | graph speedup vs chain |", "|---|---|---|---|---|---|---|---|---|"]
     for (batch, k, p), impls in sorted(by_key.items()):
         us = {name: _num(impls[name]["us_per_call"], 1) if name in impls else "–"
-              for name in ("fused", "torch", "chain")}
-        speed = _num(impls["fused"]["speedup_vs_chain"], 2) + "x" if "fused" in impls else "–"
-        lines.append(f"| {batch} | {k} / {p} | {us['fused']} | {us['torch']} | {us['chain']} | {speed} |")
+              for name in ("fused", "fused_graph", "torchsel_graph", "torch", "chain")}
+        base = by_key.get((batch, 0, 1.0), {}).get("fused_graph")
+        share = "–"
+        if "fused_graph" in impls and base is not None and (k, p) != (0, 1.0):
+            share = _num(float(impls["fused_graph"]["us_per_call"]) - float(base["us_per_call"]), 1)
+        speed = _num(impls["fused_graph"]["speedup_vs_chain"], 2) + "x" if "fused_graph" in impls else "–"
+        lines.append(f"| {batch} | {k} / {p} | {us['fused']} | {us['fused_graph']} | {share} | "
+                     f"{us['torchsel_graph']} | {us['torch']} | {us['chain']} | {speed} |")
     return lines
+
+
+def profile_table(stderr: str) -> list[str]:
+    """The markdown table(s) bench_generate.py --profile printed to stderr ('# profile ...' + table rows)."""
+    lines, inside = [], False
+    for line in stderr.splitlines():
+        if line.startswith("# profile "):
+            lines += ["", line[2:], ""]
+            inside = True
+        elif inside and line.startswith("|"):
+            lines.append(line)
+        elif inside and line.strip() and not line.startswith("|"):
+            inside = False
+    return lines[1:] if lines else ["Not measured (the phase printed no profile; see its exit status above)."]
 
 
 def generate_table(phases: list[Phase], args, planned: list[str]) -> list[str]:

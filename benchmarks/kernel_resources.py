@@ -9,7 +9,9 @@ instructions per logit it handles (one loop step over CHUNK columns). This is th
 input in docs/sampling.md; timings need a GPU (benchmarks/bench_kernels.py).
 
     python benchmarks/kernel_resources.py                     # batch 1, 64, 256 at V = 16384
-    python benchmarks/kernel_resources.py --batches 8 --vocab 32768 --dtype bf16
+    python benchmarks/kernel_resources.py --batches 8 --vocab 65536 --dtype bf16
+
+The select kernel is reported per filter variant (top-k, top-p, both, the torch thresholds path).
 
 `--block` reports the decode layer's kernels instead (docs/decode_kernels.md): the fused add+RMSNorm+wqkv+RoPE+KV
 write, the fused add+RMSNorm+[w1;w3]+SwiGLU, the skinny split-K GEMM (wo, w2) and decode attention, at the
@@ -44,7 +46,7 @@ from llamagen_core2.kernels import fused_guided_sample as F  # noqa: E402
 H100_SMS = 132
 TARGET = GPUTarget("cuda", 90, 32)
 POINTER_TYPES = {"part_i_ptr": "*i32", "seeds_ptr": "*i64", "offset_ptr": "*i64", "top_k_ptr": "*i64",
-                 "tokens_ptr": "*i64"}
+                 "tokens_ptr": "*i64", "threshold_ptr": "*i32"}
 SCALAR_TYPES = {"offset_val": "i64", "top_k_val": "i32"}
 
 
@@ -67,20 +69,22 @@ def compile_kernel(fn, consts: dict, num_warps: int, logits_dtype: str = "fp32",
 
 
 def mix_consts(config: "F.LaunchConfig", **flags) -> dict:
-    """The benchmark's call by default: CFG, Python-number knobs, temperature 1, device offset."""
+    """The benchmark's call by default: CFG, Python-number knobs, temperature 1, device offset, top-k (rows
+    stored for the select, no x argmax: that one is for greedy rows and top-p)."""
     consts = dict(MODE=1, CFG_MIX=True, KNOBS_PER_ROW=False, OFFSET_FROM_PTR=True, WRITE_MIXED=False,
-                  SCALE=False, GREEDY=False, SAMPLE=True, STORE_ROWS=True)
+                  SCALE=False, ARGMAX_X=False, SAMPLE=True, STORE_ROWS=True)
     consts.update(flags)
     consts.update(BLOCK_ROWS=config.rows_per_program, CHUNK=config.chunk, CHUNKS=config.chunks_per_block)
     return consts
 
 
 def select_consts(config: "F.LaunchConfig", vocab: int, **flags) -> dict:
-    consts = dict(KNOBS_PER_ROW=False, GREEDY=False, SAMPLE=True, FILTERS=True)
+    """The benchmark's call by default: Python-number knobs, top-k on, top-p off, the kernel select path."""
+    consts = dict(KNOBS_PER_ROW=False, GREEDY=False, SAMPLE=True, TOPK=True, TOPP=False, THRESHOLD=False)
     consts.update(flags)
     consts.update(BLOCK_ROWS=config.rows_per_program, BLOCK_V=triton.next_power_of_2(vocab),
                   BLOCK_NB=triton.next_power_of_2(config.blocks_per_row), SCAN=config.scan_chunk,
-                  TOP_P_ROUNDS=config.top_p_rounds)
+                  RESIDENT=config.resident, MAX_REJECTIONS=config.rejection_rounds, VALUE_STEPS=config.value_steps)
     return consts
 
 
@@ -276,11 +280,19 @@ def main(argv=None) -> int:
         per_logit = (double["sass_instructions"] - mix["sass_instructions"]) / per_thread
         print(f"{batch},{args.vocab},mix_race,{launch},{config.mix_warps},{mix['registers']},{mix['stack_bytes']},"
               f"{mix['sass_instructions']},{per_logit:.0f}")
-        select = resources(compile_kernel(F._select_kernel, select_consts(config, args.vocab), config.select_warps,
-                                          vocab=args.vocab))
-        print(f"{batch},{args.vocab},select,{launch},{config.select_warps},{select['registers']},"
-              f"{select['stack_bytes']},{select['sass_instructions']},")
+        for name, flags in SELECT_VARIANTS.items():
+            select = resources(compile_kernel(F._select_kernel, select_consts(config, args.vocab, **flags),
+                                              config.select_warps, vocab=args.vocab))
+            print(f"{batch},{args.vocab},{name},{launch} resident={config.resident},{config.select_warps},"
+                  f"{select['registers']},{select['stack_bytes']},{select['sass_instructions']},")
     return 0
+
+
+# the select kernel as the filter flags compile it (Python-number knobs): the rejection select for top-k, top-p
+# and both, and the torch select path (thresholds given)
+SELECT_VARIANTS = {"select(top-k)": dict(TOPK=True, TOPP=False), "select(top-p)": dict(TOPK=False, TOPP=True),
+                   "select(top-k+top-p)": dict(TOPK=True, TOPP=True),
+                   "select(torch thresholds)": dict(TOPK=True, TOPP=True, THRESHOLD=True)}
 
 
 if __name__ == "__main__":

@@ -112,6 +112,19 @@ def select_backend(device: torch.device) -> str:
     return "torch"
 
 
+def choose_sampler_select(device, batch: int, vocab: int, filters: tuple, candidates) -> str:
+    """'kernel' or 'torch': the fused sampler's select step for this (device, batch, vocab, filters), chosen by
+    timing both graph-captured on CUDA (`timed_choice`, once per key, logged) -- so a select kernel slower than
+    torch.topk / torch.sort cannot ship unseen. `candidates()` builds the two `timed_choice.Candidate`s
+    (`fused_guided_sample.select_candidates`), only when a timing is due. Without filters there is nothing to
+    select: 'kernel'. Call at warm-up, never inside a CUDA graph capture."""
+    if not any(filters):
+        return "kernel"
+    from .timed_choice import default_chooser
+
+    return default_chooser().choose("guided_sample.select", device, (batch, vocab, tuple(filters)), candidates())
+
+
 @functools.lru_cache(maxsize=None)
 def multiprocessor_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (launch configs size their grids to fill them; cached)."""

@@ -19,6 +19,10 @@ Contract (why: docs/design.md#decode-engine):
     64-position bucket and reads keys up to the bucket's end (at most 63 masked extra keys).
   * Randomness: the sampler's Philox keys (one per image, `seeding.py`) and the draw counter (token index x V)
     live in device buffers, so eager, static and graph-replayed decoding draw the same numbers.
+  * Sampler: the request's filter flags (which of top-k / top-p any row uses) are read on the host once per
+    request and join the graph key, so an unfiltered request's graphs write no logits row to scratch; on CUDA the
+    sampler's select path (fused kernel or torch thresholds) is timed once per (batch, V, flags) before capture
+    and the faster one is captured (kernels/dispatch.py, kernels/timed_choice.py).
   * The NaN/inf flag accumulates on the device over every hidden state computed (the base rows of every step,
     the weak model's predictions, catch-up prefills); the caller reads it once at the end.
 """
@@ -32,7 +36,7 @@ from typing import Callable, Optional
 import torch
 
 from .errors import InvalidArgument
-from .guidance import guided_sample
+from .guidance import filter_flags, guided_sample
 from .guidance_config import MODE_TABLE, needs_uncond, needs_weak
 from .model import KVCache
 from .static_decode import StepGraphs
@@ -239,6 +243,26 @@ class Engine:
             self.knobs[name][:batch].copy_(torch.as_tensor(value, dtype=self.knobs[name].dtype).expand(batch))
         self.counters.zero_()
         self.finite.fill_(True)
+        # Host facts about the request's knobs, read once (not per step): which filters any row uses (a filter no
+        # row uses is compiled out of the sampler and, with none, no logits row is written to scratch) and the
+        # largest top_k (the torch select path's torch.topk width). Both join the graph key.
+        V = self.gpt.config.vocab_size
+        self.filters = filter_flags(knobs["temperature"], knobs["top_k"], knobs["top_p"], V)
+        self.top_k_max = min(int(torch.as_tensor(knobs["top_k"]).max()), V)
+        self.select_now = "kernel"
+
+    def _choose_select(self, batch: int) -> None:
+        """Before any capture of this request: the sampler's select path for (device, batch, V, filters), timed
+        against the torch path once per key on CUDA (kernels.dispatch.choose_sampler_select)."""
+        from .kernels.dispatch import choose_sampler_select
+        from .kernels.fused_guided_sample import select_candidates
+
+        V, B = self.gpt.config.vocab_size, batch
+        self.select_now = choose_sampler_select(
+            self.device, B, V, self.filters,
+            lambda: select_candidates(B, V, self.device, temperature=self.knobs["temperature"][:B],
+                                      top_k=self.knobs["top_k"][:B], top_p=self.knobs["top_p"][:B],
+                                      seeds=self.keys[:B], filters=self.filters, top_k_max=self.top_k_max))
 
     def request_knobs(self, batch: int) -> dict:
         """The sampler's per-row knobs of the current request (device tensors [B])."""
@@ -254,7 +278,8 @@ class Engine:
         knobs = self.request_knobs(B)
         result = guided_sample(cond, uncond, weak, mode=mode, **knobs, seeds=self.keys[:B],
                                offset=self.counters[3:4], return_mixed=record, check_values=False,
-                               backend=self.backend_now)
+                               backend=self.backend_now, filters=self.filters, select=self.select_now,
+                               top_k_max=self.top_k_max)
         tokens, mixed = result if record else (result, None)
         self.tokens_out[:B].index_copy_(1, self.counters[2:3], tokens[:, None])
         halves = 2 if self.tokens_in.shape[0] >= 2 * B else 1  # the same token feeds both halves
@@ -312,6 +337,8 @@ class Engine:
         # CUDA the same steps run eagerly; the dispatch logs why).
         self.graphs_now = self.graphs is not None and self.backend_now == "triton"
         self._load_request(B, keys, knobs)
+        if self.graphs_now:
+            self._choose_select(B)
         device = self.device
         mask = None if cond_mask is None else cond_mask.to(device=device, dtype=torch.bool)
         self.cache.set_prefix_mask(mask, copies=2 if uses_uncond else 1)
@@ -403,7 +430,7 @@ class Engine:
         if not self.graphs_now:
             chunk()
             return
-        key = (mode, batch, rows, steps, max_end, weak_end, self.cache.masked, record)
+        key = (mode, batch, rows, steps, max_end, weak_end, self.cache.masked, record, self.filters, self.select_now)
         self.graphs.run(key, chunk, self._save_state, self._restore_state)
 
     def _save_state(self):

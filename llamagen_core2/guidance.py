@@ -97,6 +97,19 @@ def _row_values(x, name: str, batch: int, device, dtype) -> torch.Tensor:
     return t
 
 
+def filter_flags(temperature, top_k, top_p, vocab: int) -> tuple[bool, bool]:
+    """(top_k_on, top_p_on): whether any sampled row (temperature != 0) uses top-k (0 < k < vocab) / top-p
+    (p < 1). Knobs are numbers or [B] tensors; a tensor on a GPU is read once (a host sync): call it once per
+    request, not per step (the engine does, and passes the answer to every step as `filters`)."""
+    def host(x):
+        return torch.as_tensor(x).detach().reshape(-1).cpu()
+
+    t, k, p = host(temperature), host(top_k), host(top_p)
+    n = max(t.numel(), k.numel(), p.numel())
+    sampled = (t != 0).expand(n)
+    return bool((sampled & (k > 0).expand(n) & (k < vocab).expand(n)).any()), bool((sampled & (p < 1).expand(n)).any())
+
+
 def filter_logits(logits: torch.Tensor, *, top_k=0, top_p=1.0) -> torch.Tensor:
     """LlamaGen's top-k then top-p filtering on [B, V] logits; removed entries become -inf.
 
@@ -140,7 +153,8 @@ def sample_logits(
     tokens: argmax_j x_j - log(-log U_j), x = logits / temperature in fp32, which draws exactly
     from softmax(x) over the kept set without a host synchronisation. U is Philox noise
     (`llamagen_core2.philox`): with `seeds` (an int, or an int64 tensor [1] or [B]) and `offset`
-    (an int, or an int64 tensor [1]) the uniforms -- and so the tokens -- are those of the fused
+    (an int, or an int64 tensor [1], or [B]: one counter base per row) the uniforms -- and so the tokens --
+    are those of the fused
     Triton kernel for the same arguments; otherwise one key per row is drawn from `generator`
     (the default generator of the logits' device when None) and `offset` (0 by default) is the
     counter base.
@@ -192,6 +206,9 @@ def guided_sample(
     return_mixed: bool = False,
     check_values: bool = True,
     backend: Optional[str] = None,
+    filters: Optional[tuple] = None,
+    select: str = "kernel",
+    top_k_max: Optional[int] = None,
 ):
     """Mix then sample: [B, V] logits in, LongTensor [B] out (and the fp32 mixed logits if asked).
 
@@ -201,12 +218,16 @@ def guided_sample(
     give the same tokens for the same arguments up to the ulps of `log`, docs/sampling.md):
     with `seeds` the race uses Philox keys `seeds` (an int or int64 tensor [1]: one key, counters
     offset + row * V + column; an int64 tensor [B]: one key per row, counters offset + column) and
-    the counter base `offset` (an int or a device-resident int64 tensor [1]); a caller reusing its
-    keys advances offset by V per draw with per-row keys (B * V with one key). Without seeds, one
+    the counter base `offset` (an int or a device-resident int64 tensor [1]; or [B], one base per row:
+    row b then uses counters offset[b] + column with either kind of keys, exactly what a one-row call
+    with offset[b] draws); a caller reusing its keys advances offset by V per draw with per-row keys or
+    offsets (B * V with one key and one offset). Without seeds, one
     key per row is drawn from `generator` with torch.randint on the generator's device (no host
     sync) and the offset is `offset` (0 by default). `check_values=False` skips the host-syncing
     value checks of per-row tensor knobs on the Triton path (for CUDA graph capture once the
-    request was validated); the torch path always checks.
+    request was validated); the torch path always checks. `filters` (the host's (top_k_on, top_p_on)
+    promise, `filter_flags`), `select` ("kernel" | "torch") and `top_k_max` tune the Triton path only
+    (`kernels.fused_guided_sample`); the torch reference needs no promise.
     """
     from .kernels.dispatch import select_backend
 
@@ -222,7 +243,8 @@ def guided_sample(
         return fused_guided_sample(
             cond, uncond, weak, mode=mode, cfg_scale=cfg_scale, w2s_scale=w2s_scale,
             temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, offset=offset,
-            return_mixed=return_mixed, check_values=check_values)
+            return_mixed=return_mixed, check_values=check_values, filters=filters, select=select,
+            top_k_max=top_k_max)
 
     mixed = mix_guidance(cond.float(), None if uncond is None else uncond.float(),
                          None if weak is None else weak.float(),

@@ -166,15 +166,22 @@ def sample_window(cond: torch.Tensor, uncond: Optional[torch.Tensor], weak: Opti
     """The one place a window is sampled: logits [B, W, V] (None where the mode has none) -> tokens [B, W].
 
     Position k of image b draws with the image's key and the counters of token start + k ((start + k) * V..), the
-    noise sequential decoding gives that token. The sampler takes one counter base per call, so this loops over
-    the W positions; with one counter base per row it becomes one call over the B*W rows (keys repeated)."""
-    W = cond.shape[1]
-    offsets = (start + torch.arange(W, device=cond.device)) * vocab  # [W] device
-    tokens = [guided_sample(cond[:, k], None if uncond is None else uncond[:, k], None if weak is None else weak[:, k],
-                            mode=mode, **knobs, seeds=keys, offset=offsets[k:k + 1], check_values=check_values,
-                            backend=backend)
-              for k in range(W)]
-    return torch.stack(tokens, 1)
+    noise sequential decoding gives that token: one sampler call over the B*W rows (row b*W + k), keys and per-image
+    knobs repeated, one counter base per row."""
+    B, W, V = cond.shape
+
+    def rows(logits):
+        return None if logits is None else logits.reshape(B * W, V)
+
+    def per_row(value):  # a per-image tensor knob [B] -> [B*W]; numbers stay numbers
+        return value.repeat_interleave(W) if isinstance(value, torch.Tensor) and value.dim() == 1 else value
+
+    offsets = ((start + torch.arange(W, device=cond.device)) * vocab).repeat(B)  # [B*W] device
+    tokens = guided_sample(rows(cond), rows(uncond), rows(weak), mode=mode,
+                           **{name: per_row(value) for name, value in knobs.items()},
+                           seeds=keys.repeat_interleave(W), offset=offsets, check_values=check_values,
+                           backend=backend)
+    return tokens.view(B, W)
 
 
 def finish_pass(gpt, state: WindowState, mode: str, hidden: torch.Tensor, weak_hidden: Optional[torch.Tensor],

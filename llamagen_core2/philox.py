@@ -7,6 +7,9 @@ backend (up to the ulps of `log` on the GPU, see docs/sampling.md).
 Layout rule (one place, used by both backends):
     seeds [1] (one key for the batch): row b, column j uses key seeds[0] and counter offset + b * V + j
     seeds [B] (one key per row):       row b, column j uses key seeds[b] and counter offset + j
+    offset [B] (one counter base per row, either kind of seeds): row b, column j uses counter offset[b] + j,
+        so row b draws exactly what a one-row call with its key and offset[b] draws (Jacobi decoding: rows at
+        different token indices). A scalar offset o with one key is the same as the per-row offsets o + b * V.
 Counters are 64-bit (Triton splits an int64 counter into the Philox words c0 = low 32 bits,
 c1 = high 32 bits; below 2**32 this is the same stream as an int32 counter). A caller that reuses
 its keys for another draw advances `offset` by the counters one draw uses: `V` with per-row keys,
@@ -35,9 +38,10 @@ Offset = Union[int, torch.Tensor]
 
 
 def philox_uniform(seeds: torch.Tensor, offset: Offset, vocab: int) -> torch.Tensor:
-    """seeds int64 [B] (Philox keys), offset int or int64 tensor [1] -> float32 [B, vocab].
+    """seeds int64 [B] (Philox keys), offset int or int64 tensor [1] or [B] (per row) -> float32 [B, vocab].
 
-    Element (b, j) is bit for bit `tl.rand(seeds[b], offset + j)` of the installed Triton: the key
+    Element (b, j) is bit for bit `tl.rand(seeds[b], offset + j)` (per-row offsets: `offset[b] + j`) of the
+    installed Triton: the key
     is the seed's (low, high) 32-bit words, the counter words are (low, high, 0, 0) of the 64-bit
     counter, 10 rounds, and the first output word becomes a float in [0, 1) by Triton's
     `uint_to_uniform_float` (an int32 bitcast, ~x for negatives, times 4.6566127342e-10 in fp32).
@@ -50,9 +54,13 @@ def philox_uniform(seeds: torch.Tensor, offset: Offset, vocab: int) -> torch.Ten
     device = seeds.device
     cols = torch.arange(vocab, device=device, dtype=torch.int64)
     if isinstance(offset, torch.Tensor):
-        counter = offset.to(device=device, dtype=torch.int64).reshape(1) + cols
+        if offset.numel() not in (1, seeds.shape[0]):
+            raise InvalidArgument(f"offset must be an int or an integer tensor with 1 or {seeds.shape[0]} (one per "
+                                  f"row) elements, got {_describe(offset)}")
+        base = offset.to(device=device, dtype=torch.int64).reshape(-1, 1)  # [1, 1] or [B, 1]
     else:
-        counter = cols + int(offset)
+        base = torch.full((1, 1), int(offset), device=device, dtype=torch.int64)
+    counter = base + cols  # [1, V] or [B, V]
     if device.type != "cpu":
         return _philox(seeds, counter)
     # CPU: tiles of ~2**16 counters keep the ten rounds' int64 temporaries in cache (3x faster at 4M)
@@ -60,8 +68,9 @@ def philox_uniform(seeds: torch.Tensor, offset: Offset, vocab: int) -> torch.Ten
     rows = max(1, _CPU_TILE // vocab)
     width = min(vocab, _CPU_TILE)
     for r in range(0, seeds.shape[0], rows):
+        rows_counter = counter if counter.shape[0] == 1 else counter[r:r + rows]
         for c in range(0, vocab, width):
-            out[r:r + rows, c:c + width] = _philox(seeds[r:r + rows], counter[c:c + width])
+            out[r:r + rows, c:c + width] = _philox(seeds[r:r + rows], rows_counter[:, c:c + width])
     return out
 
 
@@ -69,8 +78,9 @@ _CPU_TILE = 2 ** 16
 
 
 def _philox(seeds: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
-    """Keys [R] x counters [C] -> float32 uniforms [R, C] (philox_uniform's arithmetic)."""
-    shape = (seeds.shape[0], counter.shape[0])
+    """Keys [R] x counters [1, C] (shared) or [R, C] (per row) -> float32 uniforms [R, C] (philox_uniform's
+    arithmetic)."""
+    shape = (seeds.shape[0], counter.shape[-1])
     c0 = (counter & _LOW32).expand(shape)
     c1 = ((counter >> 32) & _LOW32).expand(shape)
     c2 = torch.zeros(shape, dtype=torch.int64, device=counter.device)
@@ -95,19 +105,31 @@ def _philox(seeds: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     return folded.to(torch.float32) * _UNIFORM_SCALE  # a Python float: no host-to-device copy per draw
 
 
-def counters_per_draw(n_seeds: int, batch: int, vocab: int) -> int:
-    """How far a draw moves the counter: V with per-row keys, B * V with one key for the batch."""
-    return vocab if n_seeds > 1 else batch * vocab
+def counters_per_draw(n_seeds: int, batch: int, vocab: int, per_row_offsets: bool = False) -> int:
+    """How far a draw moves the counter: V with per-row keys or per-row offsets (each row's own base), B * V with
+    one key for the batch and one offset."""
+    return vocab if n_seeds > 1 or per_row_offsets else batch * vocab
 
 
-def counter_strides(n_seeds: int, vocab: int) -> tuple[int, int]:
-    """(seed stride, counter row stride) of the layout rule: key index = row * seed stride,
-    counter = offset + row * counter row stride + column."""
-    return (1, 0) if n_seeds > 1 else (0, vocab)
+def per_row_offsets(offset: Offset, batch: int) -> bool:
+    """True when `offset` is a tensor holding one counter base per row (B > 1 elements); for B = 1 both layouts
+    are the same stream."""
+    return isinstance(offset, torch.Tensor) and batch > 1 and offset.numel() == batch
+
+
+def counter_strides(n_seeds: int, vocab: int, offsets_per_row: bool = False) -> tuple[int, int, int]:
+    """(seed stride, offset stride, counter row stride) of the layout rule: key index = row * seed stride,
+    counter = offset[row * offset stride] + row * counter row stride + column."""
+    if offsets_per_row:
+        return (1 if n_seeds > 1 else 0), 1, 0
+    return (1, 0, 0) if n_seeds > 1 else (0, 0, vocab)
 
 
 def race_uniforms(seeds: torch.Tensor, offset: Offset, batch: int, vocab: int) -> torch.Tensor:
-    """The race uniforms [B, V] of the layout rule (module doc) for checked keys [1] or [B]."""
+    """The race uniforms [B, V] of the layout rule (module doc) for checked keys [1] or [B] and a checked offset
+    (int, [1] or [B])."""
+    if per_row_offsets(offset, batch):
+        return philox_uniform(seeds.reshape(-1).expand(batch) if seeds.numel() == 1 else seeds, offset, vocab)
     if seeds.numel() == 1:
         return philox_uniform(seeds.reshape(1), offset, batch * vocab).view(batch, vocab)
     return philox_uniform(seeds, offset, vocab)
@@ -133,11 +155,12 @@ def check_seeds(seeds, batch: int, vocab: int, device) -> torch.Tensor:
 
 
 def check_offset(offset, batch: int, vocab: int, n_seeds: int) -> Offset:
-    """An int with offset + one draw's counters <= 2**63 - 1, or an integer tensor with one element
-    (device-resident, unchecked: its value is never read on the host)."""
+    """An int with offset + one draw's counters <= 2**63 - 1, or an integer tensor with one element or B (one
+    counter base per row; device-resident, unchecked: its values are never read on the host)."""
     if isinstance(offset, torch.Tensor):
-        if offset.numel() != 1 or offset.dtype not in (torch.int64, torch.int32):
-            raise InvalidArgument(f"offset must be an int or an integer tensor with one element, got {_describe(offset)}")
+        if offset.numel() not in (1, batch) or offset.dim() > 1 or offset.dtype not in (torch.int64, torch.int32):
+            raise InvalidArgument(f"offset must be an int or an integer tensor with 1 or {batch} (one per row) "
+                                  f"elements, got {_describe(offset)}")
         return offset
     span = counters_per_draw(n_seeds, batch, vocab)
     if isinstance(offset, bool) or not isinstance(offset, int) or not (0 <= offset <= MAX_COUNTER - span):

@@ -342,3 +342,51 @@ def test_graph_inputs_keep_their_addresses_across_requests():
     weak.rope = weak.rope.clone()  # ...but a moved buffer rebinds (graphs dropped)
     generate(model, feats, cond_mask=mask, mode="fast", weak_model=weak, seed=0, engine=engine)
     assert engine.binding != first[0]
+
+
+def test_filter_flags_and_the_select_path_join_the_graph_key(monkeypatch, single_thread):
+    """The request's filter flags (read on the host once per request) and the sampler's select path (chosen
+    before capture) are part of every graph key, so a graph captured for an unfiltered request is never
+    replayed for a filtered one; with the torch select path inside the graphs the tokens are the eager loop's.
+    On CPU nothing is captured: a stand-in StepGraphs records the keys and runs each chunk eagerly."""
+    kernels = pytest.importorskip("llamagen_core2.kernels.decode_attention")
+    if not kernels.INTERPRETED:
+        pytest.skip("on CUDA the gpu tests cover the captured graphs")
+    from llamagen_core2 import engine as engine_module
+    from llamagen_core2.guidance import filter_flags
+    from llamagen_core2.kernels import dispatch
+
+    keys, asked = [], []
+
+    class RecordingGraphs:
+        def __init__(self, device):
+            pass
+
+        def clear(self):
+            pass
+
+        def run(self, key, fn, save_state, restore_state):
+            keys.append(key)
+            fn()
+
+    def choose(device, batch, vocab, filters, candidates):
+        asked.append((batch, vocab, filters))
+        return "torch" if any(filters) else "kernel"
+
+    monkeypatch.setattr(engine_module, "StepGraphs", RecordingGraphs)
+    monkeypatch.setattr(Engine, "use_graphs", property(lambda self: True))
+    monkeypatch.setattr(dispatch, "choose_sampler_select", choose)
+    model = tiny_gpt()
+    engine = Engine(model, backend="triton", steps_per_graph=4)
+    cond = torch.tensor([3, 8, 1])
+    for knobs, flags, select in ((dict(top_k=0), (False, False), "kernel"), (dict(top_k=20), (True, False), "torch"),
+                                 (dict(top_k=20, top_p=0.8), (True, True), "torch"),
+                                 (dict(top_k=torch.tensor([0, 30, 0]), temperature=torch.tensor([1.0, 0.0, 1.0])),
+                                  (False, False), "kernel")):  # the only top-k row is greedy: no filter
+        keys.clear()
+        tokens = generate(model, cond, cfg_scale=3.0, seed=4, engine=engine, **knobs)
+        assert torch.equal(tokens, generate(model, cond, cfg_scale=3.0, seed=4, engine="eager", **knobs)), knobs
+        assert keys and all(key[-2:] == (flags, select) for key in keys), (knobs, keys[:2])
+        assert asked[-1] == (3, model.config.vocab_size, flags)
+    assert filter_flags(1.0, 0, 1.0, 97) == (False, False) and filter_flags(1.0, 97, 1.0, 97) == (False, False)
+    assert filter_flags(torch.tensor([0.0, 1.0]), torch.tensor([5, 0]), 0.9, 97) == (False, True)

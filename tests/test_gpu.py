@@ -197,3 +197,29 @@ def test_diffusion_cli_runs_with_device_cuda(tmp_path, capsys):
                 "--height", "32", "--width", "32", "--max-sequence-length", "16", "--device", "cuda", "--quiet",
                 "--out", tmp_path / "img"], capsys)
     assert json.loads(out.strip().splitlines()[-1])["images"] == 1
+
+
+def test_the_sampler_select_is_timed_before_capture_and_both_paths_agree():
+    """On CUDA the engine times the sampler's two select paths (the rejection select kernel, the torch.topk /
+    sort thresholds) once per (batch, V, filter flags) before capture, keeps the faster, and the tokens are the
+    eager loop's; each path captures in a CUDA graph and both draw the same tokens."""
+    from llamagen_core2.kernels.fused_guided_sample import select_candidates
+    from llamagen_core2.kernels.timed_choice import TimedChoice, default_chooser
+
+    gpt, _ = _models()
+    V = gpt.config.vocab_size
+    cond = torch.tensor([1, 4, 7], device=CUDA)
+    kw = dict(mode="cfg", seed=3, cfg_scale=3.0, top_k=20, top_p=0.9)
+    static = generate(gpt, cond, engine=Engine(gpt), **kw)
+    assert torch.equal(static, generate(gpt, cond, engine="eager", **kw))
+    key = ("guided_sample.select", str(CUDA), (3, V, (True, True)))
+    assert default_chooser().decisions.get(key) in ("kernel", "torch")
+
+    knobs = dict(temperature=torch.ones(8, device=CUDA), top_k=torch.full((8,), 50, device=CUDA),
+                 top_p=torch.full((8,), 0.8, device=CUDA), seeds=torch.arange(8, device=CUDA))
+    candidates = select_candidates(8, 16384, CUDA, filters=(True, True), top_k_max=50, **knobs)
+    assert torch.equal(candidates[0].run(), candidates[1].run())
+    chooser = TimedChoice()
+    chosen = chooser.choose("test.select", CUDA, (8, 16384), candidates)
+    times = chooser.timings[("test.select", str(CUDA), (8, 16384))]
+    assert chosen in times and all(t is not None and 0 < t < 1e-2 for t in times.values()), times

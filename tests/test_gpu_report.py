@@ -114,3 +114,32 @@ def test_jacobi_phase_is_planned_and_its_rows_become_a_table(single_thread, caps
     assert int(rows[0]["forward_passes"]) == 24 and int(rows[1]["forward_passes"]) <= 24
     table = "\n".join(report.jacobi_table(rows))
     assert "| 2 | jacobi |" in table and "| 2 | sequential |" in table
+
+
+def test_kernel_and_profile_tables_read_the_benchmarks_own_output(capsys):
+    """The sampler table shows the graph time per call of both select paths and the select's own share (a
+    filtered row's graph time minus the unfiltered row of that batch); the profile section copies the table
+    bench_generate.py --profile prints."""
+    report = _load("gpu_report")
+    kernels = _load("bench_kernels")
+    generate = _load("bench_generate")
+
+    def row(impl, k, p, us):
+        values = dict(device="H200", impl=impl, batch=64, vocab=16384, top_k=k, top_p=p, us_per_call=us, gb_per_s=1,
+                      pct_of_copy=1, speedup_vs_chain=round(314 / us, 2), launch="")
+        return ",".join(str(values[f]) for f in kernels.FIELDS)
+
+    stdout = "\n".join([",".join(kernels.FIELDS), row("fused_graph", 0, 1.0, 9.8), row("fused", 2000, 1.0, 60.0),
+                        row("fused_graph", 2000, 1.0, 11.3), row("torchsel_graph", 2000, 1.0, 120.5),
+                        row("chain", 2000, 1.0, 314.0), '{"rows": []}'])
+    table = "\n".join(report.kernel_table(report.csv_rows(stdout, "device")))
+    assert "| 64 | 2000 / 1.0 | 60.0 | 11.3 | 1.5 | 120.5 | – | 314.0 | 27.79x |" in table
+    assert "| 64 | 0 / 1.0 | – | 9.8 | – | – | – | – | 32.04x |" in table
+
+    rows = [dict(name="_select_kernel", ms_per_step=0.0123, launches_per_step=1.0, pct=0.6),
+            dict(name="_mix_race_kernel", ms_per_step=0.004, launches_per_step=1.0, pct=0.2)]
+    generate.print_profile("ours GPT-XL b8 cfg 256 tokens on H200", rows, torch.device("cuda"), 0.0163)
+    profile = report.profile_table("noise before\n" + capsys.readouterr().err + "gpu_report: done\n")
+    assert profile[0].startswith("profile ours GPT-XL b8 cfg 256 tokens on H200: top 2 kernels by GPU time")
+    assert "| _select_kernel | 0.0123 | 1.00 | 0.6 |" in profile and "| _mix_race_kernel | 0.0040 | 1.00 | 0.2 |" in profile
+    assert report.profile_table("")[0].startswith("Not measured")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from llamagen_core2.errors import InvalidArgument
-from llamagen_core2.philox import (check_offset, check_seeds, counter_strides, counters_per_draw, philox_uniform,
-                                   race_uniforms)
+from llamagen_core2.philox import (check_offset, check_seeds, counter_strides, counters_per_draw, per_row_offsets,
+                                   philox_uniform, race_uniforms)
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -60,8 +60,40 @@ def test_layout_rule_single_key_rows_are_consecutive_counter_blocks():
     keys = torch.tensor([5, 6, 7])
     per_row = race_uniforms(keys, 40, batch, vocab)
     assert torch.equal(per_row, philox_uniform(keys, 40, vocab))
-    assert counter_strides(1, vocab) == (0, vocab) and counter_strides(3, vocab) == (1, 0)
+    assert counter_strides(1, vocab) == (0, 0, vocab) and counter_strides(3, vocab) == (1, 0, 0)
     assert counters_per_draw(1, batch, vocab) == batch * vocab and counters_per_draw(3, batch, vocab) == vocab
+
+
+@pytest.mark.parametrize("keys", [torch.tensor([99]), torch.tensor([5, 6, 7, 2 ** 40])], ids=["one_key", "per_row_keys"])
+def test_per_row_offsets_draw_what_a_one_row_call_draws(keys):
+    """offset [B]: row b uses counters offset[b] + j, whatever the keys -- the stream a one-row call with
+    offset[b] (and row b's key) draws. Offsets across both counter words and a repeated one."""
+    batch, vocab = 4, 37
+    offsets = torch.tensor([0, 2 ** 32 - 5, 123456789012, 0])
+    drawn = race_uniforms(keys, offsets, batch, vocab)
+    for b in range(batch):
+        key = keys[b:b + 1] if keys.numel() > 1 else keys
+        assert torch.equal(drawn[b], race_uniforms(key, int(offsets[b]), 1, vocab)[0])
+        assert torch.equal(drawn[b], race_uniforms(key, offsets[b:b + 1], 1, vocab)[0])
+    assert per_row_offsets(offsets, batch) and not per_row_offsets(offsets[:1], batch) and not per_row_offsets(7, 4)
+    # a scalar offset with one key is the per-row offsets offset + b * V
+    if keys.numel() == 1:
+        assert torch.equal(race_uniforms(keys, 40, batch, vocab),
+                           race_uniforms(keys, 40 + torch.arange(batch) * vocab, batch, vocab))
+    assert counter_strides(keys.numel(), vocab, True) == ((1 if keys.numel() > 1 else 0), 1, 0)
+    assert counters_per_draw(1, batch, vocab, per_row_offsets=True) == vocab
+
+
+def test_per_row_offsets_match_tl_rand():
+    """The per-row layout against Triton's tl.rand directly (the kernel's noise), one key per row."""
+    seeds = torch.tensor(SEEDS[:5], dtype=torch.int64)
+    offsets = torch.tensor([0, 5, 2 ** 32 - 50, 2 ** 40 + 17, 2 ** 62])
+    vocab = 64
+    out = torch.empty(len(seeds), vocab, device=DEVICE)
+    for b in range(len(seeds)):
+        _rand_probe[(1,)](seeds[b:b + 1].to(DEVICE), offsets[b:b + 1].to(DEVICE), out[b:b + 1], VOCAB=vocab)
+    ours = philox_uniform(seeds, offsets, vocab)
+    assert torch.equal(out.cpu().view(torch.int32), ours.view(torch.int32))
 
 
 @pytest.mark.parametrize("call, match", [
@@ -72,7 +104,10 @@ def test_layout_rule_single_key_rows_are_consecutive_counter_blocks():
     (lambda: check_seeds(torch.zeros(2), 2, 4, "cpu"), "seeds must be an int, or an integer tensor"),
     (lambda: check_seeds(0, 2 ** 16, 2 ** 16, "cpu"), r"at most 2\*\*31 - 1 are supported"),
     (lambda: check_offset(-1, 2, 4, 1), r"offset must be an int in \[0, 2\*\*63 - 8\]"),
-    (lambda: check_offset(torch.zeros(2, dtype=torch.long), 2, 4, 1), "offset must be an int or an integer tensor"),
+    # [B] offsets are valid (one counter base per row); any other size is refused
+    (lambda: check_offset(torch.zeros(3, dtype=torch.long), 2, 4, 1), r"offset must be an int or an integer tensor "
+                                                                       r"with 1 or 2 \(one per row\) elements"),
+    (lambda: philox_uniform(torch.tensor([1, 2]), torch.zeros(3, dtype=torch.long), 4), "with 1 or 2"),
 ])
 def test_bad_keys_and_offsets_raise_invalid_argument(call, match):
     with pytest.raises(InvalidArgument, match=match):
