@@ -1,8 +1,10 @@
 """Kernel dispatch: the one place that decides between the Triton kernels and their torch references.
 
 One decision covers every kernel module in `KERNEL_MODULES` (the fused sampler, the transformer block's
-non-GEMM ops, and the skinny / fused decode GEMMs of docs/decode_kernels.md, not yet used by the step): the
-engine asks once per device and passes the answer down.
+ops, and the skinny / fused decode GEMMs of docs/decode_kernels.md): the engine asks once per device and passes
+the answer down. Within the Triton backend, two choices are made by measurement, per shape, before any CUDA
+graph capture (kernels/timed_choice.py): the sampler's select path (`choose_sampler_select`) and each fused
+decode-layer group against today's path (`choose_decode_op`, used by llamagen_core2/decode_ops.py).
 
 `LLAMAGEN_CORE2_KERNELS` (read on every call, so tests can flip it):
     auto   (default) Triton when the tensors are on CUDA and every kernel module imports; otherwise
@@ -123,6 +125,23 @@ def choose_sampler_select(device, batch: int, vocab: int, filters: tuple, candid
     from .timed_choice import default_chooser
 
     return default_chooser().choose("guided_sample.select", device, (batch, vocab, tuple(filters)), candidates())
+
+
+def choose_decode_op(device, op: str, shape_key: tuple, dtype: torch.dtype, candidates, *, fused_norm: bool = False,
+                     chooser=None) -> str:
+    """'unfused' or 'fused': one group of the decode layer (`op`: decode.norm_qkv_rope, decode.linear,
+    decode.norm_w13_swiglu) for this (device, shape key), chosen by timing both graph-captured on CUDA
+    (`timed_choice`, once per key, logged; `candidates()` builds them: `decode_ops.candidates`), so a fused kernel
+    slower than today's path for a shape is not used there. CPU: 'unfused' under auto, 'fused' under
+    LLAMAGEN_CORE2_KERNELS=triton. A fused add+RMSNorm GEMM (`fused_norm`) is never chosen for a dtype it refuses
+    (fp16: block_ops.check_fused_norm_dtype). Call at warm-up, never inside a CUDA graph capture."""
+    from ..block_ops import FUSED_NORM_DTYPES
+
+    if fused_norm and dtype not in FUSED_NORM_DTYPES:
+        return "unfused"
+    from .timed_choice import default_chooser
+
+    return (chooser or default_chooser()).choose(op, device, shape_key, candidates())
 
 
 @functools.lru_cache(maxsize=None)

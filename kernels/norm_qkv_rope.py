@@ -35,10 +35,10 @@ import triton.language as tl
 from ..block_ops import check_norm_qkv_rope_args
 from ..errors import InvalidArgument
 from .add_rmsnorm import _inv_rms, _norm_prologue_tile
-from .dispatch import interpreted, multiprocessor_count
+from .dispatch import interpreted
 from .rope_kv_write import _rotate_pair
-from .skinny_gemm import (GemmConfig, SplitKWorkspace, _arrive, _reset, _sum_partials, check_config, dot_precision,
-                          gemm_config, split_layout, workspace_buffers)
+from .skinny_gemm import (GemmConfig, SplitKWorkspace, _arrive, _reset, _sum_partials, dot_precision, plan_launch,
+                          workspace_buffers)
 
 
 @triton.jit
@@ -196,25 +196,18 @@ def norm_qkv_rope_triton(x: torch.Tensor, residual: Optional[torch.Tensor], norm
     res2 = residual.reshape(M, d) if residual is not None else x2
     if norm_weight.stride(0) != 1:
         norm_weight = norm_weight.contiguous()
-    on_gpu = x.device.type == "cuda" and not INTERPRETED
-    pairs = 3 * H * D // 2
-    if config is None:
-        config = gemm_config(M, pairs, d, on_gpu, multiprocessor_count(x.device) if on_gpu else 132,
-                             weight_rows_per_unit=2, element_size=wqkv.element_size())
-    config = check_config(config)
-    split_k, k_per_split = split_layout(d, config.block_k, config.split_k)
-    grid = (triton.cdiv(M, config.block_m), triton.cdiv(pairs, config.block_n), split_k)
-    tiles = grid[0] * grid[1]
+    launch = plan_launch(M, 3 * H * D // 2, d, x.device, wqkv.element_size(), weight_rows_per_unit=2,
+                         row_sums=True, config=config)
+    config, split_k = launch.config, launch.split_k
     if split_k > 1:
-        partials, counters = workspace_buffers(workspace, split_k * (M * 3 * H * D + tiles * config.block_m),
-                                               tiles, x.device)
+        partials, counters = workspace_buffers(workspace, launch.floats, launch.counters, x.device)
         squares = partials[split_k * M * 3 * H * D:]
     else:
         partials = squares = counters = q  # never touched without a split
-    _norm_qkv_rope_kernel[grid](
+    _norm_qkv_rope_kernel[launch.grid](
         x2, res2, h2, norm_weight, wqkv, rope, positions, cache_k, cache_v, q,
         partials, squares, counters,
-        M, d, k_per_split, float(eps),
+        M, d, launch.k_per_split, float(eps),
         row_start, L, H, D, S, rope.shape[0],
         x2.stride(0), res2.stride(0), h2.stride(0), wqkv.stride(0),
         rope.stride(0), rope.stride(1), rope.stride(2),

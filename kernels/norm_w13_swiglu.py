@@ -26,9 +26,9 @@ import triton.language as tl
 from ..block_ops import check_norm_w13_swiglu_args
 from ..errors import InvalidArgument
 from .add_rmsnorm import _inv_rms, _norm_prologue_tile
-from .dispatch import interpreted, multiprocessor_count
-from .skinny_gemm import (GemmConfig, SplitKWorkspace, _arrive, _reset, _sum_partials, check_config, dot_precision,
-                          gemm_config, split_layout, workspace_buffers)
+from .dispatch import interpreted
+from .skinny_gemm import (GemmConfig, SplitKWorkspace, _arrive, _reset, _sum_partials, dot_precision, plan_launch,
+                          workspace_buffers)
 from .swiglu import _silu_mul
 
 
@@ -133,22 +133,17 @@ def norm_w13_swiglu_triton(x: torch.Tensor, residual: Optional[torch.Tensor], no
     if norm_weight.stride(0) != 1:
         norm_weight = norm_weight.contiguous()
     on_gpu = x.device.type == "cuda" and not INTERPRETED
-    if config is None:
-        config = gemm_config(M, ffn_dim, d, on_gpu, multiprocessor_count(x.device) if on_gpu else 132,
-                             weight_rows_per_unit=2, element_size=w13.element_size())
-    config = check_config(config)
-    split_k, k_per_split = split_layout(d, config.block_k, config.split_k)
-    grid = (triton.cdiv(M, config.block_m), triton.cdiv(ffn_dim, config.block_n), split_k)
-    tiles = grid[0] * grid[1]
+    launch = plan_launch(M, ffn_dim, d, x.device, w13.element_size(), weight_rows_per_unit=2, row_sums=True,
+                         config=config)
+    config, split_k = launch.config, launch.split_k
     if split_k > 1:
-        partials, counters = workspace_buffers(workspace, split_k * (M * 2 * ffn_dim + tiles * config.block_m),
-                                               tiles, x.device)
+        partials, counters = workspace_buffers(workspace, launch.floats, launch.counters, x.device)
         squares = partials[split_k * M * 2 * ffn_dim:]
     else:
         partials = squares = counters = out2  # never touched without a split
-    _norm_w13_swiglu_kernel[grid](
+    _norm_w13_swiglu_kernel[launch.grid](
         x2, res2, h2, norm_weight, w13, out2, partials, squares, counters,
-        M, d, ffn_dim, k_per_split, float(eps),
+        M, d, ffn_dim, launch.k_per_split, float(eps),
         x2.stride(0), res2.stride(0), h2.stride(0), w13.stride(0), out2.stride(0),
         HAS_RESIDUAL=residual is not None, LIBDEVICE_EXP=on_gpu, SPLIT_K=split_k, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, DOT_PRECISION=dot_precision(w13.dtype),

@@ -93,6 +93,40 @@ def split_layout(K: int, block_k: int, split_k: int) -> tuple[int, int]:
     return triton.cdiv(K, k_per_split), k_per_split
 
 
+class SplitLaunch(NamedTuple):
+    """One launch of a skinny GEMM kernel: its settings, the non-empty splits, K per split, the grid (m tiles,
+    n tiles, splits) and the SplitKWorkspace room it needs (fp32 entries, int32 counters; 0 and 0 unsplit)."""
+    config: GemmConfig
+    split_k: int
+    k_per_split: int
+    grid: tuple
+    floats: int
+    counters: int
+
+
+def plan_launch(rows: int, units: int, K: int, device, element_size: int, *, weight_rows_per_unit: int = 1,
+                row_sums: bool = False, config: Optional[GemmConfig] = None) -> SplitLaunch:
+    """The launch of a GEMM over `rows` rows, `units` output units of `weight_rows_per_unit` weight rows each, and
+    K, on `device` (gemm_config unless `config` is given). `row_sums`: the norm-prologue kernels also keep each
+    split's per-row sum of squares ([tiles, SPLIT_K, BLOCK_M] after the partials). A pure function of the
+    shapes and the device: the launchers use it, and so does a caller that sizes its workspace before a CUDA
+    graph capture (engine.Engine)."""
+    device = torch.device(device)
+    on_gpu = device.type == "cuda" and not INTERPRETED
+    if config is None:
+        config = gemm_config(rows, units, K, on_gpu, multiprocessor_count(device) if on_gpu else 132,
+                             weight_rows_per_unit=weight_rows_per_unit, element_size=element_size)
+    config = check_config(config)
+    split_k, k_per_split = split_layout(K, config.block_k, config.split_k)
+    grid = (triton.cdiv(rows, config.block_m), triton.cdiv(units, config.block_n), split_k)
+    tiles = grid[0] * grid[1]
+    floats = counters = 0
+    if split_k > 1:
+        floats = split_k * (rows * units * weight_rows_per_unit + (tiles * config.block_m if row_sums else 0))
+        counters = tiles
+    return SplitLaunch(config, split_k, k_per_split, grid, floats, counters)
+
+
 def check_config(config) -> GemmConfig:
     if not isinstance(config, GemmConfig):
         raise InvalidArgument(f"config must be a skinny_gemm.GemmConfig, got {type(config).__name__}")
@@ -230,19 +264,14 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, *, workspace: Op
     if M == 0:
         return out
     out2 = out.view(M, N)
-    on_gpu = x.device.type == "cuda" and not INTERPRETED
-    if config is None:
-        config = gemm_config(M, N, K, on_gpu, multiprocessor_count(x.device) if on_gpu else 132,
-                             element_size=weight.element_size())
-    config = check_config(config)
-    split_k, k_per_split = split_layout(K, config.block_k, config.split_k)
-    grid = (triton.cdiv(M, config.block_m), triton.cdiv(N, config.block_n), split_k)
+    launch = plan_launch(M, N, K, x.device, weight.element_size(), config=config)
+    config, split_k = launch.config, launch.split_k
     if split_k > 1:
-        partials, counters = workspace_buffers(workspace, split_k * M * N, grid[0] * grid[1], x.device)
+        partials, counters = workspace_buffers(workspace, launch.floats, launch.counters, x.device)
     else:
         partials, counters = out2, out2  # never touched without a split
-    _skinny_gemm_kernel[grid](
-        x2, weight, out2, partials, counters, M, N, K, k_per_split,
+    _skinny_gemm_kernel[launch.grid](
+        x2, weight, out2, partials, counters, M, N, K, launch.k_per_split,
         x2.stride(0), weight.stride(0), out2.stride(0),
         SPLIT_K=split_k, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         DOT_PRECISION=dot_precision(x.dtype), num_warps=config.num_warps, num_stages=config.num_stages)

@@ -1,8 +1,10 @@
-"""The non-GEMM ops of one LlamaGen transformer block: torch references and the dispatching entry points.
+"""The ops of one LlamaGen transformer block but its cuBLAS GEMMs: torch references and dispatching entry points.
 
-One decode step of a block is about ten launches: add+RMSNorm, QKV GEMM, RoPE+KV-write,
-decode attention (one or two launches), out GEMM, add+RMSNorm, W1|W3 GEMM, SwiGLU, W2 GEMM. The GEMMs stay
-cuBLAS (`F.linear`); this module owns the other four ops. Each has
+The unfused decode step of a block is about ten launches: add+RMSNorm, QKV GEMM, RoPE+KV-write,
+decode attention (one or two launches), out GEMM, add+RMSNorm, W1|W3 GEMM, SwiGLU, W2 GEMM, the GEMMs cuBLAS
+(`F.linear`); the fused step is five or six: add+RMSNorm+QKV+RoPE+KV write, attention, a skinny out GEMM,
+add+RMSNorm+W1|W3+SwiGLU, a skinny W2 GEMM (docs/decode_kernels.md). This module owns every op but the cuBLAS
+GEMMs. Each has
   * `<op>_reference`: the torch formulation, written to reproduce LlamaGen's math bit for bit (the CPU path
     and the test oracle), and
   * `<op>(..., backend=...)`: the entry point the block calls. `backend` is "torch" or "triton", decided
@@ -268,8 +270,10 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
 
 # ---------------------------------------------------------------------- fused decode-layer ops (issue 21)
 # Each fused kernel in kernels/ (norm_qkv_rope.py, norm_w13_swiglu.py, skinny_gemm.py) has its reference here,
-# composed from the references above and F.linear, so every piece of math has one implementation. They are not
-# wired into run_blocks yet: the engine picks them per shape through a timed choice (docs/decode_kernels.md).
+# composed from the references above and F.linear, so every piece of math has one implementation. The decode step
+# of run_blocks calls the entry points below where the engine's timed choice picked them for the layer's shape
+# (decode_ops.py, docs/decode_kernels.md). `workspace` is the caller's kernels.skinny_gemm.SplitKWorkspace (the
+# split-K scratch; ignored by the torch path).
 def _check_weight(name: str, weight, rows: Optional[int], cols: int, dtype: torch.dtype, like: torch.Tensor,
                   what: str) -> None:
     _check_float(name, weight, 2)
@@ -349,3 +353,57 @@ def norm_w13_swiglu_reference(x: torch.Tensor, residual: Optional[torch.Tensor],
     h = x + residual and n = RMSNorm(h): add_rmsnorm, the [w1; w3] GEMM (FeedForward.w13), then swiglu."""
     normed, h = add_rmsnorm_reference(x, residual, norm_weight, eps)
     return swiglu_reference(F.linear(normed, w13)), h
+
+
+FUSED_NORM_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def check_fused_norm_dtype(dtype: torch.dtype) -> None:
+    """The fused add+RMSNorm GEMMs round h x norm_weight to the operand dtype before the 1/rms scale (the row's
+    RMS is known only after the K loop). In fp16 that product can pass 65504 where LlamaGen's normalised
+    activations (h / rms, then x norm_weight) do not, so fp16 is refused; bf16 has fp32's range."""
+    if dtype not in FUSED_NORM_DTYPES:
+        raise InvalidArgument(f"the fused add+RMSNorm GEMM kernels take fp32 or bf16 weights, got {dtype}: they round "
+                              f"h x norm_weight to the operand dtype before dividing by the RMS, which can overflow "
+                              f"fp16's 65504; run fp16 on the unfused path (backend='torch', or the engine's guard, "
+                              f"which never picks these kernels for fp16)")
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, backend: str, workspace=None) -> torch.Tensor:
+    """x [..., K] @ weight.T -> [..., N] (wo, w2 of a decode step): the split-K skinny GEMM, or F.linear."""
+    check_backend(backend)
+    if backend == "triton":
+        from .kernels.skinny_gemm import skinny_linear_triton
+
+        return skinny_linear_triton(x, weight, workspace=workspace)
+    check_skinny_linear_args(x, weight)
+    return skinny_linear_reference(x, weight)
+
+
+def norm_qkv_rope(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
+                  wqkv: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
+                  cache_v: torch.Tensor, row_start: int, *, backend: str,
+                  workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rotated q [R, H, L, D], h [R, L, d]); K/V written into the cache. See norm_qkv_rope_reference."""
+    check_backend(backend)
+    if backend == "triton":
+        from .kernels.norm_qkv_rope import norm_qkv_rope_triton
+
+        check_fused_norm_dtype(wqkv.dtype)
+        return norm_qkv_rope_triton(x, residual, norm_weight, eps, wqkv, rope, positions, cache_k, cache_v,
+                                    row_start, workspace=workspace)
+    check_norm_qkv_rope_args(x, residual, norm_weight, eps, wqkv, rope, positions, cache_k, cache_v, row_start)
+    return norm_qkv_rope_reference(x, residual, norm_weight, eps, wqkv, rope, positions, cache_k, cache_v, row_start)
+
+
+def norm_w13_swiglu(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
+                    w13: torch.Tensor, *, backend: str, workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(silu(w1 n) * w3 n [..., F], h [..., d]). See norm_w13_swiglu_reference."""
+    check_backend(backend)
+    if backend == "triton":
+        from .kernels.norm_w13_swiglu import norm_w13_swiglu_triton
+
+        check_fused_norm_dtype(w13.dtype)
+        return norm_w13_swiglu_triton(x, residual, norm_weight, eps, w13, workspace=workspace)
+    check_norm_w13_swiglu_args(x, residual, norm_weight, eps, w13)
+    return norm_w13_swiglu_reference(x, residual, norm_weight, eps, w13)

@@ -17,6 +17,11 @@ Contract (why: docs/design.md#decode-engine):
   * Attention reads: with the fused Triton decode-attention kernel the graph does not depend on the position at
     all (the kernel walks keys 0..position read on the device); with the torch reference a chunk stays inside one
     64-position bucket and reads keys up to the bucket's end (at most 63 masked extra keys).
+  * Fused decode-layer kernels (decode_ops.py, docs/decode_kernels.md): with the Triton backend, before any
+    capture, each group of the layer (add+RMSNorm+QKV+RoPE+KV write, the out GEMM, add+RMSNorm+W1|W3+SwiGLU, W2)
+    is decided per trunk shape (base and weak model, each row count and window width of the request) by the
+    timed-choice guard: the fused kernel only where it measured faster than today's ops. The decisions and the
+    split-K workspace they share live here (`decode_ops`, `workspace`); the flags join the graph key.
   * Randomness: the sampler's Philox keys (one per image, `seeding.py`) and the draw counter (token index x V)
     live in device buffers, so eager, static and graph-replayed decoding draw the same numbers.
   * Sampler: the request's filter flags (which of top-k / top-p any row uses) are read on the host once per
@@ -37,6 +42,7 @@ import torch
 
 from .errors import InvalidArgument
 from .guidance import filter_flags, guided_sample
+from .decode_ops import DecodeOps, LayerShape
 from .guidance_config import MODE_TABLE, needs_uncond, needs_weak
 from .model import KVCache
 from .static_decode import StepGraphs
@@ -141,6 +147,12 @@ def mode_logits(gpt, mode: str, batch: int, hidden: torch.Tensor, weak_hidden: O
     return cond, uncond, weak, mode, logits
 
 
+def weak_ops_kwargs(ops: Optional[DecodeOps]) -> dict:
+    """decode_ops for a weak model's step, passed only when there are some (stand-in weak models in tests
+    implement the protocol without it)."""
+    return {} if ops is None else {"decode_ops": ops}
+
+
 @dataclass
 class Request:
     """One request's shape facts, set up by `Engine.begin_request` (shared by sequential and Jacobi decoding)."""
@@ -181,6 +193,11 @@ class Engine:
         self.binding = None  # addresses the captured graphs depend on
         self.allocations = 0  # cache (re)allocations so far: part of the binding
         self.jacobi_buffers = None  # (binding, jacobi.WindowState) of Jacobi decoding, made by its first request
+        # The fused decode-layer kernels of the current request per trunk shape (decode_ops.py; decided before
+        # any capture) and their split-K scratch; the graphs were captured with the workspace at workspace_binding.
+        self.decode_ops: dict = {}
+        self.workspace = None
+        self.workspace_binding = None
 
     # ------------------------------------------------------------------ settings
     @property
@@ -264,6 +281,46 @@ class Engine:
                                       top_k=self.knobs["top_k"][:B], top_p=self.knobs["top_p"][:B],
                                       seeds=self.keys[:B], filters=self.filters, top_k_max=self.top_k_max))
 
+    def prepare_decode_ops(self, passes) -> None:
+        """Before any capture of this request: the fused decode-layer kernels of every forward it runs at a device
+        position, `passes` = [(model, rows, width)] (the base model and the weak model, one entry per row count
+        and window width), one decode_ops.choose per trunk shape (timed once per shape on CUDA, cached by the
+        guard), and the split-K workspace grown to what all of them need. Graphs captured with a workspace that
+        has moved since are dropped (they read the old one)."""
+        self.decode_ops = {}
+        if self.backend_now != "triton":
+            return
+        from .decode_ops import choose, reserve
+        from .kernels.skinny_gemm import SplitKWorkspace
+
+        if self.workspace is None:
+            self.workspace = SplitKWorkspace()
+        for model, rows, width in passes:
+            if model is None or not hasattr(model, "layers"):  # a stand-in weak model without LlamaGen blocks
+                continue
+            shape = LayerShape.of(model.layers, rows, width)
+            if shape not in self.decode_ops:
+                self.decode_ops[shape] = choose(model.layers, model.rope, shape, self.device, self.workspace)
+                reserve(self.decode_ops[shape], shape, self.device)
+        buffers = self.workspace.partials, self.workspace.counters
+        binding = tuple(None if t is None else t.data_ptr() for t in buffers)
+        if binding != self.workspace_binding:
+            if self.graphs is not None:
+                self.graphs.clear()
+            self.workspace_binding = binding
+
+    def ops_for(self, model, rows: int, width: int) -> Optional[DecodeOps]:
+        """The fused decode ops chosen for `model`'s trunk at rows x width, or None (the unfused ops)."""
+        if not self.decode_ops or model is None or not hasattr(model, "layers"):
+            return None
+        ops = self.decode_ops.get(LayerShape.of(model.layers, rows, width))
+        return ops if ops is not None and any(ops.key) else None
+
+    def ops_key(self, rows: int, width: int, weak) -> tuple:
+        """The fused-kernel flags of a pass (base, weak): part of its graph key."""
+        return tuple(None if ops is None else ops.key
+                     for ops in (self.ops_for(self.gpt, rows, width), self.ops_for(weak, self.batch_now, width)))
+
     def request_knobs(self, batch: int) -> dict:
         """The sampler's per-row knobs of the current request (device tensors [B])."""
         return {name: t[:batch] for name, t in self.knobs.items()}
@@ -295,13 +352,14 @@ class Engine:
         gpt = self.gpt
         backend = self.backend_now
         x = gpt.embed_tokens(self.tokens_in[:rows])[:, None]  # [R, 1, d]
-        hidden = gpt.forward_hidden(x, self.cache, position=self.counters[0:1], max_end=max_end,
-                                    backend=backend)[:, 0]  # [R, d]
+        hidden = gpt.forward_hidden(x, self.cache, position=self.counters[0:1], max_end=max_end, backend=backend,
+                                    decode_ops=self.ops_for(gpt, rows, 1))[:, 0]  # [R, d]
         finite = torch.isfinite(hidden).all()
         weak_hidden = None
         if weak is not None:  # stepped at every token so its cache never has holes
             weak_hidden = weak.step_hidden(hidden[:batch], self.weak_cache, position=self.counters[1:2],
-                                           max_end=weak_max_end, backend=backend)
+                                           max_end=weak_max_end, backend=backend,
+                                           **weak_ops_kwargs(self.ops_for(weak, batch, 1)))
             finite = finite & torch.isfinite(weak_hidden).all()
         self.finite.logical_and_(finite)
         self._sample(mode, batch, hidden, weak_hidden, record)
@@ -333,6 +391,8 @@ class Engine:
         weak = weak if uses_weak else None
         self._ensure(B, 2 * B if uses_uncond else B, T + N, weak)
         self.backend_now = self.backend
+        self.batch_now = B
+        self.decode_ops = {}
         # Graphs need the fused backend: the torch reference sampler syncs with the host (so without Triton on
         # CUDA the same steps run eagerly; the dispatch logs why).
         self.graphs_now = self.graphs is not None and self.backend_now == "triton"
@@ -356,6 +416,7 @@ class Engine:
         record = on_step is not None
         if record:
             self._record_buffers()
+        self.prepare_decode_ops({(gpt, request.rows(mode), 1) for mode in modes[1:]} | {(weak, B, 1)})
 
         # ---- token 0: eager prefill of the prefix (both halves if token 0 needs them), then one sample
         run_u = MODE_TABLE[modes[0]].uncond or all_rows_always
@@ -430,7 +491,8 @@ class Engine:
         if not self.graphs_now:
             chunk()
             return
-        key = (mode, batch, rows, steps, max_end, weak_end, self.cache.masked, record, self.filters, self.select_now)
+        key = (mode, batch, rows, steps, max_end, weak_end, self.cache.masked, record, self.filters, self.select_now,
+               self.ops_key(rows, 1, weak))
         self.graphs.run(key, chunk, self._save_state, self._restore_state)
 
     def _save_state(self):

@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from .engine import GenerationStats, Request, catch_up_uncond, mode_logits
+from .engine import GenerationStats, Request, catch_up_uncond, mode_logits, weak_ops_kwargs
 from .errors import InvalidArgument, check_int
 from .guidance import guided_sample
 from .guidance_config import MODE_TABLE, needs_uncond
@@ -308,6 +308,10 @@ def run_static(engine, request: Request, modes: list[str], settings: JacobiSetti
     keys = engine.keys[:B]
     common = dict(knobs=knobs, keys=keys, backend=backend, check_values=False, guess=settings.guess)
     segments = mode_segments(modes)
+    windows = [(segment, *window_bounds(segment, settings.window)) for segment in segments]
+    # the fused decode-layer kernels of every window shape, decided before any capture
+    engine.prepare_decode_ops({(gpt, request.rows(segment.mode), width) for segment, width, _, _ in windows}
+                              | {(weak, B, width) for _, width, _, _ in windows})
 
     # ---- the prefill pass (eager, host positions): prefix + guesses for tokens 0..W0-2
     first = segments[0]
@@ -330,8 +334,7 @@ def run_static(engine, request: Request, modes: list[str], settings: JacobiSetti
     # ---- window passes, segment by segment; the host reads the frontier once per replay
     uncond_filled, done = 0, 0
     per_replay = engine.passes_per_graph
-    for segment in segments:
-        width, lo, hi = window_bounds(segment, settings.window)
+    for segment, width, lo, hi in windows:
         rows = request.rows(segment.mode)
         if rows == 2 * B and uncond_filled < T + segment.start - 1:
             engine.catch_up(B, uncond_filled, T + segment.start - 1)
@@ -347,7 +350,7 @@ def run_static(engine, request: Request, modes: list[str], settings: JacobiSetti
 
             if engine.graphs_now:
                 key = ("jacobi", segment.mode, B, N, rows, width, lo, hi, per_replay, max_end, weak_end,
-                       engine.cache.masked, settings.guess)
+                       engine.cache.masked, settings.guess, engine.ops_key(rows, width, weak))
                 engine.graphs.run(key, replay, lambda: (state.snapshot(), engine.finite.clone()),
                                   lambda saved: (state.restore(saved[0]), engine.finite.copy_(saved[1])))
             else:
@@ -386,12 +389,13 @@ def _window_pass(engine, state: WindowState, mode: str, B: int, rows: int, width
     backend = engine.backend_now
     start = state.frontier.amin().clamp(min=lo, max=hi).view(1)
     x = _window_inputs(gpt, state.tokens, start, width, rows == 2 * B)
-    hidden = gpt.forward_hidden(x, engine.cache, position=start + (T - 1), max_end=max_end, backend=backend)
+    hidden = gpt.forward_hidden(x, engine.cache, position=start + (T - 1), max_end=max_end, backend=backend,
+                                decode_ops=engine.ops_for(gpt, rows, width))
     finite = torch.isfinite(hidden).all()
     weak_hidden = None
     if weak is not None:
         weak_hidden = weak.window_hidden(hidden[:B], engine.weak_cache, position=start + T, max_end=weak_end,
-                                         backend=backend)
+                                         backend=backend, **weak_ops_kwargs(engine.ops_for(weak, B, width)))
         finite = finite & torch.isfinite(weak_hidden).all()
     engine.finite.logical_and_(finite)
     finish_pass(gpt, state, mode, hidden, weak_hidden, start, **common)

@@ -11,7 +11,9 @@ Contract (LlamaGen compatibility facts: docs/design.md#llamagen-compatibility):
   * `run_blocks` is the only implementation of the transformer block stack, for GPT and the weak model alike:
     training (no cache), prefill / catch-up prefill at host positions, and the decode step at a device position
     (CUDA-graph capturable). The non-GEMM ops go through `block_ops` (torch reference or fused Triton kernels,
-    `backend` chosen once by the caller). `gpt.forward_hidden(x, cache, ...)` returns the final *normed* hidden
+    `backend` chosen once by the caller); at a device position the caller may also pass `decode_ops`, the fused
+    decode-layer kernels it chose for that shape (decode_ops.py: add+RMSNorm+QKV+RoPE+KV write, skinny split-K
+    GEMMs for wo and W2, add+RMSNorm+W1|W3+SwiGLU). `gpt.forward_hidden(x, cache, ...)` returns the final *normed* hidden
     state [R, L, d]; `head(h)` -> fp32 logits. The cache is a `KVCache` the caller owns (`gpt.new_cache`).
   * `logits(cond, tokens)` -> fp32 [B, N, V], teacher-forced full recompute without the cache (logit i predicts
     token i); it is the oracle the cached decode is tested against and the training forward.
@@ -63,6 +65,12 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
         return self.w2(block_ops.swiglu(F.linear(x, self.w13), backend=backend))
+
+    def down(self, hidden: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
+        """W2 of the SwiGLU output [..., F] -> [..., d]: the skinny split-K GEMM where the decode ops chose it."""
+        if ctx.ops is not None and ctx.ops.w2:
+            return block_ops.skinny_linear(hidden, self.w2.weight, backend=ctx.backend, workspace=ctx.ops.workspace)
+        return self.w2(hidden)
 
 
 def _split_w13(module: FeedForward, state: dict, prefix: str, local_metadata) -> None:
@@ -137,12 +145,15 @@ class KVCache:
 
 
 class ForwardContext:
-    """What every block of one forward shares: where the inputs sit and how attention reads the cache."""
+    """What every block of one forward shares: where the inputs sit, how attention reads the cache, and which
+    fused decode-layer kernels run (`ops`: a decode_ops.DecodeOps, or None for the unfused ops)."""
 
     def __init__(self, rope: torch.Tensor, positions: torch.Tensor, max_end: int, row_start: int,
-                 key_valid: Optional[torch.Tensor], fused_decode: bool, backend: str, mask: Optional[torch.Tensor]):
+                 key_valid: Optional[torch.Tensor], fused_decode: bool, backend: str, mask: Optional[torch.Tensor],
+                 ops=None):
         self.rope, self.positions, self.max_end, self.row_start = rope, positions, max_end, row_start
         self.key_valid, self.fused_decode, self.backend, self.mask = key_valid, fused_decode, backend, mask
+        self.ops = ops
 
 
 class Attention(nn.Module):
@@ -165,14 +176,25 @@ class Attention(nn.Module):
             cache_k, cache_v = kv
             q = block_ops.rope_kv_write(qkv, ctx.rope, ctx.positions, cache_k, cache_v, ctx.row_start,
                                         backend=ctx.backend)
-            if ctx.fused_decode:  # walks only the filled keys 0..position, read on the device
-                out = block_ops.decode_attention(q, cache_k, cache_v, ctx.row_start, ctx.positions, ctx.key_valid,
-                                                 ctx.max_end, backend=ctx.backend)
-                return self.wo(out.transpose(1, 2).reshape(R, L, d))
-            rows = slice(ctx.row_start, ctx.row_start + R)
-            k, v = cache_k[rows, :, :ctx.max_end], cache_v[rows, :, :ctx.max_end]
+            return self.attend(q, ctx, kv)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
         return self.wo(out.transpose(1, 2).reshape(R, L, d))
+
+    def attend(self, q: torch.Tensor, ctx: ForwardContext, kv: tuple) -> torch.Tensor:
+        """Rotated q [R, H, L, D] whose K/V are in the cache already -> out projection of the attention [R, L, d]."""
+        R, H, L, D = q.shape
+        cache_k, cache_v = kv
+        if ctx.fused_decode:  # walks only the filled keys 0..position, read on the device
+            out = block_ops.decode_attention(q, cache_k, cache_v, ctx.row_start, ctx.positions, ctx.key_valid,
+                                             ctx.max_end, backend=ctx.backend)
+        else:
+            rows = slice(ctx.row_start, ctx.row_start + R)
+            out = F.scaled_dot_product_attention(q, cache_k[rows, :, :ctx.max_end], cache_v[rows, :, :ctx.max_end],
+                                                 attn_mask=ctx.mask)
+        out = out.transpose(1, 2).reshape(R, L, H * D)  # a view for one query per row
+        if ctx.ops is not None and ctx.ops.wo:
+            return block_ops.skinny_linear(out, self.wo.weight, backend=ctx.backend, workspace=ctx.ops.workspace)
+        return self.wo(out)
 
 
 class TransformerBlock(nn.Module):
@@ -188,17 +210,33 @@ class TransformerBlock(nn.Module):
         first block) -> (h, this block's FFN output). LlamaGen: h = x + attn(norm(x)); out = h + ffn(norm(h));
         the residual adds are fused into the next norm (float addition commutes, so the sums are the same)."""
         x, residual = (h, None) if pending is None else (pending, h)
-        normed, h = block_ops.add_rmsnorm(x, residual, self.attention_norm.weight, self.attention_norm.eps,
-                                          backend=ctx.backend)
-        attn = self.attention(normed, ctx, kv)
-        normed, h = block_ops.add_rmsnorm(attn, h, self.ffn_norm.weight, self.ffn_norm.eps, backend=ctx.backend)
-        return h, self.feed_forward(normed, ctx.backend)
+        ops = ctx.ops
+        if ops is not None and ops.norm_qkv_rope:  # add+RMSNorm, wqkv, RoPE and the K/V write in one launch
+            q, h = block_ops.norm_qkv_rope(x, residual, self.attention_norm.weight, self.attention_norm.eps,
+                                           self.attention.wqkv.weight, ctx.rope, ctx.positions, kv[0], kv[1],
+                                           ctx.row_start, backend=ctx.backend, workspace=ops.workspace)
+            attn = self.attention.attend(q, ctx, kv)
+        else:
+            normed, h = block_ops.add_rmsnorm(x, residual, self.attention_norm.weight, self.attention_norm.eps,
+                                              backend=ctx.backend)
+            attn = self.attention(normed, ctx, kv)
+        if ops is None:  # the unfused FFN, as LlamaGen's
+            normed, h = block_ops.add_rmsnorm(attn, h, self.ffn_norm.weight, self.ffn_norm.eps, backend=ctx.backend)
+            return h, self.feed_forward(normed, ctx.backend)
+        if ops.norm_w13_swiglu:  # add+RMSNorm, W1|W3 and SwiGLU in one launch
+            hidden, h = block_ops.norm_w13_swiglu(attn, h, self.ffn_norm.weight, self.ffn_norm.eps,
+                                                  self.feed_forward.w13, backend=ctx.backend,
+                                                  workspace=ops.workspace)
+        else:
+            normed, h = block_ops.add_rmsnorm(attn, h, self.ffn_norm.weight, self.ffn_norm.eps, backend=ctx.backend)
+            hidden = block_ops.swiglu(F.linear(normed, self.feed_forward.w13), backend=ctx.backend)
+        return h, self.feed_forward.down(hidden, ctx)
 
 
 def run_blocks(layers: nn.ModuleList, final_norm: RMSNorm, rope: torch.Tensor, x: torch.Tensor,
                cache: Optional[KVCache] = None, *, start: int = 0, position: Optional[torch.Tensor] = None,
                row_start: int = 0, max_end: Optional[int] = None, prefix_valid: Optional[torch.Tensor] = None,
-               backend: str = "torch") -> torch.Tensor:
+               backend: str = "torch", decode_ops=None) -> torch.Tensor:
     """The one forward of a LlamaGen-style trunk (GPT and the CoRe^2 weak model): x [R, L, w] -> final normed
     hidden [R, L, w]. Three uses:
       * no cache (training, the full-recompute oracle): positions 0..L-1, causal; prefix_valid [R, T] hides
@@ -210,7 +248,15 @@ def run_blocks(layers: nn.ModuleList, final_norm: RMSNorm, rope: torch.Tensor, x
         the decode-attention kernel walks only keys 0..position; the torch reference reads [:max_end] masked.
         L > 1 at `position` is a window at positions position..position+L-1 (Jacobi decoding, docs/decoding.md):
         attention through SDPA over [:max_end] with the causal mask built on the device (graph-capturable).
+        `decode_ops` (a decode_ops.DecodeOps the caller chose for this shape, Triton backend only): the fused
+        decode-layer kernels it names replace their groups of ops (5 launches per layer with all four, 6 when the
+        decode attention splits; docs/decode_kernels.md); None: the unfused ops.
     """
+    if decode_ops is not None and (position is None or cache is None or backend != "triton"):
+        raise InvalidArgument(f"decode_ops (the fused decode-layer kernels) serve a decode step or window at a device "
+                              f"position with a KV cache and backend='triton', got position="
+                              f"{'None' if position is None else 'a tensor'}, cache="
+                              f"{'None' if cache is None else 'a KVCache'}, backend={backend!r}")
     R, L, _ = x.shape
     if position is not None:
         positions = position if L == 1 else position + torch.arange(L, device=x.device)
@@ -231,7 +277,7 @@ def run_blocks(layers: nn.ModuleList, final_norm: RMSNorm, rope: torch.Tensor, x
     if not fused_decode and not (position is None and L == 1 and key_valid is None and end == start + 1):
         mask = block_ops.attention_mask(positions, end, key_valid)
     ctx = ForwardContext(rope, positions, end, row_start, None if cache is None else cache.key_valid, fused_decode,
-                         backend, mask)
+                         backend, mask, decode_ops)
     h, pending = x, None
     for i, layer in enumerate(layers):
         h, pending = layer(h, pending, ctx, None if cache is None else (cache.k[i], cache.v[i]))
@@ -371,9 +417,11 @@ class GPT(nn.Module):
 
     def forward_hidden(self, x: torch.Tensor, cache: Optional[KVCache] = None, *, start: int = 0,
                        position: Optional[torch.Tensor] = None, row_start: int = 0, max_end: Optional[int] = None,
-                       prefix_valid: Optional[torch.Tensor] = None, backend: str = "torch") -> torch.Tensor:
+                       prefix_valid: Optional[torch.Tensor] = None, backend: str = "torch",
+                       decode_ops=None) -> torch.Tensor:
         """x [R, L, d] embeddings -> final normed hidden [R, L, d]; see `run_blocks` for the three uses
-        (no cache / prefill at host positions start.. / decode step or window at a device position)."""
+        (no cache / prefill at host positions start.. / decode step or window at a device position) and
+        `decode_ops` (the fused decode-layer kernels the caller chose for this shape)."""
         R, L, _ = x.shape
         if cache is None and (start != 0 or position is not None):
             raise InvalidArgument("forward_hidden without a KV cache runs positions 0..L-1 (start=0, no position)")
@@ -388,7 +436,8 @@ class GPT(nn.Module):
             raise InvalidArgument(f"positions up to {max(end, start + L)} exceed the model's {self.rope.shape[0]} "
                                   f"positions")
         return run_blocks(self.layers, self.norm, self.rope, x, cache, start=start, position=position,
-                          row_start=row_start, max_end=max_end, prefix_valid=prefix_valid, backend=backend)
+                          row_start=row_start, max_end=max_end, prefix_valid=prefix_valid, backend=backend,
+                          decode_ops=decode_ops)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final normed hidden [..., d] -> fp32 logits [..., V] (linear, no bias, so CFG commutes with it)."""

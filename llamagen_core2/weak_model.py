@@ -14,6 +14,8 @@ Contract (design: docs/design.md#weak-model):
     `step_hidden(hidden_cond [B, d], cache, start=T + i)` (or `position=` a device tensor holding T + i, inside
     a CUDA graph) -> predicted CFG hidden [B, d]; the engine turns it into logits with the frozen `gpt.head`.
     `window_hidden(hidden_cond [B, L, d], ...)` runs L consecutive steps in one forward (Jacobi decoding).
+    Both take `decode_ops=` (the fused decode-layer kernels the engine chose for the trunk's own shapes,
+    decode_ops.py); the engine passes it only to a weak model with LlamaGen blocks (`layers`).
     `check_compatible(gpt)` refuses a weak model built for another base.
   * Training forward (no cache): `forward(cond, hidden_cond [B, N, d], cond_mask) -> predicted hidden [B, N, d]`.
   * Checkpoints: safetensors + config.json {"kind": "weak", "config", "base", "cfg_scale", ...}; `base` records
@@ -238,18 +240,19 @@ class WeakModel(nn.Module):
     @torch.no_grad()
     def step_hidden(self, hidden_cond: torch.Tensor, cache: KVCache, *, start: Optional[int] = None,
                     position: Optional[torch.Tensor] = None, max_end: Optional[int] = None,
-                    backend: str = "torch") -> torch.Tensor:
+                    backend: str = "torch", decode_ops=None) -> torch.Tensor:
         """hidden_cond [B, d] of token i at sequence position T + i (`start`, or the device tensor `position`) ->
-        predicted CFG hidden [B, d] in the weak model's dtype. Steps must come in token order (no cache holes)."""
+        predicted CFG hidden [B, d] in the weak model's dtype. Steps must come in token order (no cache holes).
+        `decode_ops`: the fused decode-layer kernels the caller chose for this trunk's shape (model.run_blocks)."""
         if hidden_cond.dim() != 2 or hidden_cond.shape[1] != self.base["dim"]:
             raise InvalidArgument(f"hidden_cond must be [B, {self.base['dim']}], got {list(hidden_cond.shape)}")
         return self.window_hidden(hidden_cond[:, None], cache, start=start, position=position, max_end=max_end,
-                                  backend=backend)[:, 0]
+                                  backend=backend, decode_ops=decode_ops)[:, 0]
 
     @torch.no_grad()
     def window_hidden(self, hidden_cond: torch.Tensor, cache: KVCache, *, start: Optional[int] = None,
                       position: Optional[torch.Tensor] = None, max_end: Optional[int] = None,
-                      backend: str = "torch") -> torch.Tensor:
+                      backend: str = "torch", decode_ops=None) -> torch.Tensor:
         """hidden_cond [B, L, d] of tokens i..i+L-1 at positions T + i.. (`start`, or the device tensor `position`
         holding T + i) -> predicted CFG hidden [B, L, d]: L steps in one forward (Jacobi decoding writes the
         window's cache entries; those of guessed tokens are rewritten by a later window before any query reads
@@ -258,7 +261,7 @@ class WeakModel(nn.Module):
             raise InvalidArgument(f"hidden_cond must be [B, L, {self.base['dim']}], got {list(hidden_cond.shape)}")
         x = self.proj_in(hidden_cond.to(self.proj_in.weight.dtype))  # [B, L, w]
         out = run_blocks(self.layers, self.norm, self.rope, x, cache, start=start or 0, position=position,
-                         max_end=max_end, backend=backend)
+                         max_end=max_end, backend=backend, decode_ops=decode_ops)
         return self._output(hidden_cond, out)
 
     # ------------------------------------------------------------------ checkpoints
