@@ -24,8 +24,9 @@ Contract:
     call it before any CUDA-graph capture. On a CPU nothing is timed: auto keeps the unfused path,
     LLAMAGEN_CORE2_KERNELS=triton forces the fused one (under the interpreter: how the CPU tests run it). fp16
     never gets the fused norm kernels (block_ops.check_fused_norm_dtype).
-  * `reserve(ops, shape, device)`: grows ops.workspace to what every fused launch of `shape` needs
-    (kernels.skinny_gemm.plan_launch, the launchers' own sizing), so no launch grows it inside a capture.
+  * `reserve(workspace, shape, device)`: grows the workspace to what any fused launch of `shape` needs
+    (kernels.skinny_gemm.plan_launch, the launchers' own sizing); called before the timing, so neither a timing
+    nor a capture grows it.
 The candidates run on representative inputs (N(0, 1) activations from a fixed generator, the trunk's layer-0
 weights, a scratch cache of `width` positions), allocated on their first run: nothing is allocated when a
 decision is cached or forced, or on a CPU.
@@ -33,7 +34,7 @@ decision is cached or forced, or on a CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -168,23 +169,18 @@ def choose(layers, rope: torch.Tensor, shape: LayerShape, device, workspace, cho
     return DecodeOps(**flags, workspace=workspace if any(flags.values()) else None)
 
 
-def reserve(ops: Optional[DecodeOps], shape: LayerShape, device) -> None:
-    """Grow ops.workspace to the room every fused launch of `shape` needs (nothing when none splits K)."""
-    if ops is None or ops.workspace is None or not any(ops.key):
-        return
+def reserve(workspace, shape: LayerShape, device) -> None:
+    """Grow `workspace` (a kernels.skinny_gemm.SplitKWorkspace) to the room any fused launch of `shape` needs,
+    chosen or not (nothing when none splits K): called before the candidates are timed, it is allocated on the
+    caller's stream and never grows during a timing or a capture."""
     from .kernels.skinny_gemm import plan_launch
 
     M, d, F_, size = shape.gemm_rows, shape.dim, shape.ffn_dim, torch.empty((), dtype=shape.dtype).element_size()
-    launches = []
-    if ops.norm_qkv_rope:
-        launches.append(plan_launch(M, 3 * shape.n_head * shape.head_dim // 2, d, device, size,
-                                    weight_rows_per_unit=2, row_sums=True))
-    if ops.wo:
-        launches.append(plan_launch(M, d, d, device, size))
-    if ops.norm_w13_swiglu:
-        launches.append(plan_launch(M, F_, d, device, size, weight_rows_per_unit=2, row_sums=True))
-    if ops.w2:
-        launches.append(plan_launch(M, d, F_, device, size))
+    launches = (plan_launch(M, 3 * shape.n_head * shape.head_dim // 2, d, device, size, weight_rows_per_unit=2,
+                            row_sums=True),                                                      # norm_qkv_rope
+                plan_launch(M, d, d, device, size),                                              # wo
+                plan_launch(M, F_, d, device, size, weight_rows_per_unit=2, row_sums=True),      # norm_w13_swiglu
+                plan_launch(M, d, F_, device, size))                                             # w2
     floats, counters = max(launch.floats for launch in launches), max(launch.counters for launch in launches)
     if floats:
-        ops.workspace.buffers(floats, counters, device)
+        workspace.buffers(floats, counters, device)

@@ -300,8 +300,8 @@ class Engine:
                 continue
             shape = LayerShape.of(model.layers, rows, width)
             if shape not in self.decode_ops:
+                reserve(self.workspace, shape, self.device)
                 self.decode_ops[shape] = choose(model.layers, model.rope, shape, self.device, self.workspace)
-                reserve(self.decode_ops[shape], shape, self.device)
         buffers = self.workspace.partials, self.workspace.counters
         binding = tuple(None if t is None else t.data_ptr() for t in buffers)
         if binding != self.workspace_binding:
