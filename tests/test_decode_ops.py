@@ -261,11 +261,11 @@ def test_the_workspace_is_sized_before_capture_and_a_moved_one_drops_the_graphs(
     are the eager loop's. A larger request grows it and the graphs reading the old one are dropped."""
     events = recording_engine
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
-    split = gemm.GemmConfig(16, 16, 16, 2, 4, 1)
+    split = gemm.GemmConfig(16, 64, 32, 2, 4, 1)  # K = 64 or 192: 2 or 6 K blocks, every GEMM split in 2
     monkeypatch.setattr(gemm, "gemm_config", lambda *a, **k: split)
     model = tiny_gpt("t2i")
     feats, mask = captions(model, 3, [3, 6, 1])
-    kw = dict(schedule=["cond"] * 4 + ["cfg"] * 12, cfg_scale=4.0, top_k=0, seed=2)
+    kw = dict(schedule=["cond"] * 3 + ["cfg"] * 5, num_tokens=8, cfg_scale=4.0, top_k=0, seed=2)
     engine = Engine(model, backend="triton", steps_per_graph=4)
     prepare = engine.prepare_decode_ops
     sized = []
