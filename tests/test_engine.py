@@ -254,13 +254,17 @@ def test_static_matches_eager_with_the_real_weak_model(mode):
                  weak_model=weak)
 
 
+@pytest.mark.parametrize("kernels_env", ["auto", "triton"])
 @pytest.mark.parametrize("case", ["c2i-slow-then-fast-catch-up", "t2i-cond-then-cfg"])
-def test_fused_step_on_cpu_gives_the_eager_tokens(case, single_thread):
+def test_fused_step_on_cpu_gives_the_eager_tokens(case, kernels_env, single_thread, monkeypatch):
     """engine="static" with the Triton backend runs the fused step on CPU (kernels interpreted): the block ops, the
-    in-step fused sampler and the device counters give exactly the tokens of the eager torch loop."""
+    in-step fused sampler and the device counters give exactly the tokens of the eager torch loop. With
+    LLAMAGEN_CORE2_KERNELS=auto the CPU keeps the unfused layer (the guard never times on a CPU); =triton forces
+    the fused decode-layer kernels (decode_ops.py) for the base model's and the weak model's trunks."""
     kernels = pytest.importorskip("llamagen_core2.kernels.decode_attention")
     if not kernels.INTERPRETED:
         pytest.skip("on CUDA the gpu tests cover the compiled kernels")
+    monkeypatch.setenv("LLAMAGEN_CORE2_KERNELS", kernels_env)
     if case.startswith("c2i"):
         from llamagen_core2.weak_model import WeakModel
 
@@ -276,9 +280,11 @@ def test_fused_step_on_cpu_gives_the_eager_tokens(case, single_thread):
         cond, mask = captions(model, 3, [3, 6, 1])
         kw = dict(cond_mask=mask, schedule=["cond"] * 4 + ["cfg"] * 12, top_k=0)
     eager, s_e = generate(model, cond, seed=2, cfg_scale=4.0, engine="eager", return_stats=True, **kw)
-    fused, s_f = generate(model, cond, seed=2, cfg_scale=4.0, engine=Engine(model, backend="triton", steps_per_graph=4),
-                          return_stats=True, **kw)
+    engine = Engine(model, backend="triton", steps_per_graph=4)
+    fused, s_f = generate(model, cond, seed=2, cfg_scale=4.0, engine=engine, return_stats=True, **kw)
     assert torch.equal(eager, fused) and s_e == s_f
+    expected = (kernels_env == "triton",) * 4
+    assert engine.decode_ops and all(ops.key == expected for ops in engine.decode_ops.values())
 
 
 class NaNAfterWeak(ScaledCondWeak):

@@ -203,19 +203,26 @@ def test_every_first_guess_rule_gives_the_sequential_tokens(guess):
         assert torch.equal(tokens, reference)
 
 
-def test_triton_window_step_on_cpu_gives_the_sequential_tokens():
+@pytest.mark.parametrize("kernels_env", ["auto", "triton"])
+def test_triton_window_step_on_cpu_gives_the_sequential_tokens(kernels_env, monkeypatch):
     """engine="static" with the Triton backend (kernels interpreted on CPU): RoPE + KV write over a window at
-    device positions, the fused sampler per window position, device acceptance."""
+    device positions, the fused sampler per window position, device acceptance. LLAMAGEN_CORE2_KERNELS=triton
+    also forces the fused decode-layer kernels over the windows (add+RMSNorm+QKV+RoPE+KV write at the window's
+    positions, skinny GEMMs, add+RMSNorm+W1|W3+SwiGLU; attention through SDPA), base and weak trunks."""
     kernels = pytest.importorskip("llamagen_core2.kernels.decode_attention")
     if not kernels.INTERPRETED:
         pytest.skip("on CUDA the gpu tests cover the compiled kernels")
+    monkeypatch.setenv("LLAMAGEN_CORE2_KERNELS", kernels_env)
     model = tiny_gpt()
     kw = dict(schedule=["fast"] * 5 + ["slow"] * 11, weak_model=_weak(model), cfg_scale=4.0, w2s_scale=1.5,
               top_k=20, top_p=0.9, seed=2)
     reference = generate(model, torch.tensor([1, 2]), engine="eager", **kw)
-    tokens, stats = generate(model, torch.tensor([1, 2]), engine=Engine(model, backend="triton"), decoding="jacobi",
-                             jacobi_window=4, return_stats=True, **kw)
+    engine = Engine(model, backend="triton")
+    tokens, stats = generate(model, torch.tensor([1, 2]), engine=engine, decoding="jacobi", jacobi_window=4,
+                             return_stats=True, **kw)
     assert torch.equal(tokens, reference) and stats["forward_passes"] <= 16
+    widths = {shape.width for shape in engine.decode_ops}
+    assert widths == {4} and all(ops.key == (kernels_env == "triton",) * 4 for ops in engine.decode_ops.values())
 
 
 # ---------------------------------------------------------------------- the shipped mini world
