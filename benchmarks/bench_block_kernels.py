@@ -6,7 +6,8 @@ For each GPT preset (B, XL, XXL by default) x cache rows x filled length it time
     rope_kv_write     qkv [rows, 1, 3*dim] at position filled-1 -> q; K/V written into a [rows, H, S, D] cache
     swiglu            gate_up [rows, 1, 2*ffn] -> [rows, 1, ffn]
     decode_attention  q [rows, H, 1, D] over keys 0..filled-1 of the cache
-and the fused decode-layer kernels of docs/decode_kernels.md (issue 21, not yet used by the engine's step):
+and the fused decode-layer kernels of docs/decode_kernels.md (issue 21; the engine's step uses each where its
+timed choice measured it faster than the unfused ops for that shape):
     norm_qkv_rope     add + RMSNorm + wqkv GEMM + RoPE + K/V write in one launch -> (q, h)
     norm_w13_swiglu   add + RMSNorm + [w1; w3] GEMM + SwiGLU in one launch -> (silu(w1 n) * w3 n, h)
     wo, w2            the skinny split-K GEMM: attention out [rows, dim] x [dim, dim]; FFN [rows, ffn] x [dim, ffn]

@@ -20,7 +20,9 @@ Examples:
 Random weights of the preset's shapes are used unless --checkpoint is given (a LlamaGen .pt / converted
 dir). fast/slow use an untrained `WeakModel` W-2 (the cost of a trained one). `warmup_s` is the first, untimed
 call: CUDA-graph capture for ours, torch.compile for baseline-compiled. `--count-kernels` adds the CUDA kernels
-per decode step of one extra run (torch.profiler).
+per decode step of one extra run (torch.profiler). The timed-choice guard's decisions of our engine (the
+sampler's select path, each fused decode-layer kernel vs today's ops, per shape) are logged to stderr, one line
+each ("timed choice: ..."; benchmarks/gpu_report.py tabulates them).
 
 `--profile` profiles one more generation of every configuration (torch.profiler) and prints, to stderr, its top
 kernels by GPU time per step -- name, ms/step, launches/step, share of the GPU time (on CPU: the top ops by self
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
 import platform
 import resource
@@ -207,6 +210,9 @@ def run_one(call, tokens: int, args, device) -> tuple[float, float]:
 
 
 def main(argv=None):
+    # the timed-choice guard's decisions (sampler select, fused decode-layer kernels), one stderr line each
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("llamagen_core2.kernels").setLevel(logging.INFO)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", nargs="+", default=["B", "L", "XL", "XXL"], choices=["B", "L", "XL", "XXL", "3B", "tiny"])
     p.add_argument("--checkpoint", default=None, help="real LlamaGen checkpoint (then give one --preset)")

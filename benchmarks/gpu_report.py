@@ -2,6 +2,12 @@
 
 It runs, each as its own subprocess under one time budget (default 450 s, so the whole report fits in 8 minutes
 on an H100 with start-up included):
+  0. issue 21's targets first (the decode layer at small batch), so a short budget still measures them:
+     our engine at GPT-XL b8 / b64 / b1 and GPT-B b1, CFG and CoRe^2 fast, 256 tokens (with the CUDA kernels
+     per step), GPT-XL b64 CFG and fast at 576 tokens, the compiled LlamaGen peer at GPT-XL b8 CFG, and the
+     decode-layer kernels at the issue's shapes (bench_block_kernels.py --issue-shapes: each fused kernel vs
+     today's ops and cuBLAS, % of the bandwidth floor); the report's first table marks each against its target
+     and lists the timed-choice guard's decisions (fused kernel or today's ops, per op and shape);
   1. the `gpu` tests (`pytest -m gpu tests/`): engines agree on CUDA, CUDA graphs, in-graph sampling, bf16 vs
      fp32, --device cuda on every command line;
   2. benchmarks/bench_kernels.py: the fused guided-sampling kernel vs the torch reference vs LlamaGen's chain,
@@ -14,15 +20,18 @@ on an H100 with start-up included):
      256 tokens, bf16;
   4. bench_generate.py with every baseline engine it offers (read from its own `--engines` choices, so an
      engine added there is measured here too), the same grid, batch 8 first;
-  5. the engine targets that need other shapes: CoRe^2 fast vs CFG at GPT-XL b64 x 576 tokens (bench_generate) and
-     text-to-image GPT-XL at 512 px, batch 8, CoRe^2 slow, end to end with the VQ decode (bench_t2i.py);
+  5. the engine target that needs other shapes: text-to-image GPT-XL at 512 px, batch 8, CoRe^2 slow, end to end
+     with the VQ decode (bench_t2i.py);
   6. Jacobi vs sequential decoding with the same engine, GPT-XL b1 and b8 CFG (bench_jacobi_throughput.py):
      random weights, so its acceptance means nothing; the window pass's cost and the images/s it projects at
      the compression measured on the trained mini world (docs/decoding.md).
-The report ends with the decode-engine targets (issue 12) checked against the measured rows.
+The report starts with issue 21's targets and ends with the decode-engine targets (issue 12), each checked
+against the measured rows.
 Budget: every generation is timed once (`--repeats 1`); baselines warm up on 8 tokens instead of a whole image
-(ours warms up on all tokens, which captures its CUDA graphs); each phase gets a slice of the time left and is
-stopped at its deadline, keeping the rows it finished. Configurations that did not fit are listed with the
+(ours warms up on all tokens, which times the guard's choices and captures its CUDA graphs); each phase gets a
+slice of the time left (its share; the last phase all of it) and is stopped at its deadline, keeping the rows it
+finished: the phases together never run past the budget. `--dry-run` prints each phase with the least time it
+gets (its slice when every earlier phase uses all of its own). Configurations that did not fit are listed with the
 command that measures them. Everything is stated in the report.
 
 Output: ONE markdown file, benchmarks/results/gpu_report_<date>_<gpu>.md (or --out), with the GPU name, torch /
@@ -31,7 +40,7 @@ tables. Without CUDA the script exits at once with one line and status 2 (nothin
 
     python benchmarks/gpu_report.py                         # the full report
     python benchmarks/gpu_report.py --budget-s 900          # more time: more baseline configurations
-    python benchmarks/gpu_report.py --dry-run               # print the plan (works without a GPU)
+    python benchmarks/gpu_report.py --dry-run               # print the plan and its time budget (no GPU needed)
 """
 from __future__ import annotations
 
@@ -92,9 +101,39 @@ def discover_engines(python: str = sys.executable) -> list[str]:
     return [e.strip() for e in match.group(1).split(",") if e.strip()]
 
 
+def issue21_phases(args, engines: list[str]) -> list[Phase]:
+    """Issue 21's target measurements (the decode layer at small batch), run before everything else."""
+    py = sys.executable
+    if getattr(args, "skip_generate", False):
+        return []
+    common = ["--device", "cuda", "--dtype", "bf16", "--repeats", "1"]
+    phases = []
+    if "ours" in engines:
+        phases += [
+            Phase("targets ours GPT-XL b8 b64 b1, CFG and fast",
+                  [py, "benchmarks/bench_generate.py", "--engines", "ours", "--preset", "XL", *common, "--tokens",
+                   str(TOKENS), "--batch", "8", "64", "1", "--modes", "cfg", "fast", "--count-kernels"], share=0.2),
+            Phase("targets ours GPT-B b1, CFG and fast",
+                  [py, "benchmarks/bench_generate.py", "--engines", "ours", "--preset", "B", *common, "--tokens",
+                   str(TOKENS), "--batch", "1", "--modes", "cfg", "fast", "--count-kernels"], share=0.12),
+            Phase("targets ours GPT-XL 576 tokens",
+                  [py, "benchmarks/bench_generate.py", "--engines", "ours", "--preset", "XL", *common, "--tokens",
+                   "576", "--batch", "64", "--modes", "cfg", "fast"], share=0.15)]
+    if "baseline-compiled" in engines:  # the headline peer: one compile
+        phases.append(Phase("targets baseline-compiled GPT-XL b8 CFG",
+                            [py, "benchmarks/bench_generate.py", "--engines", "baseline-compiled", "--preset", "XL",
+                             *common, "--tokens", str(TOKENS), "--batch", "8", "--modes", "cfg", "--warmup-tokens",
+                             str(BASELINE_WARMUP_TOKENS)], share=0.3))
+    if not getattr(args, "skip_kernels", False):
+        phases.append(Phase("targets block kernels at the issue shapes",
+                            [py, "benchmarks/bench_block_kernels.py", "--issue-shapes", "--device", "cuda", "--dtype",
+                             "bf16", "--iters", "50", "--warmup", "5"], share=0.25))
+    return phases
+
+
 def plan(args, engines: list[str]) -> list[Phase]:
     py = sys.executable
-    phases = []
+    phases = issue21_phases(args, engines)
     if not args.skip_tests:
         phases.append(Phase("gpu tests", [py, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
                                           "tests/"], share=0.3))
@@ -116,10 +155,6 @@ def plan(args, engines: list[str]) -> list[Phase]:
             phases.append(Phase(f"generate ours GPT-{preset}",
                                 [py, "benchmarks/bench_generate.py", "--engines", *ours, "--preset", preset,
                                  *common, *count], share=1.0 / (len(args.presets) - i + 2.5)))
-        phases.append(Phase("targets ours GPT-XL 576 tokens",
-                            [py, "benchmarks/bench_generate.py", "--engines", *ours, "--preset", "XL", "--device",
-                             "cuda", "--dtype", "bf16", "--tokens", "576", "--repeats", "1", "--batch", "64",
-                             "--modes", "cfg", "fast"], share=0.25))
         phases.append(Phase("targets t2i GPT-XL 512 px", [py, "benchmarks/bench_t2i.py", "--preset", "XL",
                                                           "--batch", "8", "--modes", "slow", "cfg"], share=0.3))
         if not getattr(args, "skip_jacobi", False):
@@ -127,12 +162,6 @@ def plan(args, engines: list[str]) -> list[Phase]:
                                 [py, "benchmarks/bench_jacobi_throughput.py", "--preset", "XL", "--batch", "1", "8",
                                  "--device", "cuda", "--window", str(JACOBI_WINDOW), "--compression",
                                  str(JACOBI_COMPRESSION)], share=0.2))
-    if "baseline-compiled" in baselines and not args.skip_generate:  # the headline peer first: one compile
-        phases.append(Phase("targets baseline-compiled GPT-XL b8 CFG",
-                            [py, "benchmarks/bench_generate.py", "--engines", "baseline-compiled", "--preset", "XL",
-                             "--device", "cuda", "--dtype", "bf16", "--tokens", str(TOKENS), "--repeats", "1",
-                             "--batch", "8", "--modes", "cfg", "--warmup-tokens", str(BASELINE_WARMUP_TOKENS)],
-                            share=0.3))
     if baselines and not args.skip_generate:
         for i, preset in enumerate(args.presets):
             phases.append(Phase(f"generate {'/'.join(baselines)} GPT-{preset}",
@@ -204,6 +233,18 @@ def render(meta: dict, phases: list[Phase], args) -> str:
         if p.rc not in (0, None) and p.stderr.strip():
             out += ["", f"{p.name} (exit {p.rc}), last lines of its stderr:", "", "```",
                     *p.stderr.strip().splitlines()[-15:], "```"]
+    out += ["", "## Decode-layer targets (issue 21; bf16, CFG 4.0, top-k 2000, 256 tokens unless stated)", ""]
+    out += issue21_table(phases)
+    block = next((p for p in phases if "bench_block_kernels.py" in p.command), None)
+    if block is not None:
+        out += ["", "## Decode-layer kernels at the issue's shapes (bench_block_kernels.py --issue-shapes; bf16, "
+                "inside CUDA graphs)", "",
+                "`triton`: the fused kernel; `unfused`: today's ops for the same work (the Triton row kernels around "
+                "cuBLAS); `torch`: the reference (cuBLAS for wo / w2). % of floor: the op's compulsory bytes over the "
+                "copy bandwidth, divided by its time.", ""]
+        out += block_table(csv_rows(block.stdout, "device"))
+    out += ["", "## The guard's decode-layer decisions (timed once per op and shape at warm-up)", ""]
+    out += choices_table(phases)
     tests = next((p for p in phases if p.name == "gpu tests"), None)
     if tests is not None and (tests.rc is not None or tests.timed_out):
         out += ["", "## GPU tests", "", f"`{pytest_summary(tests.stdout)}`", ""]
@@ -231,6 +272,118 @@ def render(meta: dict, phases: list[Phase], args) -> str:
     out += ["", "## Decode-engine targets (issue 12; H100, bf16, CFG 4.0, top-k 2000)", ""]
     out += targets_table(phases)
     return "\n".join(out) + "\n"
+
+
+def _generate_rows(phases: list[Phase]) -> dict:
+    return {(r["preset"], int(r["tokens"]), int(r["batch"]), r["mode"], r["engine"]): r
+            for p in phases if "bench_generate.py" in p.command for r in csv_rows(p.stdout, "engine")
+            if r["status"] == "ok"}
+
+
+LAYERS = {"GPT-B": 12, "GPT-XL": 36}
+
+
+def issue21_table(phases: list[Phase]) -> list[str]:
+    """Issue 21's targets with their measured values ('not measured' otherwise)."""
+    gen = _generate_rows(phases)
+    block = [r for p in phases if "bench_block_kernels.py" in p.command for r in csv_rows(p.stdout, "device")]
+
+    def value(preset, batch, mode="cfg", engine="ours", tokens=TOKENS, field="ms_per_step"):
+        r = gen.get((preset, tokens, batch, mode, engine))
+        return None if r is None or r.get(field) in (None, "") else float(r[field])
+
+    def ratio(num, den):
+        return None if num is None or den is None else num / den
+
+    def kernel(op, preset, rows, filled="-", impl="triton", field="us_per_call"):
+        r = next((r for r in block if (r["op"], r["preset"], r["rows"], r["filled"], r["impl"]) ==
+                  (op, preset, str(rows), str(filled), impl)), None)
+        return None if r is None else float(r[field])
+
+    gemm_pcts = [kernel(op, preset, rows, field="pct_of_floor") for op in ("norm_qkv_rope", "wo", "norm_w13_swiglu",
+                                                                          "w2")
+                 for preset, rows in (("GPT-B", 2), ("GPT-XL", 16), ("GPT-XL", 128))]
+    xl8_kernels = value("GPT-XL", 8, field="kernels_per_step")
+    checks = [
+        ("GPT-XL b8 CFG: compiled LlamaGen ms/step / ours", ratio(value("GPT-XL", 8, engine="baseline-compiled"),
+                                                                  value("GPT-XL", 8)), ">=", 2.7),
+        ("GPT-XL b8 CFG ms/step", value("GPT-XL", 8), "<=", 0.97),
+        ("GPT-XL b64 CFG % of the bandwidth floor", value("GPT-XL", 64, field="pct_of_floor"), ">=", 65),
+        ("GPT-B b1 CFG ms/step", value("GPT-B", 1), "<=", 0.25),
+        ("CoRe^2 fast / CFG images/s, GPT-XL b64 x 256", ratio(value("GPT-XL", 64), value("GPT-XL", 64, "fast")),
+         ">=", 1.4),
+        ("CoRe^2 fast / CFG images/s, GPT-XL b64 x 576", ratio(value("GPT-XL", 64, tokens=576),
+                                                             value("GPT-XL", 64, "fast", tokens=576)), ">=", 1.5),
+        ("CoRe^2 fast / CFG images/s, GPT-B b1", ratio(value("GPT-B", 1), value("GPT-B", 1, "fast")), ">=", 1.0),
+        ("CoRe^2 fast / CFG images/s, GPT-XL b1", ratio(value("GPT-XL", 1), value("GPT-XL", 1, "fast")), ">=", 1.0),
+        ("decode attention µs per layer, GPT-XL 16 rows x 128 keys", kernel("decode_attention", "GPT-XL", 16, 128),
+         "<=", 4.0),
+        ("decode attention % of its KV-read floor, GPT-XL 128 rows x 256 keys",
+         kernel("decode_attention", "GPT-XL", 128, 256, field="pct_of_floor"), ">=", 60),
+        ("fused / skinny GEMMs, lowest % of the bandwidth floor at the issue shapes",
+         None if None in gemm_pcts else min(gemm_pcts), ">=", 70),
+        ("CUDA kernels per step / layers, GPT-XL b8 CFG (an upper bound on launches per layer)",
+         None if xl8_kernels is None else xl8_kernels / LAYERS["GPT-XL"], "<=", 6.5),
+    ]
+    lines = ["| target | measured | goal | met |", "|---|---|---|---|"]
+    for name, measured, op, goal in checks:
+        met = "–" if measured is None else ("yes" if (measured <= goal if op == "<=" else measured >= goal) else "no")
+        lines.append(f"| {name} | {'not measured' if measured is None else _num(measured, 3)} | {op} {goal} | "
+                     f"{met} |")
+    lines += ["", "The last row divides every kernel of a step (the sampler, the head, the embedding and the weak "
+              "model included) by the layers, so it overstates the per-layer count; the exact per-layer count on "
+              "the CPU interpreter is tests/test_decode_launches.py's (6 with a split attention, 5 without)."]
+    return lines
+
+
+def block_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["Not measured (the phase produced no rows; see its exit status above)."]
+    by_key: dict = {}
+    for r in rows:
+        by_key.setdefault((r["op"], r["preset"], int(r["rows"]), r["filled"]), {})[r["impl"]] = r
+    lines = ["| op | preset | rows | keys | triton µs | unfused µs | torch µs | triton % of floor | "
+             "x unfused | x torch |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (op, preset, n, filled), impls in by_key.items():
+        us = {name: _num(impls[name]["us_per_call"], 2) if name in impls else "–"
+              for name in ("triton", "unfused", "torch")}
+        t = impls.get("triton", {})
+        lines.append(f"| {op} | {preset} | {n} | {filled} | {us['triton']} | {us['unfused']} | {us['torch']} | "
+                     f"{_num(t.get('pct_of_floor'), 1)} | {_num(t.get('speedup_vs_unfused'), 2)} | "
+                     f"{_num(t.get('speedup_vs_torch'), 2)} |")
+    return lines
+
+
+CHOICE = re.compile(r"timed choice: (decode\.\w+) on (\S+) (\(.*?\)): (\w+) \((.*)\)")
+
+
+def choices_table(phases: list[Phase]) -> list[str]:
+    """The guard's decode-layer decisions logged by our engine's phases (one line per op and shape key)."""
+    seen = {}
+    for p in phases:
+        if "bench_generate.py" not in p.command:
+            continue
+        for line in p.stderr.splitlines():
+            m = CHOICE.search(line)
+            if m:
+                seen[(m.group(1), m.group(3))] = (m.group(4), m.group(5))
+    if not seen:
+        return ["None logged (no phase of our engine ran on CUDA, or the guard was forced by "
+                "LLAMAGEN_CORE2_KERNELS)."]
+    lines = ["| op | shape key (rows, dims, dtype) | chosen | times |", "|---|---|---|---|"]
+    lines += [f"| {op} | {key} | {chosen} | {times} |" for (op, key), (chosen, times) in seen.items()]
+    return lines
+
+
+def budget_plan(phases: list[Phase], budget_s: float) -> list[tuple[Phase, float]]:
+    """(phase, the least seconds it gets): its share of the time left when every earlier phase uses its whole
+    slice (earlier phases that finish sooner leave it more); the last phase gets all that is left."""
+    left, out = budget_s, []
+    for phase in phases:
+        seconds = left if phase is phases[-1] else left * min(1.0, phase.share)
+        out.append((phase, seconds))
+        left -= seconds
+    return out
 
 
 def targets_table(phases: list[Phase]) -> list[str]:
@@ -407,8 +560,11 @@ def main(argv=None) -> int:
     engines = args.engines or discover_engines()
     phases = plan(args, engines)
     if args.dry_run:
-        for phase in phases:
-            print(f"{phase.name}: {phase.command}")
+        print(f"gpu_report plan: {len(phases)} phases in a {args.budget_s:.0f} s budget (each phase stopped at its "
+              f"deadline, so all of them within {args.budget_s / 60:.1f} min; + start-up: reading the engines and the "
+              f"environment, ~10-30 s)")
+        for phase, seconds in budget_plan(phases, args.budget_s):
+            print(f"{phase.name}: at least {seconds:.0f} s ({phase.share:.0%} of the time left): {phase.command}")
         return 0
     meta = environment(command)
     meta["engines"] = engines

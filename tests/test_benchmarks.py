@@ -87,6 +87,9 @@ SMOKE = {
                            "CPU: GPT-B shapes, one timed step per variant", '"logits_in"'),
     "compare_weak_inputs.py": (["--dim", "32", "--vocab", "64", "--images", "20", "--steps", "2", "--weak-dim",
                                 "32"], "CPU: both weak-model designs, 2 training steps", '"logits"'),
+    "fused_step_agreement.py": (["--seeds", "1", "--num-tokens", "3"],
+                                "CPU: the interpreted fused decode step vs the eager loop, tiny models, one seed",
+                                '"differing_tokens": 0'),
     "gpu_report.py": (["--dry-run"], "the plan only: the report itself needs CUDA (tests/test_gpu_report.py)",
                       "bench_generate.py"),
     "select_rounds.py": (["--scales", "3,0.05", "--vocab", "500", "--rows", "16"],
@@ -113,7 +116,7 @@ def test_benchmark_script_runs_from_the_command_line(script, tmp_path):
     import subprocess
     import sys
 
-    if script == "kernel_resources.py":
+    if script in ("kernel_resources.py", "fused_step_agreement.py"):
         pytest.importorskip("triton")
     if script == "bench_noise_model_dtype.py":
         pytest.importorskip("diffusers")

@@ -143,3 +143,87 @@ def test_kernel_and_profile_tables_read_the_benchmarks_own_output(capsys):
     assert profile[0].startswith("profile ours GPT-XL b8 cfg 256 tokens on H200: top 2 kernels by GPU time")
     assert "| _select_kernel | 0.0123 | 1.00 | 0.6 |" in profile and "| _mix_race_kernel | 0.0040 | 1.00 | 0.2 |" in profile
     assert report.profile_table("")[0].startswith("Not measured")
+
+
+def test_issue21_targets_run_first_and_the_dry_run_shows_the_time_budget():
+    report = _load("gpu_report")
+    engines = report.discover_engines()
+    args = Namespace(presets=["B", "XL", "XXL"], batches=[8, 64, 1], modes=["cfg", "cond", "fast", "slow"],
+                     skip_tests=False, skip_kernels=False, skip_generate=False, budget_s=450.0)
+    phases = report.plan(args, engines)
+    first = [p.command for p in phases[:5]]
+    assert all(p.name.startswith("targets") for p in phases[:5])
+    assert "--preset XL" in first[0] and "--batch 8 64 1 --modes cfg fast --count-kernels" in first[0]
+    assert "--preset B" in first[1] and "--batch 1 --modes cfg fast" in first[1]
+    assert "--tokens 576 --batch 64 --modes cfg fast" in first[2]
+    assert "--engines baseline-compiled --preset XL" in first[3] and "--batch 8 --modes cfg" in first[3]
+    assert "bench_block_kernels.py --issue-shapes --device cuda --dtype bf16" in first[4]
+    slices = report.budget_plan(phases, 450.0)
+    assert abs(sum(seconds for _, seconds in slices) - 450.0) < 1e-6 and all(s > 0 for _, s in slices)
+    assert slices[0][1] == 0.2 * 450.0
+
+    run = subprocess.run([sys.executable, "benchmarks/gpu_report.py", "--dry-run", "--engines", "ours",
+                          "baseline-compiled"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("gpu_report plan: ") and "in a 450 s budget" in lines[0] and "7.5 min" in lines[0]
+    assert lines[1].startswith("targets ours GPT-XL b8 b64 b1, CFG and fast: at least 90 s (20% of the time left): "
+                               "python benchmarks/bench_generate.py")
+    assert len(lines) == 1 + len(report.plan(Namespace(**{**vars(args), "budget_s": 450.0}),
+                                             ["ours", "baseline-compiled"]))
+
+
+def test_issue21_table_marks_each_target_and_lists_the_guards_choices():
+    report = _load("gpu_report")
+    fields = _load("bench_generate").FIELDS
+    block_fields = ["device", "dtype", "timing", "op", "preset", "rows", "filled", "impl", "us_per_call", "gb_per_s",
+                    "floor_us", "pct_of_floor", "speedup_vs_torch", "speedup_vs_unfused", "max_abs_diff_vs_torch"]
+
+    def row(engine, preset, batch, mode, ms, tokens=256, pct=50.0, kernels=""):
+        values = {f: "" for f in fields}
+        values.update(engine=engine, preset=preset, batch=batch, tokens=tokens, mode=mode, status="ok",
+                      ms_per_step=ms, pct_of_floor=pct, kernels_per_step=kernels)
+        return ",".join(str(values[f]) for f in fields)
+
+    def block(op, preset, rows, filled, impl, us, pct, x_unfused=""):
+        values = dict(device="H200", dtype="bf16", timing="graph", op=op, preset=preset, rows=rows, filled=filled,
+                      impl=impl, us_per_call=us, gb_per_s=1, floor_us=1, pct_of_floor=pct, speedup_vs_torch=1.5,
+                      speedup_vs_unfused=x_unfused, max_abs_diff_vs_torch="")
+        return ",".join(str(values[f]) for f in block_fields)
+
+    gen = "\n".join([",".join(fields), row("ours", "GPT-XL", 8, "cfg", 0.95, kernels=230.0),
+                     row("baseline-compiled", "GPT-XL", 8, "cfg", 2.6), row("ours", "GPT-XL", 64, "cfg", 2.0, pct=66),
+                     row("ours", "GPT-XL", 64, "fast", 1.5), row("ours", "GPT-B", 1, "cfg", 0.3),
+                     row("ours", "GPT-B", 1, "fast", 0.28), row("ours", "GPT-XL", 1, "cfg", 1.0),
+                     row("ours", "GPT-XL", 1, "fast", 1.1)])
+    stderr = ("llamagen_core2.kernels: timed choice: decode.linear on cuda:0 (16, 1280, 1280, 'bfloat16'): fused "
+              "(unfused 6.1 us, fused 3.9 us)\n"
+              "llamagen_core2.kernels: timed choice: decode.norm_qkv_rope on cuda:0 (128, 1, 1280, 3840, 'bfloat16'): "
+              "unfused (unfused 9.0 us, fused 11.2 us)\n")
+    blocks = "\n".join([",".join(block_fields), block("decode_attention", "GPT-XL", 16, 128, "triton", 3.5, 70),
+                        block("decode_attention", "GPT-XL", 128, 256, "triton", 30, 58),
+                        block("wo", "GPT-XL", 16, "-", "triton", 2.0, 72),
+                        block("norm_qkv_rope", "GPT-XL", 16, "-", "triton", 4.0, 75, 1.8),
+                        block("norm_qkv_rope", "GPT-XL", 16, "-", "unfused", 7.2, 40), '{"rows": 5}'])
+    phases = [report.Phase("targets ours", ["python", "benchmarks/bench_generate.py"], 1.0, stdout=gen,
+                           stderr=stderr),
+              report.Phase("targets block", ["python", "benchmarks/bench_block_kernels.py"], 1.0, stdout=blocks)]
+    table = "\n".join(report.issue21_table(phases))
+    assert "| GPT-XL b8 CFG: compiled LlamaGen ms/step / ours | 2.737 | >= 2.7 | yes |" in table
+    assert "| GPT-XL b8 CFG ms/step | 0.950 | <= 0.97 | yes |" in table
+    assert "| GPT-XL b64 CFG % of the bandwidth floor | 66.000 | >= 65 | yes |" in table
+    assert "| GPT-B b1 CFG ms/step | 0.300 | <= 0.25 | no |" in table
+    assert "| CoRe^2 fast / CFG images/s, GPT-XL b64 x 256 | 1.333 | >= 1.4 | no |" in table
+    assert "| CoRe^2 fast / CFG images/s, GPT-XL b64 x 576 | not measured | >= 1.5 | – |" in table
+    assert "| CoRe^2 fast / CFG images/s, GPT-B b1 | 1.071 | >= 1.0 | yes |" in table
+    assert "| CoRe^2 fast / CFG images/s, GPT-XL b1 | 0.909 | >= 1.0 | no |" in table
+    assert "| decode attention µs per layer, GPT-XL 16 rows x 128 keys | 3.500 | <= 4.0 | yes |" in table
+    assert "| decode attention % of its KV-read floor, GPT-XL 128 rows x 256 keys | 58.000 | >= 60 | no |" in table
+    assert "lowest % of the bandwidth floor at the issue shapes | not measured |" in table  # 2 of 12 measured
+    assert "GPT-XL b8 CFG (an upper bound on launches per layer) | 6.389 | <= 6.5 | yes |" in table
+    kernels = "\n".join(report.block_table(report.csv_rows(blocks, "device")))
+    assert "| norm_qkv_rope | GPT-XL | 16 | - | 4.00 | 7.20 | – | 75.0 | 1.80 | 1.50 |" in kernels
+    choices = "\n".join(report.choices_table(phases))
+    assert "| decode.linear | (16, 1280, 1280, 'bfloat16') | fused | unfused 6.1 us, fused 3.9 us |" in choices
+    assert "| decode.norm_qkv_rope | (128, 1, 1280, 3840, 'bfloat16') | unfused |" in choices
+    assert report.choices_table([])[0].startswith("None logged")
