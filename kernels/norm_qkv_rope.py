@@ -22,7 +22,8 @@ prologue and epilogue carry the neighbouring ops, as Hazy Research's Llama megak
     is skipped (no write; q is left unwritten), as the unfused kernel does.
 Numerics: vs the reference, the GEMM sums in another order (tiles, split partials) and the normalised activations
 are rounded once (h * norm_weight) instead of twice ((h / rms) then * norm_weight); the RoPE and the cache write
-are the reference's operations on the rounded qkv. fp16 caveat: h * norm_weight must stay below 65504.
+are the reference's operations on the rounded qkv. fp16: h * norm_weight can pass 65504 where the reference's
+values do not; block_ops.norm_qkv_rope refuses fp16 (check_fused_norm_dtype) and the engine never picks it there.
 """
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ accumulator) and a SwiGLU epilogue, as Hazy Research's megakernel's `rms_upgate_
 columns j of the FFN and accumulates the matching gate (w1 row j) and up (w3 row F + j) tiles side by side, so
 silu(gate) * up is computed in registers (kernels/swiglu._silu_mul, after rounding both to the dtype as F.linear
 does) and the [rows, 2F] gate_up tensor never exists. Numerics: as norm_qkv_rope (GEMM summation order, one
-rounding of the normalised activations); fp16 caveat: h * norm_weight must stay below 65504.
+rounding of the normalised activations); fp16: h * norm_weight can pass 65504 where the reference's values do
+not; block_ops.norm_w13_swiglu refuses fp16 (check_fused_norm_dtype) and the engine never picks it there.
 """
 from __future__ import annotations
 

@@ -223,3 +223,26 @@ def test_the_sampler_select_is_timed_before_capture_and_both_paths_agree():
     chosen = chooser.choose("test.select", CUDA, (8, 16384), candidates)
     times = chooser.timings[("test.select", str(CUDA), (8, 16384))]
     assert chosen in times and all(t is not None and 0 < t < 1e-2 for t in times.values()), times
+
+
+@pytest.mark.parametrize("kernels_env", ["auto", "triton"])
+def test_fused_decode_layer_kernels_are_decided_before_capture_and_give_the_eager_tokens(kernels_env, monkeypatch):
+    """On CUDA the engine decides each fused decode-layer kernel against today's ops per trunk shape before capture
+    (auto: timed by the guard, both candidates; triton: forced fused), captures the chosen path, and the tokens
+    are the eager loop's (fp32; the fused GEMMs sum in another order: a near-tie could differ, which the CPU
+    measurement of benchmarks/fused_step_agreement.py never saw)."""
+    from llamagen_core2.kernels.timed_choice import default_chooser
+
+    monkeypatch.setenv("LLAMAGEN_CORE2_KERNELS", kernels_env)
+    gpt, weak = _models()
+    cond = torch.tensor([1, 4, 7], device=CUDA)
+    kw = dict(schedule=["fast"] * 5 + ["cfg"] * 11, weak_model=weak, seed=5, **KNOBS)
+    engine = Engine(gpt)
+    tokens = generate(gpt, cond, engine=engine, **kw)
+    assert torch.equal(tokens, generate(gpt, cond, engine="eager", **kw))
+    assert {shape.rows for shape in engine.decode_ops} == {3, 6} and engine.graphs.graphs
+    if kernels_env == "triton":
+        assert all(ops.key == (True,) * 4 for ops in engine.decode_ops.values())
+    else:
+        timed = {key: t for key, t in default_chooser().timings.items() if key[0].startswith("decode.")}
+        assert timed and all(set(t) == {"unfused", "fused"} and None not in t.values() for t in timed.values())
