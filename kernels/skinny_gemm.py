@@ -26,8 +26,9 @@ The partials cost SPLIT_K * M * N * 4 bytes of L2 traffic each way, small next t
 
 The same machinery (`_arrive`, `_sum_partials`) serves the fused kernels norm_qkv_rope.py and norm_w13_swiglu.py.
 One workspace may serve every GEMM of a step on one stream: each call leaves its counters at zero. Its buffers
-keep their addresses as long as no call needs more room than the largest seen (size it before a CUDA graph
-capture by running each shape once).
+keep their addresses as long as no call needs more room than the largest seen: size it before a CUDA graph
+capture (`plan_launch` gives each launch's room from the shapes; the engine reserves it that way,
+llamagen_core2/decode_ops.reserve).
 """
 from __future__ import annotations
 

@@ -64,7 +64,11 @@ class FeedForward(nn.Module):
         self._register_load_state_dict_pre_hook(_join_w13, with_module=True)
 
     def forward(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
-        return self.w2(block_ops.swiglu(F.linear(x, self.w13), backend=backend))
+        return self.w2(self.up(x, backend))
+
+    def up(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        """silu(w1 x) * w3 x [..., F]: one [w1; w3] GEMM, then SwiGLU."""
+        return block_ops.swiglu(F.linear(x, self.w13), backend=backend)
 
     def down(self, hidden: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
         """W2 of the SwiGLU output [..., F] -> [..., d]: the skinny split-K GEMM where the decode ops chose it."""
@@ -220,16 +224,13 @@ class TransformerBlock(nn.Module):
             normed, h = block_ops.add_rmsnorm(x, residual, self.attention_norm.weight, self.attention_norm.eps,
                                               backend=ctx.backend)
             attn = self.attention(normed, ctx, kv)
-        if ops is None:  # the unfused FFN, as LlamaGen's
-            normed, h = block_ops.add_rmsnorm(attn, h, self.ffn_norm.weight, self.ffn_norm.eps, backend=ctx.backend)
-            return h, self.feed_forward(normed, ctx.backend)
-        if ops.norm_w13_swiglu:  # add+RMSNorm, W1|W3 and SwiGLU in one launch
+        if ops is not None and ops.norm_w13_swiglu:  # add+RMSNorm, W1|W3 and SwiGLU in one launch
             hidden, h = block_ops.norm_w13_swiglu(attn, h, self.ffn_norm.weight, self.ffn_norm.eps,
                                                   self.feed_forward.w13, backend=ctx.backend,
                                                   workspace=ops.workspace)
         else:
             normed, h = block_ops.add_rmsnorm(attn, h, self.ffn_norm.weight, self.ffn_norm.eps, backend=ctx.backend)
-            hidden = block_ops.swiglu(F.linear(normed, self.feed_forward.w13), backend=ctx.backend)
+            hidden = self.feed_forward.up(normed, ctx.backend)
         return h, self.feed_forward.down(hidden, ctx)
 
 

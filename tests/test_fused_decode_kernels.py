@@ -221,7 +221,8 @@ def triton_cdiv(a, b):
 # ---------------------------------------------------------------------- a whole decode step of fused launches
 
 def fused_decode_step(gpt, cache, tokens, position: int, num_splits: int, config):
-    """The tiny model's decode step as the phase-2 plan runs it: per layer norm_qkv_rope -> decode attention ->
+    """The tiny model's decode step as the engine runs it with every fused kernel chosen (model.run_blocks with
+    decode_ops; composed here from the launchers directly): per layer norm_qkv_rope -> decode attention ->
     wo -> norm_w13_swiglu -> w2 (the W2 output is the `pending` residual of the next layer's prologue)."""
     from llamagen_core2.kernels.add_rmsnorm import add_rmsnorm_triton
 
