@@ -491,8 +491,8 @@ class Engine:
         if not self.graphs_now:
             chunk()
             return
-        key = (mode, batch, rows, steps, max_end, weak_end, self.cache.masked, record, self.filters, self.select_now,
-               self.ops_key(rows, 1, weak))
+        key = (mode, batch, rows, steps, max_end, weak_end, self.cache.masked, record, self.ops_key(rows, 1, weak),
+               self.filters, self.select_now)
         self.graphs.run(key, chunk, self._save_state, self._restore_state)
 
     def _save_state(self):
