@@ -40,9 +40,9 @@ from typing import Callable, Optional
 
 import torch
 
+from .decode_ops import DecodeOps, LayerShape
 from .errors import InvalidArgument
 from .guidance import filter_flags, guided_sample
-from .decode_ops import DecodeOps, LayerShape
 from .guidance_config import MODE_TABLE, needs_uncond, needs_weak
 from .model import KVCache
 from .static_decode import StepGraphs
