@@ -25,10 +25,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_models import tiny_gpt  # noqa: E402
 
-from llamagen_core2.collect import collect, load_collected  # noqa: E402
-from llamagen_core2.model import run_blocks  # noqa: E402
-from llamagen_core2.reflect import CollectedData, holdout_mask  # noqa: E402
-from llamagen_core2.weak_model import WeakModel  # noqa: E402
+from llamagen_core2.core2.collect import collect, load_collected  # noqa: E402
+from llamagen_core2.core2.reflect import CollectedData, holdout_mask  # noqa: E402
+from llamagen_core2.core2.weak_model import WeakModel  # noqa: E402
+from llamagen_core2.decode.model import run_blocks  # noqa: E402
 
 
 class LogitsInWeak(WeakModel):

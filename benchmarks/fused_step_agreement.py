@@ -30,9 +30,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_models import captions, tiny_gpt  # noqa: E402
 
-from llamagen_core2.engine import Engine  # noqa: E402
-from llamagen_core2.generate import generate  # noqa: E402
-from llamagen_core2.weak_model import WeakModel  # noqa: E402
+from llamagen_core2.core2.weak_model import WeakModel  # noqa: E402
+from llamagen_core2.decode.engine import Engine  # noqa: E402
+from llamagen_core2.decode.generate import generate  # noqa: E402
 
 
 def cases(num_tokens: int):

@@ -4,7 +4,7 @@ One decision covers every kernel module in `KERNEL_MODULES` (the fused sampler, 
 ops, and the skinny / fused decode GEMMs of docs/decode_kernels.md): the engine asks once per device and passes
 the answer down. Within the Triton backend, two choices are made by measurement, per shape, before any CUDA
 graph capture (kernels/timed_choice.py): the sampler's select path (`choose_sampler_select`) and each fused
-decode-layer group against today's path (`choose_decode_op`, used by llamagen_core2/decode_ops.py).
+decode-layer group against today's path (`choose_decode_op`, used by llamagen_core2/decode/decode_ops.py).
 
 `LLAMAGEN_CORE2_KERNELS` (read on every call, so tests can flip it):
     auto   (default) Triton when the tensors are on CUDA and every kernel module imports; otherwise
@@ -12,7 +12,7 @@ decode-layer group against today's path (`choose_decode_op`, used by llamagen_co
     triton the Triton kernels or an error (KernelUnavailable): CUDA tensors, or CPU tensors when
            the kernel modules were built under the interpreter (TRITON_INTERPRET=1 set before
            triton was imported -- how the tests run them on CPU).
-    torch  always the pure-torch references (`llamagen_core2.guidance`, `llamagen_core2.block_ops`).
+    torch  always the pure-torch references (`llamagen_core2.guidance.sampling`, `llamagen_core2.decode.block_ops`).
 Importing this module never imports triton; `select_backend` does, lazily, once.
 """
 from __future__ import annotations
@@ -135,7 +135,7 @@ def choose_decode_op(device, op: str, shape_key: tuple, dtype: torch.dtype, cand
     slower than today's path for a shape is not used there. CPU: 'unfused' under auto, 'fused' under
     LLAMAGEN_CORE2_KERNELS=triton. A fused add+RMSNorm GEMM (`fused_norm`) is never chosen for a dtype it refuses
     (fp16: block_ops.check_fused_norm_dtype). Call at warm-up, never inside a CUDA graph capture."""
-    from ..block_ops import FUSED_NORM_DTYPES
+    from ..decode.block_ops import FUSED_NORM_DTYPES
 
     if fused_norm and dtype not in FUSED_NORM_DTYPES:
         return "unfused"

@@ -2,11 +2,11 @@
 
 Contract (same semantics as `llamagen_core2.guidance.guided_sample`, the torch reference):
     cond, uncond, weak : [B, V] logits (any float dtype, read once, computed in fp32)
-    mode               : "cond" | "cfg" | "fast" | "slow"  (see guidance.py for the formulas)
+    mode               : "cond" | "cfg" | "fast" | "slow"  (see guidance/mixing.py for the formulas)
     cfg_scale, w2s_scale, temperature, top_k, top_p : Python numbers or per-row tensors [B]
     seeds, offset      : Philox keys (an int, or an int64 tensor [1] or [B]) and the counter base
                          (an int, or an int64 tensor [1] -- or [B], one base per row -- that may live
-                         on the device); the counter layout is `llamagen_core2.philox`'s, and the
+                         on the device); the counter layout is `llamagen_core2.guidance.philox`'s, and the
                          torch reference draws the same uniforms, so both backends give the same tokens
     returns tokens LongTensor [B] (and the fp32 mixed logits [B, V] when return_mixed=True).
 
@@ -57,8 +57,8 @@ import triton
 import triton.language as tl
 
 from ..errors import InvalidArgument, check_finite_scale, check_sampling_args
-from ..guidance_config import MODE_TABLE
-from ..philox import check_offset, check_seeds, counter_strides, per_row_offsets
+from ..guidance.config import MODE_TABLE
+from ..guidance.philox import check_offset, check_seeds, counter_strides, per_row_offsets
 from .dispatch import interpreted, multiprocessor_count
 
 MAX_VOCAB = 65536  # rows beyond 16384 entries are streamed from scratch by the select kernel

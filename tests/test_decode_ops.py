@@ -1,6 +1,6 @@
 """The fused decode-layer kernels in the decode step (issue 21, phase 2): the block_ops entry points, the timed choice
-per trunk shape (llamagen_core2/decode_ops.py through kernels.dispatch.choose_decode_op), the engine deciding before
-any capture with the flags in the graph keys, the split-K workspace sized before capture, and fp16 refused by the
+per trunk shape (llamagen_core2/decode/decode_ops.py through kernels.dispatch.choose_decode_op), the engine deciding
+before any capture with the flags in the graph keys, the split-K workspace sized before capture, and fp16 refused by the
 fused add+RMSNorm GEMMs.
 
 On CPU the kernels run under the Triton interpreter (fp32); the guard never times on a CPU, so its decisions are
@@ -12,11 +12,11 @@ import warnings
 import pytest
 import torch
 
-from llamagen_core2 import block_ops, decode_ops
-from llamagen_core2.decode_ops import DecodeOps, LayerShape
-from llamagen_core2.engine import Engine
+from llamagen_core2.decode import block_ops, decode_ops
+from llamagen_core2.decode.decode_ops import DecodeOps, LayerShape
+from llamagen_core2.decode.engine import Engine
+from llamagen_core2.decode.generate import generate
 from llamagen_core2.errors import InvalidArgument
-from llamagen_core2.generate import generate
 from llamagen_core2.kernels import dispatch
 from llamagen_core2.kernels.timed_choice import Candidate, TimedChoice
 from tiny_models import captions, tiny_gpt
@@ -36,7 +36,7 @@ def auto_kernels(monkeypatch):
 
 
 def weak_for(model):
-    from llamagen_core2.weak_model import WeakModel
+    from llamagen_core2.core2.weak_model import WeakModel
 
     weak = WeakModel.for_base(model, "W-1", dim=32, n_head=4, fingerprint=False).eval()
     with torch.no_grad():  # leave the residual start so the weak prediction differs from the cond output
@@ -217,7 +217,7 @@ class RecordingGraphs:
 
 @pytest.fixture
 def recording_engine(monkeypatch):
-    from llamagen_core2 import engine as engine_module
+    from llamagen_core2.decode import engine as engine_module
 
     RecordingGraphs.events = []
     monkeypatch.setattr(engine_module, "StepGraphs", RecordingGraphs)

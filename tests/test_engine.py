@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamagen_core2 import memory
+from llamagen_core2.decode import memory
+from llamagen_core2.decode.engine import Engine, chunk_sizes
+from llamagen_core2.decode.generate import generate
 from llamagen_core2.errors import InvalidArgument
-from llamagen_core2.generate import generate
-from llamagen_core2.guidance_config import make_schedule
-from llamagen_core2.engine import Engine, chunk_sizes
+from llamagen_core2.guidance.config import make_schedule
 from tiny_models import ScaledCondWeak, captions, tiny_gpt
 
 BUCKET = 4  # 16 image tokens + 1 prefix position -> buckets ending at 4, 8, 12, 16, 17
@@ -243,7 +243,7 @@ def test_baseline_step_traces_as_one_graph():
 
 @pytest.mark.parametrize("mode", ["fast", "slow"])
 def test_static_matches_eager_with_the_real_weak_model(mode):
-    from llamagen_core2.weak_model import WeakModel
+    from llamagen_core2.core2.weak_model import WeakModel
 
     model = tiny_gpt()
     weak = WeakModel.for_base(model, "W-1", dim=32, n_head=4).eval()
@@ -266,7 +266,7 @@ def test_fused_step_on_cpu_gives_the_eager_tokens(case, kernels_env, single_thre
         pytest.skip("on CUDA the gpu tests cover the compiled kernels")
     monkeypatch.setenv("LLAMAGEN_CORE2_KERNELS", kernels_env)
     if case.startswith("c2i"):
-        from llamagen_core2.weak_model import WeakModel
+        from llamagen_core2.core2.weak_model import WeakModel
 
         model = tiny_gpt()
         weak = WeakModel.for_base(model, "W-1", dim=32, n_head=4, fingerprint=False).eval()
@@ -324,7 +324,7 @@ def test_graph_inputs_keep_their_addresses_across_requests():
     """Everything a captured step reads must sit at the same address in the next request (else a replay reads
     freed memory): the caches and their t2i masks, the buffers, the models' parameters and buffers (RoPE).
     A request without the weak model does not drop the weak model's state either."""
-    from llamagen_core2.weak_model import WeakModel
+    from llamagen_core2.core2.weak_model import WeakModel
 
     model = tiny_gpt("t2i")
     weak = WeakModel.for_base(model, "W-1", dim=32, n_head=4, fingerprint=False).eval()
@@ -358,7 +358,7 @@ def test_filter_flags_and_the_select_path_join_the_graph_key(monkeypatch, single
     kernels = pytest.importorskip("llamagen_core2.kernels.decode_attention")
     if not kernels.INTERPRETED:
         pytest.skip("on CUDA the gpu tests cover the captured graphs")
-    from llamagen_core2 import engine as engine_module
+    from llamagen_core2.decode import engine as engine_module
     from llamagen_core2.guidance import filter_flags
     from llamagen_core2.kernels import dispatch
 

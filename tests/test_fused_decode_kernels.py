@@ -19,7 +19,7 @@ from collections import Counter
 import pytest
 import torch
 
-from llamagen_core2 import block_ops
+from llamagen_core2.decode import block_ops
 from llamagen_core2.errors import InvalidArgument
 from tiny_models import captions, tiny_gpt
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from llamagen_core2.cli import main
-from llamagen_core2.engine import Engine
+from llamagen_core2.core2.weak_model import WeakModel
+from llamagen_core2.decode.engine import Engine
+from llamagen_core2.decode.generate import generate
 from llamagen_core2.errors import InvalidArgument
-from llamagen_core2.generate import generate
-from llamagen_core2.weak_model import WeakModel
 from tiny_models import captions, save_tiny_world, tiny_gpt
 
 pytestmark = pytest.mark.gpu
@@ -150,7 +150,7 @@ def test_bf16_agrees_with_fp32_within_the_stated_tolerance(engine):
 
 def test_out_of_range_ids_never_reach_a_cuda_kernel():
     from llamagen_core2.config import VQConfig
-    from llamagen_core2.vq import VQModel
+    from llamagen_core2.encoders.vq import VQModel
     from tiny_models import TINY_VQ
 
     gpt, _ = _models()

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from llamagen_core2.errors import InvalidArgument
-from llamagen_core2.guidance_config import MODE_TABLE, GuidanceConfig, Schedule, needs_uncond, needs_weak
-from llamagen_core2.seeding import image_key, image_keys, row_keys
+from llamagen_core2.guidance.config import MODE_TABLE, GuidanceConfig, Schedule, needs_uncond, needs_weak
+from llamagen_core2.guidance.seeding import image_key, image_keys, row_keys
 
 
 def test_mode_table_says_what_each_mode_needs():

@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llamagen_core2.checkpoint import save_pretrained
-from llamagen_core2.collect import collect, load_collected
+from llamagen_core2.core2.collect import collect, load_collected
+from llamagen_core2.core2.reflect import reflect
 from llamagen_core2.errors import NonFiniteError
-from llamagen_core2.files import atomic_write_json
-from llamagen_core2.reflect import reflect
-from llamagen_core2.shards import ShardWriter
+from llamagen_core2.io.checkpoint import save_pretrained
+from llamagen_core2.io.files import atomic_write_json
+from llamagen_core2.io.shards import ShardWriter
 from tiny_models import tiny_gpt
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -122,7 +122,7 @@ def test_reflect_stops_before_writing_a_diverged_model(shards, tmp_path):
 
 
 def test_reflect_checkpoints_written_before_divergence_stay_finite(shards, tmp_path, monkeypatch):
-    from llamagen_core2 import reflect as reflect_module
+    from llamagen_core2.core2 import reflect as reflect_module
 
     gpt, src = shards
     out = tmp_path / "weak"
@@ -178,10 +178,10 @@ def test_diffusion_reflect_refuses_nan_inputs_and_diverged_training(tmp_path, mo
 
 
 def test_a_weak_or_noise_model_with_nan_weights_is_refused_at_load(tmp_path):
+    from llamagen_core2.core2.weak_model import WeakModel
     from llamagen_core2.diffusion.noise_model import NoiseModel, NoiseModelConfig
     from llamagen_core2.diffusion.noise_model_io import load_noise_model
     from llamagen_core2.errors import CheckpointError
-    from llamagen_core2.weak_model import WeakModel
 
     gpt = tiny_gpt()
     weak = WeakModel.for_base(gpt, "W-1", **WEAK_TINY)

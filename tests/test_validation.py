@@ -6,17 +6,17 @@ import math
 import pytest
 import torch
 
-from llamagen_core2.collect import collect, parse_class_ids
 from llamagen_core2.config import GPTConfig, VQConfig
+from llamagen_core2.core2.collect import collect, parse_class_ids
+from llamagen_core2.core2.reflect import holdout_mask, reflect
+from llamagen_core2.core2.sample import sample_images
+from llamagen_core2.core2.weak_model import WeakModel
+from llamagen_core2.decode.generate import generate
+from llamagen_core2.decode.model import GPT
+from llamagen_core2.encoders.vq import VQModel
 from llamagen_core2.errors import CheckpointError, InvalidArgument, check_int, check_number, check_token_ids
-from llamagen_core2.generate import generate
-from llamagen_core2.guidance_config import Schedule, make_schedule
-from llamagen_core2.model import GPT
-from llamagen_core2.reflect import holdout_mask, reflect
-from llamagen_core2.sample import sample_images
-from llamagen_core2.shards import ShardReader, ShardWriter
-from llamagen_core2.vq import VQModel
-from llamagen_core2.weak_model import WeakModel
+from llamagen_core2.guidance.config import Schedule, make_schedule
+from llamagen_core2.io.shards import ShardReader, ShardWriter
 from tiny_models import TINY_VQ, tiny_gpt
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -87,7 +87,7 @@ def test_class_id_lists_are_checked_before_expanding(text, message):
     (dict(generator=0), "generator must be a torch.Generator"),
 ])
 def test_generate_refuses_bad_arguments_before_any_work(kwargs, message):
-    from llamagen_core2.engine import Engine
+    from llamagen_core2.decode.engine import Engine
 
     gpt = tiny_gpt()
     engine = Engine(gpt)
@@ -303,7 +303,7 @@ def _edit_shard(directory, edit):
     (lambda t: t.pop("0/hidden_uncond"), r"\['hidden_uncond'\] missing"),
 ])
 def test_collected_shards_edited_by_hand_are_refused_naming_the_file(tmp_path, edit, message):
-    from llamagen_core2.collect import load_collected
+    from llamagen_core2.core2.collect import load_collected
 
     collect(tiny_gpt(), [1, 2], tmp_path, per_condition=1, batch_size=2, cfg_scale=3.0, progress=False)
     shard = _edit_shard(tmp_path, edit)
@@ -338,7 +338,7 @@ def test_weak_model_protocol_and_vq_inputs_are_checked():
 def test_numpy_integers_are_integers_and_floats_are_not():
     import numpy as np
 
-    from llamagen_core2.collect import storage_per_image
+    from llamagen_core2.core2.collect import storage_per_image
     from llamagen_core2.diffusion.moe_lora import expert_index
     from llamagen_core2.world.dataset import make_dataset
 

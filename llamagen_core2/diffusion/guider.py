@@ -26,8 +26,8 @@ from typing import Optional
 import torch
 
 from ..errors import InvalidArgument, check_finite_scale, check_int
-from ..guidance import mix_guidance
-from ..guidance_config import MODE_TABLE
+from ..guidance.config import MODE_TABLE
+from ..guidance.mixing import mix_guidance
 from ..optional import require
 from .modes import diffusion_mode, needs_noise_model, step_mode
 from .prompt_summary import RECIPES, PromptSummary, prompt_features, stack_halves
