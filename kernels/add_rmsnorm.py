@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..decode.block_ops import check_add_rmsnorm_args
+from ..decode.op_checks import check_add_rmsnorm_args
 from ..errors import InvalidArgument
 from .dispatch import interpreted
 

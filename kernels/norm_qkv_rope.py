@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..decode.block_ops import check_norm_qkv_rope_args
+from ..decode.op_checks import check_norm_qkv_rope_args
 from ..errors import InvalidArgument
 from .add_rmsnorm import _inv_rms, _norm_prologue_tile
 from .dispatch import interpreted

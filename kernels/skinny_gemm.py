@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..decode.block_ops import check_skinny_linear_args
+from ..decode.op_checks import check_skinny_linear_args
 from ..errors import InvalidArgument
 from .dispatch import interpreted, multiprocessor_count
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ..decode.block_ops import check_swiglu_args
+from ..decode.op_checks import check_swiglu_args
 from ..errors import InvalidArgument
 from .dispatch import interpreted, multiprocessor_count
 

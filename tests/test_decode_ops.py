@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from llamagen_core2.decode import block_ops, decode_ops
+from llamagen_core2.decode import block_ops, decode_ops, op_checks
 from llamagen_core2.decode.decode_ops import DecodeOps, LayerShape
 from llamagen_core2.decode.engine import Engine
 from llamagen_core2.decode.generate import generate
@@ -56,13 +56,13 @@ def test_entry_points_dispatch_to_the_kernels_and_the_references():
     w2 = torch.randn(d, F_, generator=g) * F_ ** -0.5
     rope, positions = torch.randn(12, D // 2, 2, generator=g), torch.tensor([5, 6])
     workspace = gemm.SplitKWorkspace()
-    caches = {backend: (torch.zeros(R, H, 9, D), torch.zeros(R, H, 9, D)) for backend in block_ops.BACKENDS}
+    caches = {backend: (torch.zeros(R, H, 9, D), torch.zeros(R, H, 9, D)) for backend in op_checks.BACKENDS}
     out = {backend: (block_ops.skinny_linear(x[..., :F_].contiguous(), w2, backend=backend, workspace=workspace),
                      block_ops.norm_qkv_rope(x, residual, norm_weight, 1e-5, wqkv, rope, positions, *caches[backend],
                                              0, backend=backend, workspace=workspace),
                      block_ops.norm_w13_swiglu(x, residual, norm_weight, 1e-5, w13, backend=backend,
                                                workspace=workspace))
-           for backend in block_ops.BACKENDS}
+           for backend in op_checks.BACKENDS}
     # the torch path is the reference, bit for bit
     assert torch.equal(out["torch"][0], block_ops.skinny_linear_reference(x[..., :F_], w2))
     ref_cache = torch.zeros(R, H, 9, D), torch.zeros(R, H, 9, D)

@@ -1,5 +1,6 @@
 """The package's layout (docs/design.md#layout): module paths from before the sub-packages still import, as the same
-module objects, and nothing in the repository uses them any more."""
+module objects, and nothing in the repository uses them any more; every module sits on an import floor and imports
+nothing above it, and no two modules import each other (module- and function-level imports alike)."""
 from __future__ import annotations
 
 import ast
@@ -82,3 +83,87 @@ def test_every_package_is_in_the_wheel():
     text = (REPO / "pyproject.toml").read_text()
     packages = {module_name(init) for init in (REPO / PKG).rglob("__init__.py")} | {f"{PKG}.kernels"}
     assert [p for p in sorted(packages) if f'"{p}"' not in text] == []
+
+
+# ---------------------------------------------------------------------- floors
+# The one table of import floors (docs/design.md#floors shows it): a module may import modules on its own floor or
+# below, never above; the longest prefix names a module's floor. A package's __init__ sits on the lowest floor of
+# its modules (importing any of them runs it first), so an __init__ imports nothing above that.
+FLOORS = {
+    "errors": 0, "optional": 0, "device": 0, "config": 0,
+    "io": 1,
+    "guidance": 2, "decode.op_checks": 2,
+    "kernels": 3,
+    "guidance.sampling": 4,
+    "decode": 5, "encoders": 5,
+    "core2.weak_model": 6,
+    "pipeline": 7,
+    "core2": 8, "world": 8, "diffusion": 8,
+    "cli": 9,
+}
+
+
+def floor_of(module: str) -> int:
+    rel = module[len(PKG) + 1:]
+    if (REPO / PKG / rel.replace(".", "/") / "__init__.py").is_file():  # a package: its lowest module's floor
+        return min(floor_of(module_name(p)) for p in (REPO / PKG / rel.replace(".", "/")).rglob("*.py")
+                   if p.name != "__init__.py")
+    best = max((prefix for prefix in FLOORS if rel == prefix or rel.startswith(prefix + ".")), key=len)
+    return FLOORS[best]
+
+
+def package_modules() -> dict:
+    """module name -> file, for llamagen_core2/ and kernels/ (kernels are llamagen_core2.kernels.*)."""
+    files = sorted((REPO / PKG).rglob("*.py")) + sorted((REPO / "kernels").glob("*.py"))
+    return {module_name(p): p for p in files}
+
+
+def import_graph() -> dict:
+    """module -> the package modules it imports (module- and function-level), plus the packages whose __init__
+    importing it runs (a.b.c runs a and a.b first)."""
+    modules = package_modules()
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for _, target, _ in imported_names(path):
+            while target and target not in modules:  # `from a.b import name`: the module is a.b
+                target = target.rpartition(".")[0]
+            if not target.startswith(PKG):
+                continue
+            parts = target.split(".")
+            edges |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)} & set(modules)
+        own_parents = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+        graph[name] = edges - {name} - own_parents
+    return graph
+
+
+def test_every_module_has_a_floor():
+    assert [m for m in package_modules() if m != PKG and floor_of(m) is None] == []
+
+
+def test_no_module_imports_from_a_higher_floor():
+    graph = import_graph()
+    up = [f"{m} (floor {floor_of(m)}) imports {t} (floor {floor_of(t)})" for m, targets in sorted(graph.items())
+          for t in sorted(targets) if m != PKG and t != PKG and floor_of(t) > floor_of(m)]
+    assert up == []
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    cycles, done, path = [], set(), []
+
+    def visit(module):
+        if module in path:
+            cycles.append(path[path.index(module):] + [module])
+            return
+        if module in done:
+            return
+        path.append(module)
+        for target in sorted(graph.get(module, ())):
+            visit(target)
+        path.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+    assert cycles == []

@@ -28,8 +28,9 @@ from typing import Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..decode.engine import Engine, StepRecord
+from ..decode.engine import Engine
 from ..decode.generate import generate
+from ..decode.step import StepRecord
 from ..errors import CheckpointError, InvalidArgument, check_all_finite, check_int, check_number, check_token_ids
 from ..guidance.config import GuidanceConfig
 from ..guidance.seeding import check_seed

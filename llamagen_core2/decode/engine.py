@@ -6,8 +6,10 @@ Contract (why: docs/design.md#decode-engine):
     knobs and Philox keys, the NaN flag) and the captured CUDA graphs. Nothing lives on the model. Keep one
     Engine per (model, device) and pass it to every `generate(..., engine=engine)` call (LlamaGenPipeline does):
     buffers and graphs are reused while they fit; a larger request reallocates them.
-  * `Engine.run(...)` decodes one request: eager prefill of the condition prefix (and the weak model's), token 0
-    sampled from it, then the per-token plan in chunks of consecutive steps with the same mode and row count.
+  * A request: inside `engine.on_device()`, `begin_request(...)` fits the caches and buffers to it and loads its
+    keys and knobs, then `decode(request, modes)` decodes it sequentially (Jacobi decoding runs on the same state:
+    jacobi.run_static): eager prefill of the condition prefix (and the weak model's), token 0 sampled from it,
+    then the per-token plan in chunks of consecutive steps with the same mode and row count.
     Each step is: embed the previous token -> base forward at the device position -> one head GEMM over the rows
     the mode samples from (cond, uncond, weak prediction; fast skips the cond rows) -> the fused sampler -> write
     the token and advance the counters. Nothing in it reads a value on the host, so on CUDA a chunk of K steps is
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -46,56 +48,10 @@ from ..guidance.sampling import filter_flags, guided_sample
 from .decode_ops import DecodeOps, LayerShape
 from .model import KVCache
 from .static_decode import StepGraphs
+from .step import GenerationStats, StepRecord, catch_up_uncond, mode_logits, weak_ops_kwargs
 
 BUCKET = 64  # positions per attention-length bucket of the torch reference path
 STEPS_PER_GRAPH = 32  # decode steps captured in one CUDA graph (a chunk); shorter runs use powers of two
-
-
-@dataclass
-class StepRecord:
-    """What one decode step saw; passed to `on_step` (Collect stores parts of it)."""
-    index: int  # image token index being sampled
-    mode: str
-    tokens: torch.Tensor  # [B] sampled token
-    hidden_cond: torch.Tensor  # [B, d] final normed hidden of the cond rows
-    hidden_uncond: Optional[torch.Tensor]  # [B, d] or None when the uncond rows were not computed
-    weak_logits: Optional[torch.Tensor]  # [B, V] or None
-    mixed_logits: torch.Tensor  # [B, V] fp32 logits the token was sampled from (before temperature)
-
-
-@dataclass
-class GenerationStats:
-    """Base-model work, counted in rows: a row = one sequence through the base model at one position.
-
-    Sequential decoding: one forward pass per token, `step_rows[i]` rows at the pass producing token i.
-    Jacobi decoding (jacobi.py): `step_rows[p]` = rows x window positions of forward pass p, and the pass counts
-    below say how many passes the images needed."""
-    step_rows: list = field(default_factory=list)  # row-positions computed by each decoding forward pass
-    catchup_rows: int = 0  # row-positions of catch-up prefills of the uncond half
-    catchup_calls: int = 0
-    weak_steps: int = 0  # weak-model positions computed per image
-    forward_passes: int = 0  # base-model decoding forward calls (the prefill pass included; catch-ups not)
-    passes_per_image: list = field(default_factory=list)  # [B]: the pass after which image b was complete
-    accepted_per_pass: list = field(default_factory=list)  # tokens that became final at each pass (all images)
-
-    @property
-    def base_rows(self) -> int:
-        return sum(self.step_rows) + self.catchup_rows
-
-    def as_dict(self) -> dict:
-        per_image = list(self.passes_per_image)
-        return dict(step_rows=list(self.step_rows), base_rows=self.base_rows, catchup_rows=self.catchup_rows,
-                    catchup_calls=self.catchup_calls, weak_steps=self.weak_steps,
-                    forward_passes=self.forward_passes, forward_passes_per_image=per_image,
-                    forward_passes_mean=sum(per_image) / len(per_image) if per_image else 0.0,
-                    accepted_per_pass=list(self.accepted_per_pass))
-
-    def sequential(self, batch: int, num_tokens: int) -> "GenerationStats":
-        """Fill the pass counts of sequential decoding: one pass per token, every image complete after N."""
-        self.forward_passes = num_tokens
-        self.passes_per_image = [num_tokens] * batch
-        self.accepted_per_pass = [batch] * num_tokens
-        return self
 
 
 def addresses(module) -> tuple:
@@ -114,43 +70,6 @@ def chunk_sizes(length: int, limit: int) -> list[int]:
         sizes.append(size)
         rest -= size
     return sizes
-
-
-def catch_up_uncond(gpt, cache: KVCache, null_prefix: torch.Tensor, tokens: torch.Tensor, filled: int, position: int,
-                    backend: str = "torch") -> torch.Tensor:
-    """Prefill the uncond rows (cache rows B:2B) over the positions filled..position-1 they skipped: the null
-    prefix [B, T, d], then the already sampled image tokens [B, >= position - T]. -> last hidden state [B, d]."""
-    B, T = null_prefix.shape[0], gpt.config.cls_token_num
-    parts = [null_prefix[:, filled:T]] if filled < T else []
-    parts.append(gpt.embed_tokens(tokens[:, max(filled, T) - T:position - T]))
-    return gpt.forward_hidden(torch.cat(parts, dim=1), cache, start=filled, row_start=B, backend=backend)[:, -1]
-
-
-def mode_logits(gpt, mode: str, batch: int, hidden: torch.Tensor, weak_hidden: Optional[torch.Tensor]):
-    """The logits a mode samples from, with one head GEMM over exactly the rows it needs.
-
-    hidden [R, ..., d] (cond rows 0:B first, uncond B:2B when computed), weak_hidden [B, ..., d] | None ->
-    (cond, uncond, weak, sample_mode, logits): each [B, ..., V] fp32 or None, the mode to pass to the sampler
-    (fast samples the weak prediction as a plain conditional row) and the GEMM's output [k*B, ..., V]."""
-    spec = MODE_TABLE[mode]
-    B = batch
-    base_rows = hidden[:2 * B] if spec.cond_logits and spec.uncond else \
-        hidden[:B] if spec.cond_logits else hidden[B:2 * B] if spec.uncond else None
-    parts = ([] if base_rows is None else [base_rows]) + ([weak_hidden.to(hidden.dtype)] if spec.weak else [])
-    logits = gpt.head(parts[0] if len(parts) == 1 else torch.cat(parts))  # one GEMM, fp32 [k*B, ..., V]
-    split = list(logits.split(B))
-    cond = split.pop(0) if spec.cond_logits else None
-    uncond = split.pop(0) if spec.uncond else None
-    weak = split.pop(0) if spec.weak else None
-    if mode == "fast":  # out = w: the weak prediction sampled as a plain conditional row
-        cond, weak, mode = weak, None, "cond"
-    return cond, uncond, weak, mode, logits
-
-
-def weak_ops_kwargs(ops: Optional[DecodeOps]) -> dict:
-    """decode_ops for a weak model's step, passed only when there are some (stand-in weak models in tests
-    implement the protocol without it)."""
-    return {} if ops is None else {"decode_ops": ops}
 
 
 @dataclass
@@ -366,22 +285,10 @@ class Engine:
         self.counters.add_(self.increments)
 
     # ------------------------------------------------------------------ a request
-    @torch.inference_mode()
-    def run(self, cond: torch.Tensor, cond_mask: Optional[torch.Tensor], modes: list[str], *, keys: torch.Tensor,
-            knobs: dict, weak=None, compact_rows: bool = True, on_step: Optional[Callable] = None,
-            progress_bar=None, jacobi=None) -> tuple[torch.Tensor, GenerationStats]:
-        """cond [B] / [B, T, C] (validated), modes [N] (one per token) -> (tokens [B, N] view, stats).
-
-        `jacobi`: None (sequential decoding, one token per step) or a `jacobi.JacobiSettings` (window decoding
-        with the same tokens in fewer forward passes, run by `jacobi.run_static` on this engine's state)."""
-        # Graph capture and Triton launches use the *current* CUDA device: make it the model's.
-        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
-            request = self.begin_request(cond, cond_mask, modes, keys, knobs, weak, compact_rows)
-            if jacobi is not None:
-                from .jacobi import run_static
-
-                return run_static(self, request, modes, jacobi, progress_bar)
-            return self._run(request, modes, on_step, progress_bar)
+    def on_device(self):
+        """The context a request runs in: graph capture and Triton launches use the *current* CUDA device, so it
+        is made the model's."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def begin_request(self, cond, cond_mask, modes, keys, knobs, weak, compact_rows) -> Request:
         """Caches and buffers that fit the request, the backend, the request's keys and knobs, the prefix mask."""
@@ -407,7 +314,11 @@ class Engine:
         # LlamaGen (compact_rows=False): compute the uncond half at every step once any token needs it
         return Request(B, N, uses_uncond, uses_uncond and not compact_rows, weak, cond, mask)
 
-    def _run(self, request: Request, modes, on_step, progress_bar):
+    @torch.inference_mode()
+    def decode(self, request: Request, modes: list[str], *, on_step: Optional[Callable] = None,
+               progress_bar=None) -> tuple[torch.Tensor, GenerationStats]:
+        """Sequential decoding of a request (after `begin_request`, inside `on_device()`): one token per step ->
+        (tokens [B, N] view, stats). Jacobi decoding runs on the same state: `jacobi.run_static`."""
         gpt = self.gpt
         B, N, weak, cond, mask = request.batch, request.num_tokens, request.weak, request.cond, request.mask
         T = gpt.config.cls_token_num

@@ -40,9 +40,10 @@ from ..errors import InvalidArgument, check_int
 from ..guidance.config import MODE_TABLE, GuidanceConfig, needs_uncond, needs_weak, require_weak
 from ..guidance.sampling import guided_sample
 from ..guidance.seeding import row_keys
-from .engine import Engine, GenerationStats, StepRecord, catch_up_uncond  # noqa: F401 (StepRecord: the on_step API)
-from .jacobi import DEFAULT_WINDOW, check_decoding, run_eager as run_jacobi_eager
+from .engine import Engine
+from .jacobi import DEFAULT_WINDOW, check_decoding, run_eager as run_jacobi_eager, run_static as run_jacobi_static
 from .memory import check_fits, estimate_generation_bytes
+from .step import GenerationStats, StepRecord, catch_up_uncond
 
 ENGINES = ("auto", "static", "eager")
 
@@ -180,8 +181,12 @@ def generate(
 
 
 def _run_static(state: Engine, cond, cond_mask, modes, keys, guidance, weak, compact_rows, on_step, bar, jacobi):
-    tokens, stats = state.run(cond, cond_mask, modes, keys=keys, knobs=guidance.sampling_knobs(), weak=weak,
-                              compact_rows=compact_rows, on_step=on_step, progress_bar=bar, jacobi=jacobi)
+    with state.on_device():
+        request = state.begin_request(cond, cond_mask, modes, keys, guidance.sampling_knobs(), weak, compact_rows)
+        if jacobi is None:
+            tokens, stats = state.decode(request, modes, on_step=on_step, progress_bar=bar)
+        else:
+            tokens, stats = run_jacobi_static(state, request, modes, jacobi, bar)
     return tokens.clone(), stats, state.finite.clone()
 
 

@@ -40,7 +40,8 @@ import torch
 from ..errors import InvalidArgument, check_int
 from ..guidance.config import MODE_TABLE, needs_uncond
 from ..guidance.sampling import guided_sample
-from .engine import GenerationStats, Request, catch_up_uncond, mode_logits, weak_ops_kwargs
+from .engine import Request
+from .step import GenerationStats, catch_up_uncond, mode_logits, weak_ops_kwargs
 
 DECODINGS = ("sequential", "jacobi")
 GUESSES = ("left", "above", "zero")
