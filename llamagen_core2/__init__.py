@@ -23,7 +23,7 @@ from .optional import lazy_exports
 __version__ = "0.1.0"
 
 _EXPORTS = {  # public name -> module (relative to the package) it is imported from on first use
-    "GPT": "decode.model", "KVCache": "decode.model", "Engine": "decode.engine", "GenerationStats": "decode.step",
+    "GPT": "decode.model", "KVCache": "decode.kv_cache", "Engine": "decode.engine", "GenerationStats": "decode.step",
     "StepRecord": "decode.step", "generate": "decode.generate",
     "VQModel": "encoders.vq", "CaptionEncoder": "encoders.text",
     "WeakModel": "core2.weak_model", "sample_images": "core2.sample",

@@ -2,7 +2,8 @@
 import torch
 
 from llamagen_core2.config import GPTConfig
-from llamagen_core2.decode.model import GPT, KVCache
+from llamagen_core2.decode.kv_cache import KVCache
+from llamagen_core2.decode.model import GPT
 
 
 def tiny_gpt_config(model_type="c2i", **overrides) -> GPTConfig:

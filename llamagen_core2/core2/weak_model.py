@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 
 from ..config import DictConfig, GPTConfig
-from ..decode.model import KVCache, RMSNorm, TransformerBlock, init_weights, keep_rope_fp32, rope_table_2d, run_blocks
+from ..decode.kv_cache import KVCache
+from ..decode.model import RMSNorm, TransformerBlock, init_weights, keep_rope_fp32, rope_table_2d, run_blocks
 from ..errors import CheckpointError, InvalidArgument, NonFiniteError, check_all_finite
 from ..io.checkpoint import read_config, read_state_dict, save_pretrained as save_state_pretrained, validate_state_dict
 

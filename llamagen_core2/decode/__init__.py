@@ -2,7 +2,8 @@
 
     op_checks.py      argument checks of the block ops, shared by the torch references and the Triton kernels
     block_ops.py      the block's non-GEMM ops: torch references + the dispatch to kernels/
-    model.py          GPT (LlamaGen's layout), the one block forward `run_blocks`, 2D RoPE, the KV cache
+    kv_cache.py       the caller-owned KV cache
+    model.py          GPT (LlamaGen's layout), the one block forward `run_blocks`, 2D RoPE
     decode_ops.py     the fused decode-layer kernels chosen per trunk shape
     step.py           what every decoding loop shares (the logits a mode samples from, catch-up prefill, stats)
     engine.py         `Engine`: the caller-owned decoding state and the fixed-shape step of every mode

@@ -46,7 +46,7 @@ from ..errors import InvalidArgument
 from ..guidance.config import MODE_TABLE, needs_uncond, needs_weak
 from ..guidance.sampling import filter_flags, guided_sample
 from .decode_ops import DecodeOps, LayerShape
-from .model import KVCache
+from .kv_cache import KVCache
 from .static_decode import StepGraphs
 from .step import GenerationStats, StepRecord, catch_up_uncond, mode_logits, weak_ops_kwargs
 

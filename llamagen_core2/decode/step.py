@@ -16,7 +16,7 @@ import torch
 
 from ..guidance.config import MODE_TABLE
 from .decode_ops import DecodeOps
-from .model import KVCache
+from .kv_cache import KVCache
 
 
 @dataclass
