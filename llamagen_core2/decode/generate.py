@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InvalidArgument, check_int
-from ..guidance.config import MODE_TABLE, GuidanceConfig, needs_uncond, needs_weak, require_weak
+from ..guidance.config import MODE_TABLE, GuidanceConfig, needs_uncond, needs_weak, require_weak, sampler_inputs
 from ..guidance.sampling import guided_sample
 from ..guidance.seeding import row_keys
 from .engine import Engine
@@ -236,11 +236,11 @@ def _run_eager(gpt, cond, cond_mask, modes, keys, guidance, weak, compact_rows, 
             if spec.weak:
                 weak_logits = gpt.head(h_w.to(h_c.dtype))
         # A fast step samples from the weak prediction alone: the base head on the cond rows is skipped.
-        logits_c = gpt.head(h_c) if spec.cond_logits else weak_logits
+        logits_c = gpt.head(h_c) if spec.cond_logits else None
         logits_u = gpt.head(hidden[B:2 * B]) if spec.uncond else None
-        result = guided_sample(logits_c, logits_u, weak_logits if m != "fast" else None,
-                               mode="cond" if m == "fast" else m, **knobs, seeds=keys, offset=i * V,
-                               return_mixed=on_step is not None)
+        sample_mode, logits_c, logits_u, logits_w = sampler_inputs(m, logits_c, logits_u, weak_logits)
+        result = guided_sample(logits_c, logits_u, logits_w, mode=sample_mode, **knobs, seeds=keys, offset=i * V,
+                               return_mixed=on_step is not None, check_values=False)
         next_tokens, mixed = result if on_step is not None else (result, None)
         tokens[:, i] = next_tokens
         if on_step is not None:

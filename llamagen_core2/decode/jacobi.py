@@ -162,13 +162,13 @@ class WindowState:
 
 
 def sample_window(cond: torch.Tensor, uncond: Optional[torch.Tensor], weak: Optional[torch.Tensor], *, mode: str,
-                  knobs: dict, keys: torch.Tensor, start: torch.Tensor, vocab: int, backend: Optional[str],
-                  check_values: bool) -> torch.Tensor:
+                  knobs: dict, keys: torch.Tensor, start: torch.Tensor, vocab: int,
+                  backend: Optional[str]) -> torch.Tensor:
     """The one place a window is sampled: logits [B, W, V] (None where the mode has none) -> tokens [B, W].
 
     Position k of image b draws with the image's key and the counters of token start + k ((start + k) * V..), the
     noise sequential decoding gives that token: one sampler call over the B*W rows (row b*W + k), keys and per-image
-    knobs repeated, one counter base per row."""
+    knobs repeated, one counter base per row. The knobs and keys were validated at generate()'s entry."""
     B, W, V = cond.shape
 
     def rows(logits):
@@ -180,20 +180,18 @@ def sample_window(cond: torch.Tensor, uncond: Optional[torch.Tensor], weak: Opti
     offsets = ((start + torch.arange(W, device=cond.device)) * vocab).repeat(B)  # [B*W] device
     tokens = guided_sample(rows(cond), rows(uncond), rows(weak), mode=mode,
                            **{name: per_row(value) for name, value in knobs.items()},
-                           seeds=keys.repeat_interleave(W), offset=offsets, check_values=check_values,
-                           backend=backend)
+                           seeds=keys.repeat_interleave(W), offset=offsets, check_values=False, backend=backend)
     return tokens.view(B, W)
 
 
 def finish_pass(gpt, state: WindowState, mode: str, hidden: torch.Tensor, weak_hidden: Optional[torch.Tensor],
-                start: torch.Tensor, *, knobs: dict, keys: torch.Tensor, backend: Optional[str],
-                check_values: bool, guess: str) -> None:
+                start: torch.Tensor, *, knobs: dict, keys: torch.Tensor, backend: Optional[str], guess: str) -> None:
     """hidden [R, W, d] (the window's outputs, cond rows first), weak_hidden [B, W, d] | None -> sample, accept,
     next guesses. Shared by both runners; device-only."""
     B = state.tokens.shape[0]
     cond, uncond, weak, sample_mode, _ = mode_logits(gpt, mode, B, hidden, weak_hidden)
     new = sample_window(cond, uncond, weak, mode=sample_mode, knobs=knobs, keys=keys, start=start,
-                        vocab=gpt.config.vocab_size, backend=backend, check_values=check_values)
+                        vocab=gpt.config.vocab_size, backend=backend)
     state.accept(new, start)
     state.fill_guesses(start + new.shape[1], guess)
 
@@ -241,7 +239,7 @@ def run_eager(gpt, cond, cond_mask, modes, keys, knobs, weak, compact_rows, sett
     state = WindowState.allocate(B, N, gpt.config.grid_size, device).view(B, N)
     finite = torch.ones((), dtype=torch.bool, device=device)
     stats = GenerationStats()
-    common = dict(knobs=knobs, keys=keys, backend=None, check_values=True, guess=settings.guess)
+    common = dict(knobs=knobs, keys=keys, backend=None, guess=settings.guess)
 
     def run_pass(x, start: int, mode: str) -> None:
         nonlocal finite
@@ -307,7 +305,7 @@ def run_static(engine, request: Request, modes: list[str], settings: JacobiSetti
     stats = GenerationStats()
     knobs = engine.request_knobs(B)
     keys = engine.keys[:B]
-    common = dict(knobs=knobs, keys=keys, backend=backend, check_values=False, guess=settings.guess)
+    common = dict(knobs=knobs, keys=keys, backend=backend, guess=settings.guess)
     segments = mode_segments(modes)
     windows = [(segment, *window_bounds(segment, settings.window)) for segment in segments]
     # the fused decode-layer kernels of every window shape, decided before any capture

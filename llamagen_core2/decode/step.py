@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..guidance.config import MODE_TABLE
+from ..guidance.config import MODE_TABLE, sampler_inputs
 from .decode_ops import DecodeOps
 from .kv_cache import KVCache
 
@@ -92,8 +92,7 @@ def mode_logits(gpt, mode: str, batch: int, hidden: torch.Tensor, weak_hidden: O
     cond = split.pop(0) if spec.cond_logits else None
     uncond = split.pop(0) if spec.uncond else None
     weak = split.pop(0) if spec.weak else None
-    if mode == "fast":  # out = w: the weak prediction sampled as a plain conditional row
-        cond, weak, mode = weak, None, "cond"
+    mode, cond, uncond, weak = sampler_inputs(mode, cond, uncond, weak)
     return cond, uncond, weak, mode, logits
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import InvalidArgument
-from ..guidance.config import MODE_TABLE, check_mode, needs_weak
+from ..guidance.config import check_mode, needs_weak, reads_uncond
 
 
 @dataclass(frozen=True)
@@ -72,5 +72,6 @@ def needs_noise_model(mode: str) -> bool:
 
 
 def rows_for(ar_mode: str, cfg_scale: float) -> int:
-    """Denoiser rows per image for one guided prediction (a scale <= 1 means cond only)."""
-    return 2 if MODE_TABLE[ar_mode].uncond and cfg_scale > 1 else 1
+    """Denoiser rows per image for one guided prediction: 2 when the mix reads the unconditional prediction
+    (guidance.config.reads_uncond: a scale <= 1 means cond only), else 1."""
+    return 2 if reads_uncond(ar_mode, cfg_scale) else 1

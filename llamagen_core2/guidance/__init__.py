@@ -14,9 +14,10 @@ guided_sample`), so importing one module of this package never imports the other
 from ..optional import lazy_exports
 
 _EXPORTS = {
-    "ModeSpec": "config", "MODE_TABLE": "config", "MODES": "config", "check_mode": "config",
-    "needs_uncond": "config", "needs_weak": "config", "require_weak": "config", "Schedule": "config",
-    "make_schedule": "config", "GuidanceConfig": "config", "Scale": "config",
+    "ModeSpec": "config", "MODE_TABLE": "config", "MODES": "config", "MODE_IDS": "config", "check_mode": "config",
+    "needs_uncond": "config", "needs_weak": "config", "require_weak": "config", "cfg_is_cond": "config",
+    "cfg_mixes": "config", "effective_mode": "config", "reads_uncond": "config", "sampler_inputs": "config",
+    "Schedule": "config", "make_schedule": "config", "GuidanceConfig": "config", "Scale": "config",
     "mix_guidance": "mixing",
     "filter_flags": "sampling", "filter_logits": "sampling", "sample_logits": "sampling", "race_key": "sampling",
     "guided_sample": "sampling",

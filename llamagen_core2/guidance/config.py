@@ -4,7 +4,12 @@ Contract:
   * `MODE_TABLE[mode]` says which predictions a per-token mode needs (cf. diffusers guiders'
     `_input_predictions`): the base model's uncond rows, the weak model, and the base head on the cond rows
     (fast mode samples the weak prediction alone, so the cond logits are never needed). Every place that asks
-    "does this mode need X" asks this table (or the helpers below), nowhere else is it spelled.
+    "does this mode need X" asks this table (or the helpers below), nowhere else is it spelled. `MODE_IDS`
+    numbers the modes for the fused kernel, in the table's order.
+  * The effective-mode rule, next to the table and nowhere else: a CFG scale <= 1 means cond only (`cfg_is_cond`,
+    `cfg_mixes` per row on the device, `effective_mode`: cfg -> cond; `reads_uncond`: whether mixing needs the
+    unconditional prediction), and fast mode (out = w) samples the weak prediction as a plain cond row
+    (`sampler_inputs`).
   * `GuidanceConfig` holds the knobs of one generation: mode or schedule, cfg_scale, cfg_interval, w2s_scale,
     temperature, top_k, top_p. It validates on construction (one clear InvalidArgument naming the field) and
     resolves to one mode per image token with `token_modes(num_tokens)` (cfg_interval and cfg_scale <= 1 turn
@@ -39,6 +44,8 @@ MODE_TABLE: dict[str, ModeSpec] = {
     "slow": ModeSpec(uncond=True, weak=True, cond_logits=True),  # w + a (u + s (c - u) - w)
 }
 MODES = tuple(MODE_TABLE)
+MODE_IDS = {mode: i for i, mode in enumerate(MODE_TABLE)}  # the fused kernel's MODE constexpr
+Scale = Union[float, int, torch.Tensor]
 
 
 def check_mode(mode, what: str = "mode") -> str:
@@ -53,6 +60,38 @@ def needs_uncond(modes: Sequence[str]) -> bool:
 
 def needs_weak(modes: Sequence[str]) -> bool:
     return any(MODE_TABLE[m].weak for m in modes)
+
+
+# ---------------------------------------------------------------------- the effective-mode rule
+def cfg_is_cond(cfg_scale: Scale) -> bool:
+    """LlamaGen: a CFG scale <= 1 means cond only. True for a number <= 1; a per-row tensor [B] is decided per row
+    on the device (`cfg_mixes`), so False here."""
+    return not isinstance(cfg_scale, torch.Tensor) and float(cfg_scale) <= 1.0
+
+
+def cfg_mixes(cfg_scale: torch.Tensor) -> torch.Tensor:
+    """The same rule per row on the device: True where the scale mixes (> 1). The fused kernel spells it in its
+    mix tile (kernels/fused_guided_sample.py, `_mixed_tile`)."""
+    return cfg_scale > 1.0
+
+
+def effective_mode(mode: str, cfg_scale: Scale) -> str:
+    """The mode a token is decoded with: cfg at a (number) scale <= 1 is cond, so no uncond rows are computed."""
+    return "cond" if mode == "cfg" and cfg_is_cond(cfg_scale) else mode
+
+
+def reads_uncond(mode: str, cfg_scale: Scale) -> bool:
+    """Whether mixing `mode` at `cfg_scale` reads the unconditional prediction (a per-row tensor scale: some row
+    may): the mode needs it (MODE_TABLE) and the scale mixes."""
+    return MODE_TABLE[mode].uncond and not cfg_is_cond(cfg_scale)
+
+
+def sampler_inputs(mode: str, cond, uncond, weak) -> tuple:
+    """(mode, cond, uncond, weak) as the sampler takes them: fast mode (out = w) samples the weak prediction as a
+    plain conditional row, ("cond", weak, None, None); any other mode as given."""
+    if mode == "fast":
+        return "cond", weak, None, None
+    return mode, cond, uncond, weak
 
 
 def require_weak(modes: Sequence[str], weak_model) -> None:
@@ -101,7 +140,6 @@ def make_schedule(num_tokens: int, *, first: str = "slow", then: str = "fast", f
 
 
 ScheduleLike = Union[Schedule, Sequence[str], None]
-Scale = Union[float, int, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -143,11 +181,9 @@ class GuidanceConfig:
                 raise InvalidArgument(f"schedule must give one mode per token ({num_tokens}), got {len(modes)}")
         else:
             modes = [self.mode] * num_tokens
-        scalar_cond_only = not isinstance(self.cfg_scale, torch.Tensor) and float(self.cfg_scale) <= 1.0
         for i, m in enumerate(modes):
             past_interval = self.cfg_interval > -1 and i > self.cfg_interval + 1
-            if m == "cfg" and (past_interval or scalar_cond_only):
-                modes[i] = "cond"
+            modes[i] = "cond" if m == "cfg" and past_interval else effective_mode(m, self.cfg_scale)
         return modes
 
     def sampling_knobs(self) -> dict:

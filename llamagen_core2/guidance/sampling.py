@@ -13,7 +13,7 @@ import torch
 
 from ..errors import InvalidArgument, check_sampling_args
 from .config import Scale
-from .mixing import mix_guidance
+from .mixing import check_mix_args, mix
 from .philox import check_offset, check_seeds, draw_keys, race_uniforms
 
 
@@ -83,16 +83,20 @@ def sample_logits(
     from softmax(x) over the kept set without a host synchronisation. U is Philox noise
     (`llamagen_core2.guidance.philox`): with `seeds` (an int, or an int64 tensor [1] or [B]) and `offset`
     (an int, or an int64 tensor [1], or [B]: one counter base per row) the uniforms -- and so the tokens --
-    are those of the fused
-    Triton kernel for the same arguments; otherwise one key per row is drawn from `generator`
-    (the default generator of the logits' device when None) and `offset` (0 by default) is the
-    counter base.
+    are those of the fused Triton kernel for the same arguments; otherwise one key per row is drawn from
+    `generator` (the default generator of the logits' device when None) and `offset` (0 by default) is the
+    counter base. Checks its arguments, then `race`.
     """
     if logits.dim() != 2 or logits.shape[0] == 0:
         raise InvalidArgument(f"logits must be [B, V] with B > 0, got shape {list(logits.shape)}")
     check_sampling_args(temperature, top_k, top_p)
+    seeds, offset = race_key(generator, seeds, offset, logits.shape[0], logits.shape[1], logits.device)
+    return race(logits, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, offset=offset)
+
+
+def race(logits: torch.Tensor, *, temperature, top_k, top_p, seeds: torch.Tensor, offset) -> torch.Tensor:
+    """`sample_logits` on checked arguments (`seeds`, `offset` as `race_key` returns them): nothing is checked."""
     batch, vocab = logits.shape
-    seeds, offset = race_key(generator, seeds, offset, batch, vocab, logits.device)
     logits = logits.float()
     temps = _row_values(temperature, "temperature", batch, logits.device, torch.float32)
     greedy_rows = temps == 0
@@ -143,40 +147,55 @@ def guided_sample(
 
     The backend is chosen in one place, `llamagen_core2.kernels.dispatch.select_backend`
     (LLAMAGEN_CORE2_KERNELS=auto|triton|torch), unless the caller passes the `backend` it already chose
-    (the decode engine decides once per request for the block ops and the sampler). RNG contract (the same for both backends, so they
-    give the same tokens for the same arguments up to the ulps of `log`, docs/sampling.md):
-    with `seeds` the race uses Philox keys `seeds` (an int or int64 tensor [1]: one key, counters
-    offset + row * V + column; an int64 tensor [B]: one key per row, counters offset + column) and
+    (the decode engine decides once per request for the block ops and the sampler). RNG contract (the same for
+    both backends, so they give the same tokens for the same arguments up to the ulps of `log`,
+    docs/sampling.md): with `seeds` the race uses Philox keys `seeds` (an int or int64 tensor [1]: one key,
+    counters offset + row * V + column; an int64 tensor [B]: one key per row, counters offset + column) and
     the counter base `offset` (an int or a device-resident int64 tensor [1]; or [B], one base per row:
     row b then uses counters offset[b] + column with either kind of keys, exactly what a one-row call
     with offset[b] draws); a caller reusing its keys advances offset by V per draw with per-row keys or
-    offsets (B * V with one key and one offset). Without seeds, one
-    key per row is drawn from `generator` with torch.randint on the generator's device (no host
-    sync) and the offset is `offset` (0 by default). `check_values=False` skips the host-syncing
-    value checks of per-row tensor knobs on the Triton path (for CUDA graph capture once the
-    request was validated); the torch path always checks. `filters` (the host's (top_k_on, top_p_on)
-    promise, `filter_flags`), `select` ("kernel" | "torch") and `top_k_max` tune the Triton path only
-    (`kernels.fused_guided_sample`); the torch reference needs no promise.
+    offsets (B * V with one key and one offset). Without seeds, one key per row is drawn from `generator`
+    with torch.randint on the generator's device (no host sync) and the offset is `offset` (0 by default).
+
+    Arguments are validated once: here with `check_values=True` (every argument, the values of per-row tensor
+    knobs included -- a host sync), or by the caller at its entry with `check_values=False` (generate() and the
+    decode loops validate a request once; nothing is checked here then, `seeds` and `offset` must be in
+    `race_key`'s form -- int64 keys [1] or [B] on the logits' device -- and no generator is used).
+    `filters` (the host's (top_k_on, top_p_on) promise, `filter_flags`), `select` ("kernel" | "torch") and
+    `top_k_max` tune the Triton path only (`kernels.fused_guided_sample`); the torch reference needs no promise.
     """
     from ..kernels.dispatch import select_backend
 
+    knobs = dict(cfg_scale=cfg_scale, w2s_scale=w2s_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    if backend not in (None, "torch", "triton"):
+        raise InvalidArgument(f"backend must be None (dispatch decides), 'torch' or 'triton', got {backend!r}")
+    if check_values:
+        seeds, offset = _check_guided_args(cond, uncond, weak, mode, knobs, generator, seeds, offset)
+    if (backend or select_backend(cond.device)) == "triton":
+        from ..kernels.fused_guided_sample import check_launch_args, launch
+
+        if check_values:
+            check_launch_args(cond, uncond, weak, select=select, filters=filters)
+        return launch(cond, uncond, weak, mode=mode, **knobs, seeds=seeds, offset=offset, return_mixed=return_mixed,
+                      filters=filters, read_filters=check_values, select=select, top_k_max=top_k_max)
+
+    mixed = mix(cond.float(), None if uncond is None else uncond.float(), None if weak is None else weak.float(),
+                cfg_scale=cfg_scale, w2s_scale=w2s_scale, mode=mode)
+    tokens = race(mixed, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, offset=offset)
+    return (tokens, mixed) if return_mixed else tokens
+
+
+def _check_guided_args(cond, uncond, weak, mode: str, knobs: dict, generator, seeds, offset):
+    """Every argument of guided_sample but the Triton path's own (fused_guided_sample.check_launch_args) ->
+    the checked (seeds, offset)."""
     if not isinstance(cond, torch.Tensor) or cond.dim() != 2 or cond.shape[0] == 0:
         shape = list(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
         raise InvalidArgument(f"cond must be [B, V] logits with B > 0, got {shape}")
-    seeds, offset = race_key(generator, seeds, offset, cond.shape[0], cond.shape[1], cond.device)
-    if backend not in (None, "torch", "triton"):
-        raise InvalidArgument(f"backend must be None (dispatch decides), 'torch' or 'triton', got {backend!r}")
-    if (backend or select_backend(cond.device)) == "triton":
-        from ..kernels.fused_guided_sample import fused_guided_sample
-
-        return fused_guided_sample(
-            cond, uncond, weak, mode=mode, cfg_scale=cfg_scale, w2s_scale=w2s_scale,
-            temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, offset=offset,
-            return_mixed=return_mixed, check_values=check_values, filters=filters, select=select,
-            top_k_max=top_k_max)
-
-    mixed = mix_guidance(cond.float(), None if uncond is None else uncond.float(),
-                         None if weak is None else weak.float(),
-                         cfg_scale=cfg_scale, w2s_scale=w2s_scale, mode=mode)
-    tokens = sample_logits(mixed, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, offset=offset)
-    return (tokens, mixed) if return_mixed else tokens
+    check_mix_args(cond, uncond, weak, cfg_scale=knobs["cfg_scale"], w2s_scale=knobs["w2s_scale"], mode=mode)
+    check_sampling_args(knobs["temperature"], knobs["top_k"], knobs["top_p"])
+    batch = cond.shape[0]
+    for name in ("temperature", "top_k", "top_p"):
+        value = knobs[name]
+        if isinstance(value, torch.Tensor) and value.dim() != 0 and tuple(value.shape) != (batch,):
+            raise InvalidArgument(f"{name} must be a number or a tensor of shape [{batch}], got {list(value.shape)}")
+    return race_key(generator, seeds, offset, batch, cond.shape[1], cond.device)
