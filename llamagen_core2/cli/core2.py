@@ -15,11 +15,12 @@ from __future__ import annotations
 import torch
 
 from ..errors import rank_and_world
+from ..guidance.config import GuidanceConfig
 from ..io.files import check_output_dir
 from .args import (Parser, add_compile_arg, add_condition_args, add_decoding_args, add_model_args, add_refine_args,
                    add_sampling_args, add_vq_args, check_refine_args, float_in, non_negative_float, non_negative_int,
                    positive_int, seed_int)
-from .loading import checkpoint_source, load_conditions, load_gpt, load_refine, load_vq
+from .loading import checkpoint_source, guidance_from_args, load_conditions, load_gpt, load_refine, load_vq
 from .runner import apply_threads, print_json, run_subcommand
 
 
@@ -34,9 +35,8 @@ def run_collect(args) -> dict:
     if rank_and_world()[0] == 0:
         print(describe_storage(gpt.config, args.store_dtype, total, args.num_tokens))
     summary = collect(gpt, conds, args.out, caption_mask=mask, condition_names=names, per_condition=args.per_class,
-                      batch_size=args.batch_size, cfg_scale=args.cfg_scale, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, num_tokens=args.num_tokens,
-                      store_dtype=args.store_dtype, groups_per_shard=args.groups_per_shard,
+                      batch_size=args.batch_size, guidance=guidance_from_args(args), seed=args.seed,
+                      num_tokens=args.num_tokens, store_dtype=args.store_dtype, groups_per_shard=args.groups_per_shard,
                       base_checkpoint=checkpoint_source(args.gpt, args.gpt_filename), progress=not args.quiet)
     print_json(summary)
     return summary
@@ -71,8 +71,9 @@ def run_reflect(args) -> dict:
     gpt = load_gpt(args)
     overrides = {k: v for k, v in (("dim", args.weak_dim), ("n_layer", args.weak_layers), ("n_head", args.weak_heads))
                  if v is not None}
+    guidance = None if args.cfg_scale is None else GuidanceConfig(cfg_scale=args.cfg_scale)  # None: the collected
     result = reflect(gpt, args.shards, args.out, preset=args.weak_preset, weak_overrides=overrides,
-                     cfg_scale=args.cfg_scale, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                     guidance=guidance, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                      warmup=args.warmup, weight_decay=args.weight_decay, mse_weight=args.mse_weight,
                      holdout=args.holdout, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                      seed=args.seed, resume=not args.no_resume, progress=not args.quiet)
@@ -133,11 +134,10 @@ def run_sample(args) -> dict:
     if distributed and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo")
     result = sample_images(gpt, vq, conds, args.out, caption_mask=mask, condition_names=names,
-                           per_condition=args.per_class, batch_size=args.batch_size, mode=args.mode, schedule=schedule,
-                           weak_model=weak, weak_path=None if args.weak is None else checkpoint_source(args.weak),
-                           cfg_scale=args.cfg_scale, w2s_scale=args.w2s_scale, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=not args.quiet,
-                           decoding=args.decoding, jacobi_window=args.jacobi_window)
+                           per_condition=args.per_class, batch_size=args.batch_size,
+                           guidance=guidance_from_args(args, schedule), weak_model=weak,
+                           weak_path=None if args.weak is None else checkpoint_source(args.weak), seed=args.seed,
+                           progress=not args.quiet, decoding=args.decoding, jacobi_window=args.jacobi_window)
     print_json(result)
     return result
 

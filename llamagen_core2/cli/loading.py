@@ -71,9 +71,11 @@ def load_gpt(args):
 
 
 def guidance_from_args(args, schedule=None) -> GuidanceConfig:
-    """The GuidanceConfig of add_sampling_args + add_refine_args (+ --cfg-interval where a command has it)."""
-    return GuidanceConfig(mode=args.mode, schedule=schedule, cfg_scale=args.cfg_scale,
-                          cfg_interval=getattr(args, "cfg_interval", -1), w2s_scale=args.w2s_scale,
+    """The one GuidanceConfig of a command line: add_sampling_args' knobs (after load_gpt filled the model type's
+    defaults), add_refine_args' mode and W2S scale and --cfg-interval where a command has them (collect has
+    neither: CFG, as GuidanceConfig's defaults say), and the per-token `schedule` of load_refine."""
+    return GuidanceConfig(mode=getattr(args, "mode", "cfg"), schedule=schedule, cfg_scale=args.cfg_scale,
+                          cfg_interval=getattr(args, "cfg_interval", -1), w2s_scale=getattr(args, "w2s_scale", 1.0),
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
 

@@ -12,7 +12,10 @@ Contract (design: docs/design.md#collect):
         tokens        [b, N]     sampled tokens (int64)
         sample_index  [b]        global image index; condition_index [b]
         labels [b] (c2i) | captions [b, T, C] (store dtype) + caption_mask [b, T] (t2i)
-  * Every argument (counts, sampling knobs, seed, conditions, num_tokens) is validated before the shard
+  * Guidance: a `GuidanceConfig` (default `COLLECT_GUIDANCE`: cfg 4.0, full vocabulary), CFG on every token
+    (mode "cfg", no schedule, no cfg_interval) at a number cfg_scale > 1, with number knobs (the manifest records
+    them); it was validated when it was built and is passed to generate() as it is.
+  * Every argument (counts, guidance, seed, conditions, num_tokens) is validated before the shard
     directory is touched; a group whose stored hidden states are not finite (NaN/inf from the base model, or
     values beyond the store dtype's range) is refused (NonFiniteError), so no shard ever holds NaN.
   * Resume: rerunning the same command skips finished groups; a killed run loses at most its unflushed groups.
@@ -31,14 +34,15 @@ from tqdm.auto import tqdm
 from ..decode.engine import Engine
 from ..decode.generate import generate
 from ..decode.step import StepRecord
-from ..errors import CheckpointError, InvalidArgument, check_all_finite, check_int, check_number, check_token_ids
-from ..guidance.config import GuidanceConfig
+from ..errors import CheckpointError, InvalidArgument, check_all_finite, check_int, check_token_ids
+from ..guidance.config import GuidanceConfig, cfg_is_cond
 from ..guidance.seeding import check_seed
 from ..io.shards import ShardReader, ShardWriter
 from .weak_model import base_facts, check_base_facts, weights_fingerprint
 
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 COLLECT_KIND = "llamagen_core2.core2.collect"
+COLLECT_GUIDANCE = GuidanceConfig(cfg_scale=4.0, top_k=0)  # Collect's defaults: CFG 4, the full vocabulary
 
 
 def group_seed(seed: int, group: int) -> int:
@@ -78,6 +82,25 @@ def storage_per_image(gpt_config, store_dtype: torch.dtype = torch.float16, num_
     return size + gpt_config.cls_token_num * (gpt_config.caption_dim * item + 1)
 
 
+def check_collect_guidance(guidance) -> GuidanceConfig:
+    """What Collect records: CFG on every token at a number scale > 1, with number knobs (the manifest's)."""
+    if not isinstance(guidance, GuidanceConfig):
+        raise InvalidArgument(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
+    if guidance.mode != "cfg" or guidance.schedule is not None or guidance.cfg_interval != -1:
+        raise InvalidArgument("Collect records CFG trajectories: guidance must be mode 'cfg' on every token (no "
+                              f"schedule, cfg_interval -1), got mode {guidance.mode!r}, schedule "
+                              f"{guidance.schedule!r}, cfg_interval {guidance.cfg_interval}")
+    tensors = [name for name in ("cfg_scale", "temperature", "top_k", "top_p")
+               if isinstance(getattr(guidance, name), torch.Tensor)]
+    if tensors:
+        raise InvalidArgument(f"Collect records its sampling settings in the manifest: {tensors} must be numbers, "
+                              f"not per-row tensors")
+    if cfg_is_cond(guidance.cfg_scale):
+        raise InvalidArgument(f"cfg_scale must be > 1 and finite for Collect (there is no guidance to learn "
+                              f"otherwise), got {guidance.cfg_scale!r}")
+    return guidance
+
+
 def check_conditions(gpt, conditions, caption_mask):
     """-> (number of conditions, a function taking an index tensor and returning (cond, mask))."""
     c = gpt.config
@@ -105,10 +128,7 @@ def collect(
     condition_names: Optional[Sequence[str]] = None,
     per_condition: int = 1,
     batch_size: int = 16,
-    cfg_scale: float = 4.0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    guidance: Optional[GuidanceConfig] = None,
     seed: int = 0,
     num_tokens: Optional[int] = None,
     store_dtype: str = "float16",
@@ -122,18 +142,14 @@ def collect(
     """Collect CFG trajectories of `gpt` into `out_dir`; returns a summary dict (groups done, bytes per image...).
 
     conditions: class ids (c2i) or caption features [M, T, C] with `caption_mask` [M, T] (t2i).
+    guidance: the CFG settings of the trajectories (default COLLECT_GUIDANCE; see the module doc).
     """
     if store_dtype not in STORE_DTYPES:
         raise InvalidArgument(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
     for name, value in (("per_condition", per_condition), ("batch_size", batch_size),
                         ("groups_per_shard", groups_per_shard)):
         check_int(name, value, minimum=1)
-    try:
-        check_number("cfg_scale", cfg_scale, above=1.0)
-    except InvalidArgument:
-        raise InvalidArgument(f"cfg_scale must be > 1 and finite for Collect (there is no guidance to learn "
-                              f"otherwise), got {cfg_scale!r}") from None
-    GuidanceConfig(mode="cfg", cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    guidance = check_collect_guidance(COLLECT_GUIDANCE if guidance is None else guidance)
     check_seed(seed)
     M, pick = check_conditions(gpt, conditions, caption_mask)
     c = gpt.config
@@ -150,8 +166,9 @@ def collect(
     meta = dict(kind=COLLECT_KIND, base=base_facts(c), base_fingerprint=fingerprint,
                 base_checkpoint=None if base_checkpoint is None else str(base_checkpoint),
                 conditions=cond_meta, num_conditions=M, per_condition=per_condition, batch_size=batch_size,
-                num_groups=num_groups, num_images=total, num_tokens=N, cfg_scale=float(cfg_scale),
-                temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), seed=int(seed),
+                num_groups=num_groups, num_images=total, num_tokens=N, cfg_scale=float(guidance.cfg_scale),
+                temperature=float(guidance.temperature), top_k=int(guidance.top_k), top_p=float(guidance.top_p),
+                seed=int(seed),
                 seed_rule="batch g: seed group_seed(seed, g) = (seed * 1000003 + g) mod 2^63, then image j of the "
                           "batch uses seeding.image_key(group_seed, j)", store_dtype=store_dtype)
     writer = ShardWriter(out_dir, meta, rank=rank, world_size=world_size, samples_per_shard=groups_per_shard)
@@ -177,9 +194,8 @@ def collect(
                 h_u[:, r.index] = r.hidden_uncond.to("cpu", dtype)
 
             tokens = generate(gpt, cond.to(device), cond_mask=None if mask is None else mask.to(device),
-                              num_tokens=N, mode="cfg", cfg_scale=float(cfg_scale), cfg_interval=-1,
-                              temperature=temperature, top_k=top_k, top_p=top_p, seed=group_seed(seed, g),
-                              on_step=record, engine=engine)
+                              num_tokens=N, guidance=guidance, seed=group_seed(seed, g), on_step=record,
+                              engine=engine)
             check_all_finite(f"collect: group {gid} not written (the base model's hidden states are NaN/inf, or "
                              f"beyond the {store_dtype} store dtype's range: rerun with --store-dtype float32 into a "
                              f"new --out)",
@@ -275,5 +291,5 @@ def describe_storage(gpt_config, store_dtype: str, num_images: int, num_tokens: 
             f"{num_images} images")
 
 
-__all__ = ["collect", "load_collected", "parse_class_ids", "storage_per_image", "describe_storage", "group_seed",
-           "STORE_DTYPES"]
+__all__ = ["collect", "COLLECT_GUIDANCE", "load_collected", "parse_class_ids", "storage_per_image", "describe_storage",
+           "group_seed", "STORE_DTYPES"]

@@ -5,7 +5,8 @@ Contract (design: docs/design.md#reflect):
     deterministic held-out split by global image index: image i is held out when floor((i + 1) h) > floor(i h)
     for the exact fraction h = holdout, so exactly floor(M h) of images 0..M-1 are held out, evenly spread
     (h = 1/n: every n-th image). Target hidden h_cfg = h_u + s (h_c - h_u) with s = the Collect CFG scale
-    (or `cfg_scale`), computed in fp32; target logits = gpt.head(h_cfg).
+    (or `guidance.cfg_scale`, a number > 1, when a `GuidanceConfig` is given), computed in fp32; target logits =
+    gpt.head(h_cfg).
   * Loss per token = KL(softmax(cfg logits) || softmax(gpt.head(weak(h_c)))) at temperature 1, averaged over
     tokens, + `mse_weight` * mean squared error in hidden space. Both terms are always reported.
   * Baseline = the same KL with the plain conditional output (prediction = h_c, i.e. an untrained weak model).
@@ -41,6 +42,7 @@ from tqdm.auto import tqdm
 
 from ..errors import (CheckpointError, InvalidArgument, NonFiniteError, check_all_finite, check_int, check_number,
                      describe_differences, rank_and_world)
+from ..guidance.config import GuidanceConfig
 from ..guidance.seeding import check_seed
 from ..io.files import atomic_write, atomic_write_json, nonfinite_key
 from .collect import load_collected
@@ -231,7 +233,7 @@ def reflect(
     *,
     preset: str = "W-2",
     weak_overrides: Optional[dict] = None,
-    cfg_scale: Optional[float] = None,
+    guidance: Optional[GuidanceConfig] = None,
     steps: int = 1000,
     batch_size: int = 16,
     lr: float = 1e-3,
@@ -246,7 +248,10 @@ def reflect(
     progress: bool = True,
     device=None,
 ) -> dict:
-    """Train a weak model for `gpt` on `shards_dir`; returns the final held-out metrics (also in eval.json)."""
+    """Train a weak model for `gpt` on `shards_dir`; returns the final held-out metrics (also in eval.json).
+
+    guidance: the CFG scale to learn is `guidance.cfg_scale` (a number > 1); None: the scale the shards were
+    collected with (the weak model learns CFG at one scale; the other settings do not apply to training)."""
     for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every),
                         ("checkpoint_every", checkpoint_every)):
         check_int(name, value, minimum=1)
@@ -255,8 +260,11 @@ def reflect(
     mse_weight = check_number("mse_weight", mse_weight, minimum=0.0)
     warmup = check_int("warmup", warmup, minimum=0)
     holdout = check_number("holdout", holdout, above=0.0, below=1.0)
-    if cfg_scale is not None:
-        cfg_scale = check_number("cfg_scale", cfg_scale, above=1.0)
+    cfg_scale = None
+    if guidance is not None:
+        if not isinstance(guidance, GuidanceConfig):
+            raise InvalidArgument(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
+        cfg_scale = check_number("cfg_scale", guidance.cfg_scale, above=1.0)
     check_seed(seed)
     if not isinstance(weak_overrides or {}, dict):
         raise InvalidArgument(f"weak_overrides must be a dict of WeakConfig fields, got {weak_overrides!r}")

@@ -2,9 +2,10 @@
 
 Contract:
   * Work = `len(conditions) x per_condition` images in condition-major order, cut into groups of `batch_size`;
-    each group is one `LlamaGenPipeline` call with any mode / schedule of `generate()` (cond, cfg, fast, slow,
-    slow-first-then-fast and the reverse). Image n of the run uses the Philox key `seeding.image_key(seed, n)`
-    (the pipeline's seed rule), so an image does not depend on batch_size, the number of ranks or resuming.
+    each group is one `LlamaGenPipeline` call with the `guidance` (a `GuidanceConfig`, default `SAMPLE_GUIDANCE`:
+    cfg 4.0, full vocabulary) and any mode / schedule of `generate()` (cond, cfg, fast, slow, slow-first-then-fast
+    and the reverse); its knobs are numbers (settings.json records them). Image n of the run uses the Philox key
+    `seeding.image_key(seed, n)` (the pipeline's seed rule), so an image does not depend on batch_size, the number of ranks or resuming.
   * Files: `images/{index:06d}.png` (atomic writes) and, once every image exists, `samples.npz` with `arr_0`
     [M, H, W, 3] uint8 (the layout of the ADM / LlamaGen FID evaluator) and `labels` (class id per image, or
     caption index for t2i).
@@ -18,6 +19,7 @@ Contract:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -40,6 +42,7 @@ from .collect import check_conditions
 
 logger = logging.getLogger(__name__)
 SEED_RULE = "image n uses seeding.image_key(seed, n)"
+SAMPLE_GUIDANCE = GuidanceConfig(cfg_scale=4.0, top_k=0)  # FID-style sampling: CFG 4, the full vocabulary
 
 
 def build_schedule(num_tokens: int, *, mode: str = "cfg", slow_first: Optional[float] = None,
@@ -82,15 +85,9 @@ def sample_images(
     condition_names: Optional[Sequence[str]] = None,
     per_condition: int = 1,
     batch_size: int = 16,
-    mode: str = "cfg",
-    schedule: Optional[Sequence[str]] = None,
+    guidance: Optional[GuidanceConfig] = None,
     weak_model=None,
     weak_path: Optional[str] = None,
-    cfg_scale: float = 4.0,
-    w2s_scale: float = 1.0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     seed: int = 0,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
@@ -105,8 +102,13 @@ def sample_images(
     c = gpt.config
     for name, value in (("per_condition", per_condition), ("batch_size", batch_size)):
         check_int(name, value, minimum=1)
-    guidance = GuidanceConfig(mode=mode, schedule=schedule, cfg_scale=cfg_scale, w2s_scale=w2s_scale,
-                              temperature=temperature, top_k=top_k, top_p=top_p)
+    guidance = SAMPLE_GUIDANCE if guidance is None else guidance
+    if not isinstance(guidance, GuidanceConfig):
+        raise InvalidArgument(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
+    tensors = [f.name for f in dataclasses.fields(guidance) if isinstance(getattr(guidance, f.name), torch.Tensor)]
+    if tensors:
+        raise InvalidArgument(f"sample records its settings in settings.json: {tensors} must be numbers, not "
+                              f"per-row tensors")
     require_weak(guidance.token_modes(c.num_image_tokens), weak_model)
     check_seed(seed)
     check_decoding(decoding, jacobi_window)
@@ -125,9 +127,14 @@ def sample_images(
     image_dir.mkdir(parents=True, exist_ok=True)
     # Not the batch size: image n does not depend on it (the seed rule), so a rerun with another one resumes. Nor
     # the decoding: Jacobi decoding returns the sequential tokens.
-    settings = dict(conditions=cond_meta, num_conditions=M, per_condition=per_condition, mode=mode, schedule=None if schedule is None else list(schedule), weak=weak_path,
-                    cfg_scale=float(cfg_scale), w2s_scale=float(w2s_scale), temperature=float(temperature),
-                    top_k=int(top_k), top_p=float(top_p), seed=int(seed), seed_rule=SEED_RULE, gpt=c.to_dict())
+    g = guidance
+    schedule = g.schedule.modes(c.num_image_tokens) if isinstance(g.schedule, Schedule) else g.schedule
+    settings = dict(conditions=cond_meta, num_conditions=M, per_condition=per_condition, mode=g.mode,
+                    schedule=None if schedule is None else list(schedule), weak=weak_path,
+                    cfg_scale=float(g.cfg_scale), w2s_scale=float(g.w2s_scale), temperature=float(g.temperature),
+                    top_k=int(g.top_k), top_p=float(g.top_p), seed=int(seed), seed_rule=SEED_RULE, gpt=c.to_dict())
+    if g.cfg_interval != -1:  # recorded only when set, so runs from before it was a setting still resume
+        settings["cfg_interval"] = g.cfg_interval
     # Every rank checks before generating; rank 0 records the settings while no image exists yet.
     check_run_settings(out_dir / "settings.json", settings, has_results=any(image_dir.glob("*.png")),
                        write=rank == 0, results="samples")

@@ -121,7 +121,10 @@ def generate(
                      temperature=temperature, top_k=top_k, top_p=top_p, w2s_scale=w2s_scale)
     if guidance is not None and not isinstance(guidance, GuidanceConfig):
         raise InvalidArgument(f"guidance must be a GuidanceConfig, got {type(guidance).__name__}")
-    guidance = (guidance or GuidanceConfig()).replace(**{k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    guidance = guidance or GuidanceConfig()
+    if overrides:  # a GuidanceConfig was validated when it was built: only a changed one is built (and checked) again
+        guidance = guidance.replace(**overrides)
     B, N = _check_args(gpt, cond, cond_mask, num_tokens, guidance)
     jacobi = check_decoding(decoding, jacobi_window, jacobi_guess)
     if jacobi is not None and on_step is not None:
