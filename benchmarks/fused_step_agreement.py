@@ -74,7 +74,7 @@ def main(argv=None) -> int:
             os.environ["LLAMAGEN_CORE2_KERNELS"] = "triton"
             engine = Engine(model, backend="triton")
             fused, mixed_f = run(model, cond, seed, engine, kw)
-            assert all(ops.key == (True,) * 4 for ops in engine.decode_ops.values())
+            assert all(ops.key == (True,) * 4 for ops in engine.request.decode_ops.values())
             compared += eager.numel()
             differing += int((eager != fused).sum())
             # compare where both sampled the same prefix (a differing token changes what follows)

@@ -167,14 +167,13 @@ def test_refused_collect_leaves_nothing_that_blocks_the_corrected_rerun(world, t
     one_line_error([*base, "--num-tokens", "99"], capsys, contains=["num_tokens must be an integer in [1, 16]"])
     assert not out.exists()
     # A failure inside the first batch (here: memory refused) leaves at most a manifest without shards ...
-    import llamagen_core2.decode.generate as generate_module
+    from llamagen_core2.decode.engine import Engine
     from llamagen_core2.errors import InvalidArgument
-
 
     def no_memory(*args, **kwargs):
         raise InvalidArgument("batch 2 does not fit in free memory")
 
-    monkeypatch.setattr(generate_module, "_check_memory", no_memory)
+    monkeypatch.setattr(Engine, "check_memory", no_memory)  # collect decodes with an Engine
     one_line_error([*base, "--batch-size", "2"], capsys, contains=["does not fit"])
     monkeypatch.undo()
     # ... which the corrected command (other batch size and scale) replaces instead of refusing.

@@ -271,14 +271,14 @@ def test_the_workspace_is_sized_before_capture_and_a_moved_one_drops_the_graphs(
     prepare = engine.prepare_decode_ops
     sized = []
 
-    def prepare_and_record(passes):
-        prepare(passes)
+    def prepare_and_record(request, passes):
+        prepare(request, passes)
         sized.append((engine.workspace.partials.data_ptr(), engine.workspace.partials.numel()))
 
     monkeypatch.setattr(engine, "prepare_decode_ops", prepare_and_record)
     tokens = generate(model, feats, cond_mask=mask, engine=engine, **kw)
     assert torch.equal(tokens, generate(model, feats, cond_mask=mask, engine="eager", **kw))
-    assert {ops.key for ops in engine.decode_ops.values()} == {ALL}
+    assert {ops.key for ops in engine.request.decode_ops.values()} == {ALL}
     assert (engine.workspace.partials.data_ptr(), engine.workspace.partials.numel()) == sized[-1]
     assert not engine.workspace.counters.any()
     events.clear()

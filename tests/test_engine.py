@@ -99,8 +99,8 @@ def test_chunks_follow_modes_buckets_and_the_graph_limit():
     engine = _engine(model)
     chunks = []
     run_chunk = engine._run_chunk
-    engine._run_chunk = lambda mode, batch, rows, steps, first, weak, record: (
-        chunks.append((mode, rows, steps, first)), run_chunk(mode, batch, rows, steps, first, weak, record))
+    engine._run_chunk = lambda request, mode, rows, steps, first, record: (
+        chunks.append((mode, rows, steps, first)), run_chunk(request, mode, rows, steps, first, record))
     generate(model, torch.tensor([1, 2]), schedule=["slow"] * 6 + ["fast"] * 10, cfg_scale=3.0, top_k=0, seed=0,
              weak_model=ScaledCondWeak(), engine=engine)
     # slow tokens 1..5 at positions 1..5 (bucket ends 4, 8), fast tokens 6..15 at positions 6..15
@@ -134,7 +134,7 @@ def test_engine_is_reused_across_calls_and_rebinds_on_new_cache():
     generate(model, torch.tensor([3, 4]), cfg_scale=3.0, seed=0, engine=engine)
     assert engine.cache is cache and engine.binding == binding
     generate(model, torch.arange(5), cfg_scale=3.0, seed=0, engine=engine)  # more rows: cache reallocated
-    assert engine.cache is not cache and engine.binding != binding and engine.tokens_in.shape[0] == 10
+    assert engine.cache is not cache and engine.binding != binding and engine.buffers.tokens_in.shape[0] == 10
     # a longer request after a short one (a benchmark's warm-up): the cache and every buffer grow with it
     small = Engine(model)
     generate(model, torch.tensor([1, 2]), num_tokens=4, seed=0, engine=small)
@@ -284,7 +284,7 @@ def test_fused_step_on_cpu_gives_the_eager_tokens(case, kernels_env, single_thre
     fused, s_f = generate(model, cond, seed=2, cfg_scale=4.0, engine=engine, return_stats=True, **kw)
     assert torch.equal(eager, fused) and s_e == s_f
     expected = (kernels_env == "triton",) * 4
-    assert engine.decode_ops and all(ops.key == expected for ops in engine.decode_ops.values())
+    assert engine.request.decode_ops and all(ops.key == expected for ops in engine.request.decode_ops.values())
 
 
 class NaNAfterWeak(ScaledCondWeak):
@@ -333,7 +333,8 @@ def test_graph_inputs_keep_their_addresses_across_requests():
 
     def addresses():
         return (engine.binding, engine.cache.key_valid.data_ptr(), engine.weak_cache.key_valid.data_ptr(),
-                engine.tokens_in.data_ptr(), engine.counters.data_ptr(), engine.knobs["top_k"].data_ptr())
+                engine.buffers.tokens_in.data_ptr(), engine.buffers.counters.all.data_ptr(),
+                engine.buffers.knobs["top_k"].data_ptr())
 
     generate(model, feats, cond_mask=mask, mode="slow", weak_model=weak, seed=0, engine=engine)
     first = addresses()

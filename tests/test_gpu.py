@@ -240,9 +240,9 @@ def test_fused_decode_layer_kernels_are_decided_before_capture_and_give_the_eage
     engine = Engine(gpt)
     tokens = generate(gpt, cond, engine=engine, **kw)
     assert torch.equal(tokens, generate(gpt, cond, engine="eager", **kw))
-    assert {shape.rows for shape in engine.decode_ops} == {3, 6} and engine.graphs.graphs
+    assert {shape.rows for shape in engine.request.decode_ops} == {3, 6} and engine.graphs.graphs
     if kernels_env == "triton":
-        assert all(ops.key == (True,) * 4 for ops in engine.decode_ops.values())
+        assert all(ops.key == (True,) * 4 for ops in engine.request.decode_ops.values())
     else:
         timed = {key: t for key, t in default_chooser().timings.items() if key[0].startswith("decode.")}
         assert timed and all(set(t) == {"unfused", "fused"} and None not in t.values() for t in timed.values())

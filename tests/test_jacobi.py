@@ -221,8 +221,9 @@ def test_triton_window_step_on_cpu_gives_the_sequential_tokens(kernels_env, monk
     tokens, stats = generate(model, torch.tensor([1, 2]), engine=engine, decoding="jacobi", jacobi_window=4,
                              return_stats=True, **kw)
     assert torch.equal(tokens, reference) and stats["forward_passes"] <= 16
-    widths = {shape.width for shape in engine.decode_ops}
-    assert widths == {4} and all(ops.key == (kernels_env == "triton",) * 4 for ops in engine.decode_ops.values())
+    widths = {shape.width for shape in engine.request.decode_ops}
+    assert widths == {4} and all(ops.key == (kernels_env == "triton",) * 4
+                                 for ops in engine.request.decode_ops.values())
 
 
 # ---------------------------------------------------------------------- the shipped mini world

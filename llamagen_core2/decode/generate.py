@@ -19,7 +19,8 @@ Contract:
     pipeline does).
     "eager" is the plain loop below (host positions, one forward + sample per token): the oracle the static
     engine is tested against. "auto" = static on CUDA, eager elsewhere. Both give the same tokens.
-  * Before allocating, the KV cache + workspaces are checked against the device's free memory (`memory.py`).
+  * Before allocating, the KV cache + workspaces are checked against the device's free memory (`Engine.check_memory`,
+    `memory.check_generation_fits`).
   * NaN/inf in any hidden state (base rows, weak predictions) is accumulated on the device and raised once at
     the end (FloatingPointError).
   * Decoding: "sequential" (one forward pass per token, the default) or "jacobi" (`jacobi.py`, docs/decoding.md):
@@ -42,8 +43,8 @@ from ..guidance.sampling import guided_sample
 from ..guidance.seeding import row_keys
 from .engine import Engine
 from .jacobi import DEFAULT_WINDOW, check_decoding, run_eager as run_jacobi_eager, run_static as run_jacobi_static
-from .memory import check_fits, estimate_generation_bytes
-from .step import GenerationStats, StepRecord, catch_up_uncond
+from .memory import check_generation_fits
+from .step import EagerSetup, GenerationStats, StepRecord, catch_up_uncond
 
 ENGINES = ("auto", "static", "eager")
 
@@ -59,21 +60,6 @@ def _check_args(gpt, cond, cond_mask, num_tokens, guidance: GuidanceConfig) -> t
             raise InvalidArgument(f"{name} must be a number or a tensor of shape [{B}] (one per image), "
                                   f"got shape {list(value.shape)}")
     return B, N
-
-
-def _check_memory(gpt, B: int, rows: int, N: int, state: Optional[Engine], window: int) -> None:
-    """Refuse a batch whose KV cache + workspaces (for `window` positions per pass) do not fit; a cache that must
-    grow is released first."""
-    weight = gpt.output.weight
-    T = gpt.config.cls_token_num
-    resident = state is not None and state.cache is not None and \
-        state.cache.fits(rows, T + N, weight.dtype, weight.device)
-    if state is not None and not resident:
-        state.cache = None  # the engine would otherwise hold the old and the new cache at once
-    need = estimate_generation_bytes(gpt.config, batch=B, rows=rows, num_tokens=N, dtype=weight.dtype,
-                                     cache_resident=resident, positions_per_pass=window)
-    check_fits(need, weight.device, f"batch {B} ({rows} cache rows x {T + N} positions, KV cache + sampling "
-                                    f"workspace)")
 
 
 @torch.inference_mode()
@@ -160,7 +146,11 @@ def generate(
     device = gpt.output.weight.device
     static = isinstance(engine, Engine) or engine == "static" or (engine == "auto" and device.type == "cuda")
     state = engine if isinstance(engine, Engine) else (Engine(gpt) if static else None)
-    _check_memory(gpt, B, 2 * B if uses_uncond else B, N, state, 1 if jacobi is None else jacobi.window)
+    rows, window = 2 * B if uses_uncond else B, 1 if jacobi is None else jacobi.window
+    if state is not None:
+        state.check_memory(B, rows, N, window)
+    else:
+        check_generation_fits(gpt, batch=B, rows=rows, num_tokens=N, positions_per_pass=window)
     # A bar of its own ends drawn at N/N and stays (tqdm redraws at most every 0.1 s: close() draws the last state).
     own_bar = not hasattr(progress, "update")
     bar = tqdm(total=N, disable=not progress, desc="tokens", unit="token") if own_bar else progress
@@ -190,7 +180,7 @@ def _run_static(state: Engine, cond, cond_mask, modes, keys, guidance, weak, com
             tokens, stats = state.decode(request, modes, on_step=on_step, progress_bar=bar)
         else:
             tokens, stats = run_jacobi_static(state, request, modes, jacobi, bar)
-    return tokens.clone(), stats, state.finite.clone()
+    return tokens.clone(), stats, request.finite.clone()
 
 
 def _run_eager(gpt, cond, cond_mask, modes, keys, guidance, weak, compact_rows, on_step, bar):
@@ -198,21 +188,13 @@ def _run_eager(gpt, cond, cond_mask, modes, keys, guidance, weak, compact_rows, 
     B, N = cond.shape[0], len(modes)
     T, V = gpt.config.cls_token_num, gpt.config.vocab_size
     device = gpt.output.weight.device
-    uses_uncond = needs_uncond(modes)
-    all_rows_always = uses_uncond and not compact_rows
-    cache = gpt.new_cache(2 * B if uses_uncond else B, T + N)
-    weak_cache = weak.new_cache(B) if weak is not None else None
-    mask = None if cond_mask is None else cond_mask.to(device=device, dtype=torch.bool)
-    cache.set_prefix_mask(mask, copies=2 if uses_uncond else 1)
-    cond = cond.to(device)
-    prefix_c = gpt.condition_embeddings(cond)  # [B, T, d]
-    prefix_u = gpt.condition_embeddings(gpt.null_condition(B, cond)) if uses_uncond else None
+    all_rows_always = needs_uncond(modes) and not compact_rows
+    setup = EagerSetup.prepare(gpt, cond, cond_mask, modes, weak)
+    cache, weak_cache, prefix_c, prefix_u = setup.cache, setup.weak_cache, setup.prefix_cond, setup.prefix_uncond
     tokens = torch.zeros(B, N, dtype=torch.long, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
     stats = GenerationStats()
     uncond_filled = 0  # positions of the uncond rows present in the cache
-    if weak is not None:
-        weak.prefill(cond, weak_cache, mask)
     knobs = guidance.sampling_knobs()
     for i in range(N):
         m = modes[i]

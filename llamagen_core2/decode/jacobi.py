@@ -41,7 +41,7 @@ from ..errors import InvalidArgument, check_int
 from ..guidance.config import MODE_TABLE, needs_uncond
 from ..guidance.sampling import guided_sample
 from .engine import Request
-from .step import GenerationStats, catch_up_uncond, mode_logits, weak_ops_kwargs
+from .step import EagerSetup, GenerationStats, catch_up_uncond, mode_logits, weak_ops_kwargs
 
 DECODINGS = ("sequential", "jacobi")
 GUESSES = ("left", "above", "zero")
@@ -225,17 +225,9 @@ def run_eager(gpt, cond, cond_mask, modes, keys, knobs, weak, compact_rows, sett
     B, N = cond.shape[0], len(modes)
     T = gpt.config.cls_token_num
     device = gpt.output.weight.device
-    uses_uncond = needs_uncond(modes)
-    all_rows_always = uses_uncond and not compact_rows
-    cache = gpt.new_cache(2 * B if uses_uncond else B, T + N)
-    weak_cache = weak.new_cache(B) if weak is not None else None
-    mask = None if cond_mask is None else cond_mask.to(device=device, dtype=torch.bool)
-    cache.set_prefix_mask(mask, copies=2 if uses_uncond else 1)
-    cond = cond.to(device)
-    prefix_c = gpt.condition_embeddings(cond)
-    prefix_u = gpt.condition_embeddings(gpt.null_condition(B, cond)) if uses_uncond else None
-    if weak is not None:
-        weak.prefill(cond, weak_cache, mask)
+    all_rows_always = needs_uncond(modes) and not compact_rows
+    setup = EagerSetup.prepare(gpt, cond, cond_mask, modes, weak)
+    cache, weak_cache, prefix_u = setup.cache, setup.weak_cache, setup.prefix_uncond
     state = WindowState.allocate(B, N, gpt.config.grid_size, device).view(B, N)
     finite = torch.ones((), dtype=torch.bool, device=device)
     stats = GenerationStats()
@@ -257,7 +249,7 @@ def run_eager(gpt, cond, cond_mask, modes, keys, knobs, weak, compact_rows, sett
     segments = mode_segments(modes)
     first = segments[0]
     two = MODE_TABLE[first.mode].uncond or all_rows_always
-    run_pass(_prefill_inputs(gpt, prefix_c, prefix_u, state.tokens, min(settings.window, first.end), two), 0,
+    run_pass(_prefill_inputs(gpt, setup.prefix_cond, prefix_u, state.tokens, min(settings.window, first.end), two), 0,
              first.mode)
     uncond_filled = 0
     done = 0
@@ -288,43 +280,41 @@ def _engine_state(engine, batch: int, num_tokens: int) -> WindowState:
     """The engine-owned Jacobi buffers (fixed addresses for its graphs), reallocated with its other buffers."""
     held = engine.jacobi_buffers
     if held is None or held[0] != engine.binding:
-        cap_rows, cap_len = engine.tokens_out.shape
+        tokens = engine.buffers.tokens_out
+        cap_rows, cap_len = tokens.shape
         buffers = WindowState.allocate(cap_rows, cap_len, engine.gpt.config.grid_size, engine.device,
-                                       tokens=engine.tokens_out, max_passes=cap_len * engine.passes_per_graph)
+                                       tokens=tokens, max_passes=cap_len * engine.passes_per_graph)
         engine.jacobi_buffers = held = (engine.binding, buffers)
     return held[1].view(batch, num_tokens)
 
 
 def run_static(engine, request: Request, modes: list[str], settings: JacobiSettings, progress_bar):
-    """Jacobi decoding on `engine`'s state (after `engine.begin_request`) -> (tokens [B, N] view, stats)."""
+    """Jacobi decoding on `engine`'s state (after `engine.begin_request`, inside `engine.on_device()`) ->
+    (tokens [B, N] view, stats)."""
     gpt = engine.gpt
-    B, N, weak = request.batch, request.num_tokens, request.weak
+    B, N, weak, backend = request.batch, request.num_tokens, request.weak, request.backend
     T = gpt.config.cls_token_num
-    backend = engine.backend_now
     state = _engine_state(engine, B, N)
     stats = GenerationStats()
-    knobs = engine.request_knobs(B)
-    keys = engine.keys[:B]
-    common = dict(knobs=knobs, keys=keys, backend=backend, guess=settings.guess)
+    common = dict(knobs=request.knobs, keys=request.keys, backend=backend, guess=settings.guess)
     segments = mode_segments(modes)
     windows = [(segment, *window_bounds(segment, settings.window)) for segment in segments]
     # the fused decode-layer kernels of every window shape, decided before any capture
-    engine.prepare_decode_ops({(gpt, request.rows(segment.mode), width) for segment, width, _, _ in windows}
+    engine.prepare_decode_ops(request, {(gpt, request.rows(segment.mode), width) for segment, width, _, _ in windows}
                               | {(weak, B, width) for _, width, _, _ in windows})
 
     # ---- the prefill pass (eager, host positions): prefix + guesses for tokens 0..W0-2
     first = segments[0]
     width0 = min(settings.window, first.end)
     two = request.rows(first.mode) == 2 * B
-    prefix_u = engine.null_prefix
-    x = _prefill_inputs(gpt, gpt.condition_embeddings(request.cond), prefix_u, state.tokens, width0, two)
+    x = _prefill_inputs(gpt, gpt.condition_embeddings(request.cond), request.null_prefix, state.tokens, width0, two)
     hidden = gpt.forward_hidden(x, engine.cache, backend=backend)[:, T - 1:]
-    engine.finite.logical_and_(torch.isfinite(hidden).all())
+    request.finite.logical_and_(torch.isfinite(hidden).all())
     weak_hidden = None
     if weak is not None:
         weak.prefill(request.cond, engine.weak_cache, request.mask, backend=backend)
         weak_hidden = weak.window_hidden(hidden[:B], engine.weak_cache, start=T, backend=backend)
-        engine.finite.logical_and_(torch.isfinite(weak_hidden).all())
+        request.finite.logical_and_(torch.isfinite(weak_hidden).all())
         stats.weak_steps += width0
     stats.step_rows.append(x.shape[0] * width0)
     finish_pass(gpt, state, first.mode, hidden, weak_hidden, torch.zeros(1, dtype=torch.long, device=engine.device),
@@ -336,7 +326,7 @@ def run_static(engine, request: Request, modes: list[str], settings: JacobiSetti
     for segment, width, lo, hi in windows:
         rows = request.rows(segment.mode)
         if rows == 2 * B and uncond_filled < T + segment.start - 1:
-            engine.catch_up(B, uncond_filled, T + segment.start - 1)
+            engine.catch_up(request, uncond_filled, T + segment.start - 1)
             stats.catchup_rows += B * (T + segment.start - 1 - uncond_filled)
             stats.catchup_calls += 1
         a = int(state.frontier.min())
@@ -345,13 +335,13 @@ def run_static(engine, request: Request, modes: list[str], settings: JacobiSetti
 
             def replay(mode=segment.mode, width=width, lo=lo, hi=hi, rows=rows, max_end=max_end, weak_end=weak_end):
                 for _ in range(per_replay):
-                    _window_pass(engine, state, mode, B, rows, width, lo, hi, max_end, weak, weak_end, common)
+                    _window_pass(engine, request, state, mode, rows, width, lo, hi, max_end, weak_end, common)
 
-            if engine.graphs_now:
+            if request.graphs:
                 key = ("jacobi", segment.mode, B, N, rows, width, lo, hi, per_replay, max_end, weak_end,
-                       engine.cache.masked, settings.guess, engine.ops_key(rows, width, weak))
-                engine.graphs.run(key, replay, lambda: (state.snapshot(), engine.finite.clone()),
-                                  lambda saved: (state.restore(saved[0]), engine.finite.copy_(saved[1])))
+                       engine.cache.masked, settings.guess, request.ops_key(gpt, rows, width))
+                engine.graphs.run(key, replay, lambda: (state.snapshot(), request.finite.clone()),
+                                  lambda saved: (state.restore(saved[0]), request.finite.copy_(saved[1])))
             else:
                 replay()
             stats.step_rows.extend([rows * width] * per_replay)
@@ -380,21 +370,20 @@ def _key_bounds(engine, a: int, width: int, hi: int, passes: int, weak) -> tuple
     return end, weak_end
 
 
-def _window_pass(engine, state: WindowState, mode: str, B: int, rows: int, width: int, lo: int, hi: int,
-                 max_end: int, weak, weak_end: int, common: dict) -> None:
+def _window_pass(engine, request: Request, state: WindowState, mode: str, rows: int, width: int, lo: int, hi: int,
+                 max_end: int, weak_end: int, common: dict) -> None:
     """One window pass on device state only (capturable): start = clamp(smallest frontier, lo, hi)."""
-    gpt = engine.gpt
+    gpt, B, weak, backend = engine.gpt, request.batch, request.weak, request.backend
     T = gpt.config.cls_token_num
-    backend = engine.backend_now
     start = state.frontier.amin().clamp(min=lo, max=hi).view(1)
     x = _window_inputs(gpt, state.tokens, start, width, rows == 2 * B)
     hidden = gpt.forward_hidden(x, engine.cache, position=start + (T - 1), max_end=max_end, backend=backend,
-                                decode_ops=engine.ops_for(gpt, rows, width))
+                                decode_ops=request.ops_for(gpt, rows, width))
     finite = torch.isfinite(hidden).all()
     weak_hidden = None
     if weak is not None:
         weak_hidden = weak.window_hidden(hidden[:B], engine.weak_cache, position=start + T, max_end=weak_end,
-                                         backend=backend, **weak_ops_kwargs(engine.ops_for(weak, B, width)))
+                                         backend=backend, **weak_ops_kwargs(request.ops_for(weak, B, width)))
         finite = finite & torch.isfinite(weak_hidden).all()
-    engine.finite.logical_and_(finite)
+    request.finite.logical_and_(finite)
     finish_pass(gpt, state, mode, hidden, weak_hidden, start, **common)

@@ -102,3 +102,15 @@ def check_fits(required: int, device, what: str, available: Optional[int] = None
             f"{what} needs about {gib(required)} on {torch.device(device)}, but only {gib(usable)} is free "
             f"({gib(free)} available minus {HEADROOM:.0%} headroom); reduce the batch size or num_tokens, "
             f"or use bf16 weights and cache")
+
+
+def check_generation_fits(gpt, *, batch: int, rows: int, num_tokens: int, positions_per_pass: int = 1,
+                          cache_resident: bool = False) -> None:
+    """Refuse a generation whose KV cache (`rows` cache rows; none to allocate when `cache_resident`) + workspaces
+    (`positions_per_pass` positions per forward: Jacobi windows) do not fit in `gpt`'s device memory."""
+    weight = gpt.output.weight
+    T = gpt.config.cls_token_num
+    need = estimate_generation_bytes(gpt.config, batch=batch, rows=rows, num_tokens=num_tokens, dtype=weight.dtype,
+                                     cache_resident=cache_resident, positions_per_pass=positions_per_pass)
+    check_fits(need, weight.device, f"batch {batch} ({rows} cache rows x {T + num_tokens} positions, KV cache + "
+                                    f"sampling workspace)")

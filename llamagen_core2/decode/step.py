@@ -5,7 +5,10 @@ Jacobi windows (jacobi.py) -- so each piece is written once:
   * `GenerationStats`: the base-model work of a generation, in rows, and its forward passes;
   * `mode_logits`: the logits a mode samples from, with one head GEMM over exactly the rows it needs;
   * `catch_up_uncond`: the prefill of the uncond rows over the positions they skipped (row compaction);
-  * `weak_ops_kwargs`: the fused decode ops of a weak model's step, when it has any.
+  * `weak_ops_kwargs`: the fused decode ops of a weak model's step, when it has any;
+  * `set_up_prefix`: a request's condition on the device, its prefix mask on the cache and the null prefix of the
+    uncond rows (the engine's requests and the eager loops); `EagerSetup.prepare`: the eager loops' fresh caches
+    on top of it, with the condition embedded and the weak model prefilled.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..guidance.config import MODE_TABLE, sampler_inputs
+from ..guidance.config import MODE_TABLE, needs_uncond, sampler_inputs
 from .decode_ops import DecodeOps
 from .kv_cache import KVCache
 
@@ -100,3 +103,40 @@ def weak_ops_kwargs(ops: Optional[DecodeOps]) -> dict:
     """decode_ops for a weak model's step, passed only when there are some (stand-in weak models in tests
     implement the protocol without it)."""
     return {} if ops is None else {"decode_ops": ops}
+
+
+def set_up_prefix(gpt, cache: KVCache, cond: torch.Tensor, cond_mask: Optional[torch.Tensor], uses_uncond: bool):
+    """-> (cond on the device, bool prefix mask [B, T] on the device or None, null prefix [B, T, d] or None): the
+    prefix mask is set on `cache` for the cond rows and, when the uncond rows run, for them too (LlamaGen masks
+    both halves alike); the null prefix is the uncond rows' condition embedding."""
+    device = gpt.output.weight.device
+    mask = None if cond_mask is None else cond_mask.to(device=device, dtype=torch.bool)
+    cache.set_prefix_mask(mask, copies=2 if uses_uncond else 1)
+    cond = cond.to(device)
+    null_prefix = gpt.condition_embeddings(gpt.null_condition(cond.shape[0], cond)) if uses_uncond else None
+    return cond, mask, null_prefix
+
+
+@dataclass
+class EagerSetup:
+    """The state of an eager loop (generate's sequential loop, Jacobi's eager runner): fresh caches, the condition
+    on the device with its mask and embeddings, the weak model prefilled."""
+    cache: KVCache  # rows [cond 0:B; uncond B:2B] when any token needs the uncond half
+    weak_cache: Optional[KVCache]
+    cond: torch.Tensor
+    mask: Optional[torch.Tensor]
+    prefix_cond: torch.Tensor  # [B, T, d]
+    prefix_uncond: Optional[torch.Tensor]  # [B, T, d] the null prefix, when any token needs the uncond half
+
+    @classmethod
+    def prepare(cls, gpt, cond: torch.Tensor, cond_mask: Optional[torch.Tensor], modes: list,
+                weak) -> "EagerSetup":
+        B, N = cond.shape[0], len(modes)
+        uses_uncond = needs_uncond(modes)
+        cache = gpt.new_cache(2 * B if uses_uncond else B, gpt.config.cls_token_num + N)
+        cond, mask, prefix_uncond = set_up_prefix(gpt, cache, cond, cond_mask, uses_uncond)
+        weak_cache = None
+        if weak is not None:
+            weak_cache = weak.new_cache(B)
+            weak.prefill(cond, weak_cache, mask)
+        return cls(cache, weak_cache, cond, mask, gpt.condition_embeddings(cond), prefix_uncond)
