@@ -47,21 +47,16 @@ from tqdm.auto import tqdm
 from .decode.engine import Engine
 from .decode.generate import generate
 from .decode.jacobi import DEFAULT_WINDOW, check_decoding
+from .encoders.text import encode_in_batches
 from .errors import InvalidArgument, check_has_values, check_int, check_number
-from .guidance.config import GuidanceConfig, require_weak
+from .guidance.config import GuidanceConfig, default_guidance, require_weak
 from .guidance.seeding import row_keys
 from .io.images import to_pil_images, to_uint8
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "tokens")
-C2I_GUIDANCE = GuidanceConfig()  # LlamaGen sample_c2i.py / demo: cfg 4.0, top-k 2000
-T2I_GUIDANCE = GuidanceConfig(cfg_scale=7.5, top_k=1000)  # LlamaGen sample_t2i.py
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
-
-
-def default_guidance(model_type: str) -> GuidanceConfig:
-    return T2I_GUIDANCE if model_type == "t2i" else C2I_GUIDANCE
 
 
 @dataclass
@@ -184,12 +179,7 @@ class LlamaGenPipeline:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             if not prompts or not all(isinstance(p, str) for p in prompts):
                 raise InvalidArgument("prompt must be a string or a non-empty list of strings")
-            feats, masks = [], []
-            for start in range(0, len(prompts), 32):
-                f_, m_ = self.caption_encoder.encode(prompts[start:start + 32])
-                feats.append(f_.cpu())
-                masks.append(m_.cpu())
-            return torch.cat(feats), torch.cat(masks)
+            return encode_in_batches(self.caption_encoder, prompts)
         if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 3:
             raise InvalidArgument(f"prompt_embeds must be caption features [M, {c.cls_token_num}, {c.caption_dim}]")
         check_has_values("prompt_embeds", prompt_embeds)

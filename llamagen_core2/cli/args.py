@@ -22,11 +22,11 @@ import torch
 
 from ..device import DEVICE_FORMS, parse_device
 from ..errors import InvalidArgument
-from ..guidance.config import MODES, needs_weak
+from ..guidance.config import DEFAULT_GUIDANCE, MODES, needs_weak
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LLAMAGEN_PRECISION = {"none": "float32", "fp16": "float16", "bf16": "bfloat16"}  # LlamaGen's --precision
-T2I_SAMPLING = (7.5, 1000)  # LlamaGen sample_t2i.py: cfg scale, top-k
+T2I_SAMPLING = (DEFAULT_GUIDANCE["t2i"].cfg_scale, DEFAULT_GUIDANCE["t2i"].top_k)  # LlamaGen sample_t2i.py
 
 
 class _Precision(argparse.Action):

@@ -90,7 +90,7 @@ def load_conditions(args, gpt):
         return torch.tensor(parse_class_ids(args.classes, c.num_classes)), None, None
     if args.captions is None or args.t5 is None:
         raise InvalidArgument("a text-conditional GPT needs --captions FILE and --t5 DIR|google/flan-t5-xl")
-    from ..encoders.text import CaptionEncoder
+    from ..encoders.text import CaptionEncoder, encode_in_batches
 
     try:
         with open(args.captions, encoding="utf-8") as f:
@@ -101,13 +101,9 @@ def load_conditions(args, gpt):
         raise InvalidArgument(f"--captions {args.captions} holds no captions")
     encoder = CaptionEncoder.from_pretrained(args.t5, device=args.device, dtype=torch.bfloat16
                                              if str(args.device).startswith("cuda") else None)
-    feats, masks = [], []
-    for start in range(0, len(names), 32):
-        f_, m_ = encoder.encode(names[start:start + 32])
-        feats.append(f_.cpu())
-        masks.append(m_.cpu())
+    features, masks = encode_in_batches(encoder, names)
     del encoder
-    return torch.cat(feats), torch.cat(masks), names
+    return features, masks, names
 
 
 def load_refine(args, gpt):

@@ -7,7 +7,8 @@ tokenizer from a local directory or a Hub repo id (`google/flan-t5-xl`, fetched 
 `hub.resolve`, offline with HF_HUB_OFFLINE=1); transformers itself only ever reads the resolved local
 directory. For the official models this is FLAN-T5-XL (d_model = caption_dim = 2048).
 
-`encoder.encode(prompts)` returns `(features, mask)`:
+`encoder.encode(prompts)` returns `(features, mask)` (`encode_in_batches(encoder, prompts)`: the same for any number
+of prompts, 32 at a time, gathered on the CPU):
   * features: [B, 120, D] float32, LEFT-padded — the valid caption tokens occupy the LAST
     `n_valid` positions and every padded row is exactly zero;
   * mask: [B, 120] bool, True on the valid (last) positions.
@@ -239,3 +240,18 @@ class CaptionEncoder:
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
         ).last_hidden_state  # [B, L, D], computed on right-padded tokens as in LlamaGen
         return left_pad_captions(hidden.float(), attention_mask.to(device))
+
+
+ENCODE_BATCH = 32  # prompts per T5 forward when encoding many (the CLI's caption file, a pipeline's prompt list)
+
+
+def encode_in_batches(encoder, prompts: Sequence[str],
+                      batch_size: int = ENCODE_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompts: M strings -> (features [M, max_length, D] float32, mask [M, max_length] bool) on the CPU, encoded
+    `batch_size` at a time by anything with `encode(prompts)` (a CaptionEncoder or a stand-in)."""
+    features, masks = [], []
+    for start in range(0, len(prompts), batch_size):
+        f, m = encoder.encode(prompts[start:start + batch_size])
+        features.append(f.cpu())
+        masks.append(m.cpu())
+    return torch.cat(features), torch.cat(masks)

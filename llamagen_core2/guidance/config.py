@@ -202,3 +202,13 @@ class GuidanceConfig:
                 return list(v)
             return v
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+# The default guidance by model type: LlamaGen's sample_c2i.py / demo (cfg 4.0, top-k 2000) and sample_t2i.py
+# (cfg 7.5, top-k 1000). The pipeline and the CLI's defaults both read this.
+DEFAULT_GUIDANCE = {"c2i": GuidanceConfig(), "t2i": GuidanceConfig(cfg_scale=7.5, top_k=1000)}
+
+
+def default_guidance(model_type: str) -> GuidanceConfig:
+    """The default GuidanceConfig of a c2i or t2i model."""
+    return DEFAULT_GUIDANCE["t2i" if model_type == "t2i" else "c2i"]
