@@ -17,7 +17,7 @@ state, fast = weak logits, slow = weak + a (cfg - weak); as in LlamaGen, 2B rows
 (mode "cond" stands for LlamaGen with cfg_scale 1 and runs B rows).
 
 The block math is the model's own (`gpt.forward_hidden`, torch backend): only the cache policy, the row policy
-and the sampling differ. With greedy sampling the tokens equal those of `llamagen_core2.generate`
+and the sampling differ. With greedy sampling the tokens equal those of `llamagen_core2.decode.generate`
 (tests/test_engine.py cross-checks both).
 """
 from __future__ import annotations

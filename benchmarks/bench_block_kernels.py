@@ -15,7 +15,7 @@ with the implementations
     triton       the kernel (CUDA, or the CPU interpreter with --interpret: a correctness smoke run, not a timing)
     unfused      fused ops only: what the step runs today for the same work -- the Triton row kernels
                  (add_rmsnorm, rope_kv_write, swiglu) around a cuBLAS F.linear
-    torch        the reference in llamagen_core2.block_ops (for wo / w2: F.linear, i.e. cuBLAS); for attention
+    torch        the reference in llamagen_core2.decode.block_ops (for wo / w2: F.linear, i.e. cuBLAS); for attention
                  SDPA with a boolean mask over the cache sliced to the static decoder's 64-position bucket end
                  (for the filled lengths here, multiples of 64, the bucket end is exactly the filled length: the
                  bucketed SDPA's best case)
@@ -133,7 +133,7 @@ def max_diff(a, b) -> float:
 
 def op_cases(config, rows: int, filled_lengths, max_len: int, dtype, device):
     """Yields (op, filled, bytes moved, {impl: callable}) for one preset and row count."""
-    from llamagen_core2 import block_ops
+    from llamagen_core2.decode import block_ops
 
     dim, H, D, ffn = config.dim, config.n_head, config.head_dim, config.ffn_dim
     elt = torch.empty((), dtype=dtype).element_size()
@@ -179,7 +179,7 @@ def fused_op_cases(config, rows: int, max_len: int, position, rope, rand, elt: i
     """The fused decode-layer kernels (issue 21) vs today's step ops ("unfused") and the references ("torch")."""
     import torch.nn.functional as F
 
-    from llamagen_core2 import block_ops
+    from llamagen_core2.decode import block_ops
 
     dim, H, D, ffn = config.dim, config.n_head, config.head_dim, config.ffn_dim
     x, residual, norm_weight = rand(rows, 1, dim), rand(rows, 1, dim), rand(dim)

@@ -51,13 +51,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baseline_decoder import BaselineDecoder  # noqa: E402
 
 from llamagen_core2.config import GPTConfig  # noqa: E402
-from llamagen_core2.engine import Engine  # noqa: E402
+from llamagen_core2.core2.weak_model import WeakModel  # noqa: E402
+from llamagen_core2.decode.engine import Engine  # noqa: E402
+from llamagen_core2.decode.generate import generate  # noqa: E402
+from llamagen_core2.decode.memory import check_fits, element_size, estimate_generation_bytes, weight_bytes  # noqa: E402
+from llamagen_core2.decode.model import GPT  # noqa: E402
 from llamagen_core2.errors import InvalidArgument  # noqa: E402
-from llamagen_core2.generate import generate  # noqa: E402
-from llamagen_core2.guidance_config import GuidanceConfig  # noqa: E402
-from llamagen_core2.memory import check_fits, element_size, estimate_generation_bytes, weight_bytes  # noqa: E402
-from llamagen_core2.model import GPT  # noqa: E402
-from llamagen_core2.weak_model import WeakModel  # noqa: E402
+from llamagen_core2.guidance.config import GuidanceConfig  # noqa: E402
 
 ENGINES = ("ours", "baseline", "baseline-compiled")
 

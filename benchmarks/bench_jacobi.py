@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from llamagen_core2.engine import Engine
-from llamagen_core2.generate import generate
-from llamagen_core2.guidance_config import make_schedule
-from llamagen_core2.seeding import row_keys
+from llamagen_core2.decode.engine import Engine
+from llamagen_core2.decode.generate import generate
+from llamagen_core2.guidance.config import make_schedule
+from llamagen_core2.guidance.seeding import row_keys
 from llamagen_core2.world.dataset import NUM_CLASSES
 from llamagen_core2.world.pipeline import WORLD_GUIDANCE, load_world
 

@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import build_gpt, sync  # noqa: E402
 
-from llamagen_core2.engine import Engine  # noqa: E402
-from llamagen_core2.generate import generate  # noqa: E402
+from llamagen_core2.decode.engine import Engine  # noqa: E402
+from llamagen_core2.decode.generate import generate  # noqa: E402
 
 FIELDS = ["preset", "device", "dtype", "batch", "tokens", "mode", "decoding", "window", "seconds", "images_per_s",
           "forward_passes", "passes_per_image", "ms_per_pass", "warmup_s", "compression_applied",

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from llamagen_core2.guidance_config import make_schedule
+from llamagen_core2.guidance.config import make_schedule
 from llamagen_core2.world.dataset import NUM_CLASSES, make_dataset
 from llamagen_core2.world.evaluator import extract_features, frechet_distance_from_stats, gaussian_stats
 from llamagen_core2.world.pipeline import WORLD_GUIDANCE, load_world

@@ -26,11 +26,11 @@ import time
 import torch
 
 from llamagen_core2.config import GPTConfig, VQConfig
-from llamagen_core2.engine import Engine
-from llamagen_core2.generate import generate
-from llamagen_core2.model import GPT
-from llamagen_core2.vq import VQModel
-from llamagen_core2.weak_model import WeakModel
+from llamagen_core2.core2.weak_model import WeakModel
+from llamagen_core2.decode.engine import Engine
+from llamagen_core2.decode.generate import generate
+from llamagen_core2.decode.model import GPT
+from llamagen_core2.encoders.vq import VQModel
 
 FIELDS = ["preset", "device", "dtype", "batch", "tokens", "mode", "seconds_per_image", "generate_s", "decode_s",
           "images_per_s", "warmup_s", "peak_mem_MB", "paper_s_per_image"]

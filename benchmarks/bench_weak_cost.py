@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from llamagen_core2.config import GPTConfig
-from llamagen_core2.model import GPT, run_blocks
-from llamagen_core2.weak_model import WEAK_PRESETS, WeakModel
+from llamagen_core2.core2.weak_model import WEAK_PRESETS, WeakModel
+from llamagen_core2.decode.model import GPT, run_blocks
 
 
 def timed(fn, repeats: int, sync) -> float:

@@ -25,10 +25,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_models import tiny_gpt  # noqa: E402
 
-from llamagen_core2.collect import collect, load_collected  # noqa: E402
-from llamagen_core2.model import run_blocks  # noqa: E402
-from llamagen_core2.reflect import CollectedData, holdout_mask  # noqa: E402
-from llamagen_core2.weak_model import WeakModel  # noqa: E402
+from llamagen_core2.core2.collect import collect, load_collected  # noqa: E402
+from llamagen_core2.core2.reflect import CollectedData, holdout_mask  # noqa: E402
+from llamagen_core2.core2.weak_model import WeakModel  # noqa: E402
+from llamagen_core2.decode.model import run_blocks  # noqa: E402
+from llamagen_core2.guidance.config import GuidanceConfig  # noqa: E402
 
 
 class LogitsInWeak(WeakModel):
@@ -89,8 +90,8 @@ def main(argv=None):
     gpt = tiny_gpt(dim=args.dim, n_head=4, vocab_size=args.vocab).requires_grad_(False)
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        collect(gpt, list(range(10)), tmp, per_condition=args.images // 10, batch_size=24, cfg_scale=4.0,
-                progress=False)
+        collect(gpt, list(range(10)), tmp, per_condition=args.images // 10, batch_size=24,
+                guidance=GuidanceConfig(cfg_scale=4.0, top_k=0), progress=False)
         meta, raw = load_collected(tmp)
     data = CollectedData(meta, raw, 4.0, "cpu")
     held = holdout_mask(data.sample_index, 0.2)

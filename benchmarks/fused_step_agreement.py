@@ -30,9 +30,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_models import captions, tiny_gpt  # noqa: E402
 
-from llamagen_core2.engine import Engine  # noqa: E402
-from llamagen_core2.generate import generate  # noqa: E402
-from llamagen_core2.weak_model import WeakModel  # noqa: E402
+from llamagen_core2.core2.weak_model import WeakModel  # noqa: E402
+from llamagen_core2.decode.engine import Engine  # noqa: E402
+from llamagen_core2.decode.generate import generate  # noqa: E402
 
 
 def cases(num_tokens: int):
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
             os.environ["LLAMAGEN_CORE2_KERNELS"] = "triton"
             engine = Engine(model, backend="triton")
             fused, mixed_f = run(model, cond, seed, engine, kw)
-            assert all(ops.key == (True,) * 4 for ops in engine.decode_ops.values())
+            assert all(ops.key == (True,) * 4 for ops in engine.request.decode_ops.values())
             compared += eager.numel()
             differing += int((eager != fused).sum())
             # compare where both sampled the same prefix (a differing token changes what follows)

@@ -19,7 +19,7 @@ import json
 import torch
 
 from llamagen_core2.guidance import mix_guidance
-from llamagen_core2.philox import race_uniforms
+from llamagen_core2.guidance.philox import race_uniforms
 
 
 def rounds(x: torch.Tensor, score: torch.Tensor, top_k: int, top_p: float, limit: int = 64) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Residual add + LlamaGen RMSNorm in one pass (reference: llamagen_core2.block_ops.add_rmsnorm_reference).
+"""Residual add + LlamaGen RMSNorm in one pass (reference: llamagen_core2.decode.block_ops.add_rmsnorm_reference).
 
     x, residual [..., d] (same dtype), weight [d] -> normed [..., d] in promote(x.dtype, weight.dtype),
                                                       h = x + residual [..., d] in x.dtype (x itself when None)
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..block_ops import check_add_rmsnorm_args
+from ..decode.op_checks import check_add_rmsnorm_args
 from ..errors import InvalidArgument
 from .dispatch import interpreted
 

@@ -1,6 +1,6 @@
 """Split-KV (flash-decoding) attention for one query per row over the filled part of the KV cache.
 
-Reference: llamagen_core2.block_ops.decode_attention_reference.
+Reference: llamagen_core2.decode.block_ops.decode_attention_reference.
 
     q [R, H, 1, D] at sequence position `position` ([1] int on the device), cache_k/cache_v [rows_total, H, S, D]
     (q's dtype), cache rows row_start..row_start+R-1, key_valid None or bool [rows_total, S]
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..block_ops import check_decode_attention_args
+from ..decode.op_checks import check_decode_attention_args
 from ..errors import InvalidArgument
 from .dispatch import interpreted, multiprocessor_count
 

@@ -4,15 +4,16 @@ One decision covers every kernel module in `KERNEL_MODULES` (the fused sampler, 
 ops, and the skinny / fused decode GEMMs of docs/decode_kernels.md): the engine asks once per device and passes
 the answer down. Within the Triton backend, two choices are made by measurement, per shape, before any CUDA
 graph capture (kernels/timed_choice.py): the sampler's select path (`choose_sampler_select`) and each fused
-decode-layer group against today's path (`choose_decode_op`, used by llamagen_core2/decode_ops.py).
+decode-layer group against today's path (`choose_decode_op`, used by llamagen_core2/decode/decode_ops.py).
 
-`LLAMAGEN_CORE2_KERNELS` (read on every call, so tests can flip it):
+`LLAMAGEN_CORE2_KERNELS` (kernels/backend_setting.py; read on every call, so tests can flip it):
     auto   (default) Triton when the tensors are on CUDA and every kernel module imports; otherwise
            the torch references, announced with one log line per process and reason.
     triton the Triton kernels or an error (KernelUnavailable): CUDA tensors, or CPU tensors when
            the kernel modules were built under the interpreter (TRITON_INTERPRET=1 set before
            triton was imported -- how the tests run them on CPU).
-    torch  always the pure-torch references (`llamagen_core2.guidance`, `llamagen_core2.block_ops`).
+    torch  always the pure-torch references (`llamagen_core2.guidance.sampling`,
+           `llamagen_core2.decode.block_ops`).
 Importing this module never imports triton; `select_backend` does, lazily, once.
 """
 from __future__ import annotations
@@ -20,15 +21,13 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import os
 from typing import Optional
 
 import torch
 
-from ..errors import InvalidArgument
-
-ENV_VAR = "LLAMAGEN_CORE2_KERNELS"
-CHOICES = ("auto", "triton", "torch")
+from ..decode.op_checks import FUSED_NORM_DTYPES
+from .backend_setting import CHOICES, ENV_VAR, requested_backend  # noqa: F401 (CHOICES: part of this API)
+from .timed_choice import default_chooser
 # Every module holding Triton kernels; each exposes INTERPRETED (see `interpreted`).
 KERNEL_MODULES = ("fused_guided_sample", "add_rmsnorm", "rope_kv_write", "swiglu", "decode_attention",
                   "skinny_gemm", "norm_qkv_rope", "norm_w13_swiglu")
@@ -41,13 +40,6 @@ _imported = False
 
 class KernelUnavailable(RuntimeError):
     """LLAMAGEN_CORE2_KERNELS=triton was requested but the Triton kernels cannot run here."""
-
-
-def requested_backend() -> str:
-    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if value not in CHOICES:
-        raise InvalidArgument(f"{ENV_VAR} must be one of {CHOICES}, got {value!r}")
-    return value
 
 
 def interpreted(jit_function) -> bool:
@@ -122,8 +114,6 @@ def choose_sampler_select(device, batch: int, vocab: int, filters: tuple, candid
     select: 'kernel'. Call at warm-up, never inside a CUDA graph capture."""
     if not any(filters):
         return "kernel"
-    from .timed_choice import default_chooser
-
     return default_chooser().choose("guided_sample.select", device, (batch, vocab, tuple(filters)), candidates())
 
 
@@ -134,13 +124,9 @@ def choose_decode_op(device, op: str, shape_key: tuple, dtype: torch.dtype, cand
     (`timed_choice`, once per key, logged; `candidates()` builds them: `decode_ops.candidates`), so a fused kernel
     slower than today's path for a shape is not used there. CPU: 'unfused' under auto, 'fused' under
     LLAMAGEN_CORE2_KERNELS=triton. A fused add+RMSNorm GEMM (`fused_norm`) is never chosen for a dtype it refuses
-    (fp16: block_ops.check_fused_norm_dtype). Call at warm-up, never inside a CUDA graph capture."""
-    from ..block_ops import FUSED_NORM_DTYPES
-
+    (fp16: op_checks.check_fused_norm_dtype). Call at warm-up, never inside a CUDA graph capture."""
     if fused_norm and dtype not in FUSED_NORM_DTYPES:
         return "unfused"
-    from .timed_choice import default_chooser
-
     return (chooser or default_chooser()).choose(op, device, shape_key, candidates())
 
 

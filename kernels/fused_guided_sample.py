@@ -2,11 +2,11 @@
 
 Contract (same semantics as `llamagen_core2.guidance.guided_sample`, the torch reference):
     cond, uncond, weak : [B, V] logits (any float dtype, read once, computed in fp32)
-    mode               : "cond" | "cfg" | "fast" | "slow"  (see guidance.py for the formulas)
+    mode               : "cond" | "cfg" | "fast" | "slow"  (see guidance/mixing.py for the formulas)
     cfg_scale, w2s_scale, temperature, top_k, top_p : Python numbers or per-row tensors [B]
     seeds, offset      : Philox keys (an int, or an int64 tensor [1] or [B]) and the counter base
                          (an int, or an int64 tensor [1] -- or [B], one base per row -- that may live
-                         on the device); the counter layout is `llamagen_core2.philox`'s, and the
+                         on the device); the counter layout is `llamagen_core2.guidance.philox`'s, and the
                          torch reference draws the same uniforms, so both backends give the same tokens
     returns tokens LongTensor [B] (and the fp32 mixed logits [B, V] when return_mixed=True).
 
@@ -57,12 +57,12 @@ import triton
 import triton.language as tl
 
 from ..errors import InvalidArgument, check_finite_scale, check_sampling_args
-from ..guidance_config import MODE_TABLE
-from ..philox import check_offset, check_seeds, counter_strides, per_row_offsets
+from ..guidance.config import MODE_IDS, MODE_TABLE, check_mode, reads_uncond
+from ..guidance.philox import check_offset, check_seeds, counter_strides, per_row_offsets
 from .dispatch import interpreted, multiprocessor_count
 
 MAX_VOCAB = 65536  # rows beyond 16384 entries are streamed from scratch by the select kernel
-MODE_IDS = {"cond": 0, "cfg": 1, "fast": 2, "slow": 3}
+COND, FAST, SLOW = (tl.constexpr(MODE_IDS[m]) for m in ("cond", "fast", "slow"))  # the MODE constexpr's values
 INT32_MIN = tl.constexpr(-2147483648)
 INT32_MAX = tl.constexpr(2147483647)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -105,16 +105,17 @@ def _mixed_tile(cond_ptr, uncond_ptr, weak_ptr, s_cfg, a_w2s, rows64, cols, vali
                 stride_c, stride_u, stride_w, MODE: tl.constexpr, CFG_MIX: tl.constexpr):
     """fp32 mixed logits [R, C] with the reference association (guidance.mix_guidance)."""
     c = tl.load(cond_ptr + rows64[:, None] * stride_c + cols[None, :], mask=valid, other=0.0).to(tl.float32)
-    if MODE == 0:
+    if MODE == COND:
         mixed = c
-    elif MODE == 2:
+    elif MODE == FAST:
         mixed = tl.load(weak_ptr + rows64[:, None] * stride_w + cols[None, :], mask=valid, other=0.0).to(tl.float32)
     else:
         mixed = c
         if CFG_MIX:
             u = tl.load(uncond_ptr + rows64[:, None] * stride_u + cols[None, :], mask=valid, other=0.0).to(tl.float32)
-            mixed = tl.where(s_cfg[:, None] > 1.0, u + s_cfg[:, None] * (c - u), c)  # a scale <= 1 means cond-only
-        if MODE == 3:
+            # guidance.config.cfg_mixes, per row: a scale <= 1 means cond only
+            mixed = tl.where(s_cfg[:, None] > 1.0, u + s_cfg[:, None] * (c - u), c)
+        if MODE == SLOW:
             w = tl.load(weak_ptr + rows64[:, None] * stride_w + cols[None, :], mask=valid, other=0.0).to(tl.float32)
             mixed = w + a_w2s[:, None] * (mixed - w)
     return mixed
@@ -709,43 +710,53 @@ def torch_select_thresholds(x: torch.Tensor, top_k, top_p, *, top_k_max: int, to
 # ------------------------------------------------------------------ launcher
 
 
-def _as_logits(name: str, t: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    if t is None:
-        return None
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        raise InvalidArgument(f"{name} must be a floating-point tensor [B, V]")
-    if like is None:
-        if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
-            raise InvalidArgument(f"{name} must be [B, V] with B > 0 and V > 0, got shape {list(t.shape)}")
-        if t.shape[1] > MAX_VOCAB:
-            raise InvalidArgument(f"vocab size must be <= {MAX_VOCAB} for the fused kernel, got {t.shape[1]}")
-    elif t.shape != like.shape:
-        raise InvalidArgument(f"{name} must have the shape of cond {list(like.shape)}, got {list(t.shape)}")
-    elif t.device != like.device:
-        raise InvalidArgument(f"{name} must be on {like.device}, got {t.device}")
-    return t if t.stride(-1) == 1 else t.contiguous()
+def check_launch_args(cond, uncond, weak, *, select: str = "kernel", filters: Optional[tuple] = None) -> None:
+    """The fused kernel's own limits, checked by its public entries (fused_guided_sample, and guided_sample when it
+    dispatches here): float logits [B, V] of one shape on one device with V <= MAX_VOCAB, a select path, and a
+    filters promise that is None or a pair of bools."""
+    if select not in SELECT_PATHS:
+        raise InvalidArgument(f"select must be one of {SELECT_PATHS}, got {select!r}")
+    if filters is not None and (not isinstance(filters, tuple) or len(filters) != 2 or
+                                not all(isinstance(f, bool) for f in filters)):
+        raise InvalidArgument(f"filters must be None or a pair of bools (top_k_on, top_p_on), got {filters!r}")
+    for name, t in (("cond", cond), ("uncond", uncond), ("weak", weak)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise InvalidArgument(f"{name} must be a floating-point tensor [B, V]")
+        if t is cond:
+            if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+                raise InvalidArgument(f"{name} must be [B, V] with B > 0 and V > 0, got shape {list(t.shape)}")
+            if t.shape[1] > MAX_VOCAB:
+                raise InvalidArgument(f"vocab size must be <= {MAX_VOCAB} for the fused kernel, got {t.shape[1]}")
+        elif t.shape != cond.shape:
+            raise InvalidArgument(f"{name} must have the shape of cond {list(cond.shape)}, got {list(t.shape)}")
+        elif t.device != cond.device:
+            raise InvalidArgument(f"{name} must be on {cond.device}, got {t.device}")
 
 
-def _per_row(value, name: str, batch: int, device, dtype, check_values: bool) -> torch.Tensor:
-    """A Python number or a tensor ([] or [B]) -> contiguous [B] tensor on `device`."""
+def _check_knob(name: str, value, batch: int, check_values: bool) -> None:
+    """A knob is a number (always value-checked) or a tensor [] / [B] (its values checked, a host sync, when
+    check_values)."""
     if isinstance(value, torch.Tensor):
         if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
             raise InvalidArgument(f"{name} must be a number or a tensor of shape [{batch}] (one per row), "
                                   f"got shape {list(value.shape)}")
-        if check_values:
-            _check_knob(name, value)
-        return value.to(device=device, dtype=dtype).expand(batch).contiguous()
-    _check_knob(name, value)
-    return torch.full((batch,), value, device=device, dtype=dtype)
-
-
-def _check_knob(name: str, value) -> None:
+        if not check_values:
+            return
     if name in ("cfg_scale", "w2s_scale"):
         check_finite_scale(name, value)
     else:
         check_sampling_args(value if name == "temperature" else 1.0,
                             value if name == "top_k" else 0,
                             value if name == "top_p" else 1.0)
+
+
+def _per_row(value, batch: int, device, dtype) -> torch.Tensor:
+    """A Python number or a tensor ([] or [B]) -> contiguous [B] tensor on `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype).expand(batch).contiguous()
+    return torch.full((batch,), value, device=device, dtype=dtype)
 
 
 KNOB_DTYPES = {"cfg_scale": torch.float32, "w2s_scale": torch.float32, "temperature": torch.float32,
@@ -772,12 +783,12 @@ def fused_guided_sample(
     select: str = "kernel",
     top_k_max: Optional[int] = None,
 ):
-    """Launch the two kernels on [B, V] logits; tokens LongTensor [B] (and mixed fp32 [B, V]).
+    """Check every argument, then `launch` the two kernels on [B, V] logits; tokens LongTensor [B] (and mixed fp32
+    [B, V]).
 
     Python-number knobs are passed as kernel arguments (no device tensors are built for them). If
-    any knob is a tensor, all become [B] tensors, value-checked (a host sync) unless
-    check_values=False, which the engine passes inside CUDA-graph capture after validating the
-    request once. `config` overrides `launch_config(B, V, device)` (tests, tuning).
+    any knob is a tensor, all become [B] tensors, value-checked (a host sync) unless check_values=False.
+    `config` overrides `launch_config(B, V, device)` (tests, tuning).
 
     filters: (top_k_on, top_p_on), the host's promise of which filters any row may use (the engine
     derives it once per request): a filter promised off is compiled out and, with both off, no row is
@@ -789,44 +800,52 @@ def fused_guided_sample(
     top_k_max: the largest top_k of any row (select="torch" with per-row top_k; read from the tensor,
     a host sync, when None).
     """
-    if mode not in MODE_IDS:
-        raise InvalidArgument(f"mode must be one of {tuple(MODE_IDS)}, got {mode!r}")
-    if select not in SELECT_PATHS:
-        raise InvalidArgument(f"select must be one of {SELECT_PATHS}, got {select!r}")
-    if filters is not None and (not isinstance(filters, tuple) or len(filters) != 2 or
-                                not all(isinstance(f, bool) for f in filters)):
-        raise InvalidArgument(f"filters must be None or a pair of bools (top_k_on, top_p_on), got {filters!r}")
-    cond = _as_logits("cond", cond, None)
-    uncond = _as_logits("uncond", uncond, cond)
-    weak = _as_logits("weak", weak, cond)
+    check_mode(mode)
+    check_launch_args(cond, uncond, weak, select=select, filters=filters)
     batch, vocab = cond.shape
-    device = cond.device
     if MODE_TABLE[mode].weak and weak is None:
         raise InvalidArgument(f"mode {mode!r} needs the weak-model prediction `weak`")
-    if MODE_TABLE[mode].uncond and uncond is None:
-        if isinstance(cfg_scale, torch.Tensor) or float(cfg_scale) > 1.0:
-            raise InvalidArgument(f"mode {mode!r} with cfg_scale > 1 needs the unconditional output `uncond`")
-    seeds = check_seeds(seeds, batch, vocab, device)
+    knobs = dict(cfg_scale=cfg_scale, w2s_scale=w2s_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    for name, value in knobs.items():
+        _check_knob(name, value, batch, check_values)
+    if uncond is None and reads_uncond(mode, cfg_scale):
+        raise InvalidArgument(f"mode {mode!r} with cfg_scale > 1 needs the unconditional output `uncond`")
+    seeds = check_seeds(seeds, batch, vocab, cond.device)
     offset = check_offset(offset, batch, vocab, seeds.numel())
+    return launch(cond, uncond, weak, mode=mode, **knobs, seeds=seeds, offset=offset, return_mixed=return_mixed,
+                  config=config, filters=filters, read_filters=check_values, select=select, top_k_max=top_k_max)
+
+
+def launch(cond: torch.Tensor, uncond: Optional[torch.Tensor], weak: Optional[torch.Tensor], *, mode: str,
+           cfg_scale, w2s_scale, temperature, top_k, top_p, seeds: torch.Tensor, offset, return_mixed: bool = False,
+           config: Optional[LaunchConfig] = None, filters: Optional[tuple] = None, read_filters: bool = False,
+           select: str = "kernel", top_k_max: Optional[int] = None):
+    """The two launches on arguments its caller checked at its entry (fused_guided_sample above, or
+    guidance.sampling.guided_sample, once per call -- or once per request for the decode loops): nothing is checked
+    here. `seeds`: int64 keys [1] or [B] on the logits' device (philox.check_seeds' form); `filters=None` with
+    per-row knobs reads their values only when `read_filters` (a host sync), else promises both filters."""
+    cond = cond if cond.stride(-1) == 1 else cond.contiguous()
+    uncond = uncond if uncond is None or uncond.stride(-1) == 1 else uncond.contiguous()
+    weak = weak if weak is None or weak.stride(-1) == 1 else weak.contiguous()
+    batch, vocab = cond.shape
+    device = cond.device
     seed_stride, offset_stride, counter_row_stride = counter_strides(seeds.numel(), vocab,
                                                                      per_row_offsets(offset, batch))
 
     knobs = dict(cfg_scale=cfg_scale, w2s_scale=w2s_scale, temperature=temperature, top_k=top_k, top_p=top_p)
     per_row = any(isinstance(v, torch.Tensor) for v in knobs.values())
     if per_row:
-        ptrs = {name: _per_row(v, name, batch, device, KNOB_DTYPES[name], check_values) for name, v in knobs.items()}
+        ptrs = {name: _per_row(v, batch, device, KNOB_DTYPES[name]) for name, v in knobs.items()}
         vals = dict(cfg_scale=1.0, w2s_scale=1.0, temperature=1.0, top_k=0, top_p=1.0)
         if filters is None:
             filters = (bool(((ptrs["top_k"] > 0) & (ptrs["top_k"] < vocab)).any()),
-                       bool((ptrs["top_p"] < 1.0).any())) if check_values else (True, True)
+                       bool((ptrs["top_p"] < 1.0).any())) if read_filters else (True, True)
     else:
-        for name, v in knobs.items():
-            _check_knob(name, v)
         ptrs = dict.fromkeys(knobs, seeds)  # never read
         vals = dict(cfg_scale=float(cfg_scale), w2s_scale=float(w2s_scale), temperature=float(temperature),
                     top_k=min(int(top_k), vocab), top_p=float(top_p))
         filters = (0 < vals["top_k"] < vocab, vals["top_p"] < 1.0)  # the values themselves: exact
-    cfg_mix = MODE_TABLE[mode].uncond and (per_row or vals["cfg_scale"] > 1.0)
+    cfg_mix = reads_uncond(mode, cfg_scale)  # a per-row scale: each row decides in the kernel (s > 1)
     sample = per_row or vals["temperature"] != 0.0
     greedy = per_row or vals["temperature"] == 0.0
     scale = per_row or vals["temperature"] not in (0.0, 1.0)

@@ -1,6 +1,6 @@
 """The attention half's entry of a decode block in one launch: add + RMSNorm -> wqkv GEMM -> RoPE -> K/V write.
 
-Reference: llamagen_core2.block_ops.norm_qkv_rope_reference (add_rmsnorm, F.linear, rope_kv_write composed).
+Reference: llamagen_core2.decode.block_ops.norm_qkv_rope_reference (add_rmsnorm, F.linear, rope_kv_write composed).
 
     x, residual [R, L, d] (residual None: h = x), norm_weight [d], wqkv [3*H*D, d] (rows q | k | v, heads
     contiguous; dtype promote(x, norm_weight) as F.linear needs), rope [P, D/2, 2] (cos, sin), positions [L]
@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..block_ops import check_norm_qkv_rope_args
+from ..decode.op_checks import check_norm_qkv_rope_args
 from ..errors import InvalidArgument
 from .add_rmsnorm import _inv_rms, _norm_prologue_tile
 from .dispatch import interpreted

@@ -1,6 +1,6 @@
 """The FFN half's entry of a decode block in one launch: add + RMSNorm -> [w1; w3] GEMM -> SwiGLU.
 
-Reference: llamagen_core2.block_ops.norm_w13_swiglu_reference (add_rmsnorm, F.linear, swiglu composed).
+Reference: llamagen_core2.decode.block_ops.norm_w13_swiglu_reference (add_rmsnorm, F.linear, swiglu composed).
 
     x, residual [..., d] (residual None: h = x), norm_weight [d], w13 [2F, d] (FeedForward.w13: rows 0:F = w1,
     F:2F = w3; dtype promote(x, norm_weight) as F.linear needs)
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..block_ops import check_norm_w13_swiglu_args
+from ..decode.op_checks import check_norm_w13_swiglu_args
 from ..errors import InvalidArgument
 from .add_rmsnorm import _inv_rms, _norm_prologue_tile
 from .dispatch import interpreted

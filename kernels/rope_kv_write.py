@@ -1,4 +1,4 @@
-"""RoPE on q and k + K/V cache write in one launch (reference: llamagen_core2.block_ops.rope_kv_write_reference).
+"""RoPE on q and k + K/V cache write in one launch (reference: llamagen_core2.decode.block_ops.rope_kv_write_reference).
 
     qkv [R, L, 3*H*D] (q | k | v, heads contiguous, as wqkv produces), rope [P, D/2, 2] (cos, sin),
     positions [L] int (on the device), cache_k/cache_v [rows_total, H, S, D] (qkv's dtype), row_start int
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..block_ops import check_rope_kv_write_args
+from ..decode.op_checks import check_rope_kv_write_args
 from ..errors import InvalidArgument
 from .dispatch import interpreted, multiprocessor_count
 

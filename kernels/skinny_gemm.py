@@ -1,6 +1,6 @@
 """Skinny GEMMs (M <= 128 rows) for the decode step, with split-K reduced inside the same launch.
 
-Reference: llamagen_core2.block_ops.skinny_linear_reference (F.linear, no bias).
+Reference: llamagen_core2.decode.block_ops.skinny_linear_reference (F.linear, no bias).
 
     x [..., K], weight [N, K] (x's dtype: fp32, bf16 or fp16) -> out = x @ weight.T [..., N] in x's dtype,
     accumulated in fp32
@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..block_ops import check_skinny_linear_args
+from ..decode.op_checks import check_skinny_linear_args
 from ..errors import InvalidArgument
 from .dispatch import interpreted, multiprocessor_count
 

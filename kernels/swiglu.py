@@ -1,4 +1,4 @@
-"""SwiGLU activation silu(gate) * up in one pass (reference: llamagen_core2.block_ops.swiglu_reference).
+"""SwiGLU activation silu(gate) * up in one pass (reference: llamagen_core2.decode.block_ops.swiglu_reference).
 
     gate_up [..., 2F] (first half w1 x, second half w3 x: one GEMM against the row-concatenated [w1; w3])
     -> out [..., F] in gate_up's dtype
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ..block_ops import check_swiglu_args
+from ..decode.op_checks import check_swiglu_args
 from ..errors import InvalidArgument
 from .dispatch import interpreted, multiprocessor_count
 

@@ -32,7 +32,7 @@ from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 
-from .dispatch import requested_backend
+from .backend_setting import requested_backend
 
 logger = logging.getLogger("llamagen_core2.kernels")
 

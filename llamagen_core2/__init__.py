@@ -3,24 +3,50 @@
     from llamagen_core2 import LlamaGenPipeline, GuidanceConfig, GPT, VQModel, WeakModel, CaptionEncoder, generate
 
 The names are imported on first use (module `__getattr__`), so `import llamagen_core2` stays cheap (no torch
-import) and `llamagen-core2 --help` fast.
+import) and `llamagen-core2 --help` fast. Where each concern lives (sub-packages and the import floors between
+them): docs/design.md#layout.
+
+Module paths from before the sub-packages (`llamagen_core2.engine`, `.guidance_config`, `.weak_model`, ...)
+still import: `_MOVED` maps each to its module, and `import llamagen_core2.<old path>` gives that same module
+object (so monkeypatching either name patches the one module). New code uses the new paths.
 """
 import importlib
+import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
 import sys
 import types
 
+from .optional import lazy_exports
+
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "GPT": "model", "VQModel": "vq", "WeakModel": "weak_model", "CaptionEncoder": "text", "generate": "generate",
-    "LlamaGenPipeline": "pipeline", "LlamaGenPipelineOutput": "pipeline", "GuidanceConfig": "guidance_config",
-    "Schedule": "guidance_config", "make_schedule": "guidance_config", "InvalidArgument": "errors",
-    "CheckpointError": "errors",
+_EXPORTS = {  # public name -> module (relative to the package) it is imported from on first use
+    "GPT": "decode.model", "KVCache": "decode.kv_cache", "Engine": "decode.engine", "GenerationStats": "decode.step",
+    "StepRecord": "decode.step", "generate": "decode.generate",
+    "VQModel": "encoders.vq", "CaptionEncoder": "encoders.text",
+    "WeakModel": "core2.weak_model", "sample_images": "core2.sample",
+    "LlamaGenPipeline": "pipeline", "LlamaGenPipelineOutput": "pipeline",
+    "GuidanceConfig": "guidance.config", "Schedule": "guidance.config", "make_schedule": "guidance.config",
+    "MODE_TABLE": "guidance.config", "MODES": "guidance.config", "mix_guidance": "guidance.mixing",
+    "guided_sample": "guidance.sampling", "image_key": "guidance.seeding", "row_keys": "guidance.seeding",
+    "InvalidArgument": "errors", "CheckpointError": "errors", "NonFiniteError": "errors",
+    "MissingDependency": "errors",
 }
 __all__ = sorted(_EXPORTS)
+
+_MOVED = {  # module path before the sub-packages (issue 23) -> its module now, both relative to the package
+    "files": "io.files", "checkpoint": "io.checkpoint", "hub": "io.hub", "images": "io.images",
+    "run_settings": "io.run_settings", "shards": "io.shards",
+    "guidance_config": "guidance.config", "philox": "guidance.philox", "seeding": "guidance.seeding",
+    "model": "decode.model", "block_ops": "decode.block_ops", "decode_ops": "decode.decode_ops",
+    "engine": "decode.engine", "static_decode": "decode.static_decode", "generate": "decode.generate",
+    "jacobi": "decode.jacobi", "memory": "decode.memory",
+    "vq": "encoders.vq", "text": "encoders.text",
+    "weak_model": "core2.weak_model", "collect": "core2.collect", "reflect": "core2.reflect", "sample": "core2.sample",
+    "cli_common": "cli.args", "core2_cli": "cli.core2", "diffusion.cli": "cli.diffusion",
+}
 
 
 def _bind_kernels_from_checkout() -> None:
@@ -48,24 +74,39 @@ def _bind_kernels_from_checkout() -> None:
 _bind_kernels_from_checkout()
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value  # later lookups skip __getattr__
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """The import hook behind `_MOVED`: `import llamagen_core2.<old path>` loads nothing of its own, it returns the
+    module at the new path, so both names are one object in sys.modules."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        old = fullname[len(__name__) + 1:] if fullname.startswith(__name__ + ".") else None
+        if old not in _MOVED:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        module = importlib.import_module(f"{__name__}.{_MOVED[spec.name[len(__name__) + 1:]]}")
+        spec.loader_state = module.__spec__  # the import system sets module.__spec__ to this alias spec: undone below
+        return module
+
+    def exec_module(self, module):
+        module.__spec__ = module.__spec__.loader_state
 
 
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+if not any(isinstance(finder, _MovedModules) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _MovedModules())
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 class _Package(types.ModuleType):
-    """`llamagen_core2.generate` is the function: importing the submodule of the same name (which the import system
-    binds on the package) must not replace it. `from llamagen_core2.generate import ...` is unaffected."""
+    """An exported name stays what `_EXPORTS` says: `llamagen_core2.generate` is the function, and importing the
+    module of the same name (`llamagen_core2.generate`, an old path of `llamagen_core2.decode.generate`), which
+    the import system binds on the package, does not replace it. `from llamagen_core2.generate import ...` is
+    unaffected."""
 
     def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+        if isinstance(value, types.ModuleType) and name in _EXPORTS:
             return
         super().__setattr__(name, value)
 

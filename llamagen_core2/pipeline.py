@@ -11,8 +11,8 @@ Contract:
     generator=None, seed=None, batch_size=None, output_type="pil", return_dict=True, progress=True,
     guidance_scale=None, decoding="sequential", jacobi_window=16)`.
     Images are condition-major: the `num_images_per_prompt` images of condition 0 first.
-  * Seed rule (seeding.py): image i of a call uses the Philox key `image_key(s, first_image_index + i)`, with s =
-    `seed`, or one draw from `generator`; with a list of generators (one per image) image i uses the first key of
+  * Seed rule (guidance/seeding.py): image i of a call uses the Philox key `image_key(s, first_image_index + i)`, with
+    s = `seed`, or one draw from `generator`; with a list of generators (one per image) image i uses the first key of
     generator i. Image i therefore does not depend on `batch_size` or on the other images of the call; the CLI
     `generate` and `sample` pass the index of the image in the whole run, so a run's image n uses
     image_key(--seed, n) whatever --batch-size and however the run was resumed or split.
@@ -44,24 +44,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .engine import Engine
+from .decode.engine import Engine
+from .decode.generate import generate
+from .decode.jacobi import DEFAULT_WINDOW, check_decoding
+from .encoders.text import encode_in_batches
 from .errors import InvalidArgument, check_has_values, check_int, check_number
-from .generate import generate
-from .guidance_config import GuidanceConfig, require_weak
-from .jacobi import DEFAULT_WINDOW, check_decoding
-from .images import to_pil_images, to_uint8
-from .seeding import row_keys
+from .guidance.config import GuidanceConfig, default_guidance, require_weak
+from .guidance.seeding import row_keys
+from .io.images import to_pil_images, to_uint8
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "tokens")
-C2I_GUIDANCE = GuidanceConfig()  # LlamaGen sample_c2i.py / demo: cfg 4.0, top-k 2000
-T2I_GUIDANCE = GuidanceConfig(cfg_scale=7.5, top_k=1000)  # LlamaGen sample_t2i.py
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
-
-
-def default_guidance(model_type: str) -> GuidanceConfig:
-    return T2I_GUIDANCE if model_type == "t2i" else C2I_GUIDANCE
 
 
 @dataclass
@@ -107,7 +102,7 @@ class LlamaGenPipeline:
                         device=None, dtype=None, guidance: Optional[GuidanceConfig] = None,
                         revision: Optional[str] = None, cache_dir=None,
                         local_files_only: Optional[bool] = None) -> "LlamaGenPipeline":
-        """Load the parts from local paths or Hub ids (hub.py: HF cache, HF_HUB_OFFLINE).
+        """Load the parts from local paths or Hub ids (io/hub.py: HF cache, HF_HUB_OFFLINE).
 
         `vq` defaults to the GPT's source when `vq_filename` is given, so LlamaGen's single-file release loads with
         `from_pretrained("FoundationVision/LlamaGen", gpt_filename="c2i_B_256.pt", vq_filename="vq_ds16_c2i.pt")`.
@@ -116,9 +111,9 @@ class LlamaGenPipeline:
         `vq_preset`: default a directory's config.json, else VQ-16. `gpt_kwargs` / `vq_kwargs`: config overrides for GPT.from_pretrained / VQModel.from_pretrained (e.g.
         {"image_size": 384} for a file whose name does not say it).
         """
-        from .hub import resolve
-        from .model import GPT
-        from .vq import VQModel
+        from .decode.model import GPT
+        from .encoders.vq import VQModel
+        from .io.hub import resolve
 
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
         if vq is None:
@@ -131,12 +126,12 @@ class LlamaGenPipeline:
         vq_model = VQModel.from_pretrained(vq, vq_preset, device=device, filename=vq_filename, **hub,
                                            **(vq_kwargs or {}))
         if weak_model is not None and not isinstance(weak_model, torch.nn.Module):
-            from .weak_model import WeakModel
+            from .core2.weak_model import WeakModel
 
             weak_dir = resolve(weak_model, allow_patterns=("*.json", "*.safetensors"), what="weak model", **hub)
             weak_model = WeakModel.from_pretrained(weak_dir, gpt_model, device=device, dtype=dtype)
         if caption_encoder is not None and not hasattr(caption_encoder, "encode"):
-            from .text import CaptionEncoder
+            from .encoders.text import CaptionEncoder
 
             t5_dtype = torch.bfloat16 if str(device).startswith("cuda") else None
             caption_encoder = CaptionEncoder.from_pretrained(caption_encoder, device=device, dtype=t5_dtype, **hub)
@@ -184,12 +179,7 @@ class LlamaGenPipeline:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             if not prompts or not all(isinstance(p, str) for p in prompts):
                 raise InvalidArgument("prompt must be a string or a non-empty list of strings")
-            feats, masks = [], []
-            for start in range(0, len(prompts), 32):
-                f_, m_ = self.caption_encoder.encode(prompts[start:start + 32])
-                feats.append(f_.cpu())
-                masks.append(m_.cpu())
-            return torch.cat(feats), torch.cat(masks)
+            return encode_in_batches(self.caption_encoder, prompts)
         if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 3:
             raise InvalidArgument(f"prompt_embeds must be caption features [M, {c.cls_token_num}, {c.caption_dim}]")
         check_has_values("prompt_embeds", prompt_embeds)

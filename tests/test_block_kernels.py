@@ -22,9 +22,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llamagen_core2 import block_ops
+from llamagen_core2.decode import block_ops
+from llamagen_core2.decode.model import FeedForward, rope_table_2d
 from llamagen_core2.errors import InvalidArgument
-from llamagen_core2.model import FeedForward, rope_table_2d
 from tiny_models import tiny_gpt, tiny_gpt_config
 
 dispatch = pytest.importorskip("llamagen_core2.kernels.dispatch")

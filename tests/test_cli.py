@@ -6,8 +6,8 @@ from PIL import Image
 
 from llamagen_core2.cli import main
 from llamagen_core2.config import VQConfig
-from llamagen_core2.model import GPT
-from llamagen_core2.vq import VQModel
+from llamagen_core2.decode.model import GPT
+from llamagen_core2.encoders.vq import VQModel
 from tiny_models import tiny_gpt
 
 TINY_VQ = dict(ch=16, z_channels=16, codebook_size=97, codebook_embed_dim=8, norm_groups=8, ch_mult=(1, 1, 1))
@@ -70,7 +70,7 @@ def test_generate_errors_are_one_line(tmp_path, capsys):
 
 
 def test_generate_with_weak_model_and_schedule(tmp_path, capsys):
-    from llamagen_core2.weak_model import WeakModel
+    from llamagen_core2.core2.weak_model import WeakModel
 
     gpt, vq = _tiny_world(tmp_path)
     gpt.save_pretrained(tmp_path / "gpt")
@@ -118,7 +118,7 @@ def test_llamagen_flag_names_on_the_shipped_mini_world(tmp_path, capsys):
 
 def test_precision_alias_and_t2i_sampling_defaults(tmp_path):
     from llamagen_core2.cli import build_parser
-    from llamagen_core2.cli_common import load_gpt
+    from llamagen_core2.cli.loading import load_gpt
 
     parser = build_parser()
     for model_type, expected in (("c2i", (4.0, 2000)), ("t2i", (7.5, 1000))):
@@ -138,7 +138,7 @@ def test_precision_alias_and_t2i_sampling_defaults(tmp_path):
 
 
 def test_allow_other_base_weights_lets_a_same_shape_base_use_the_weak_model(tmp_path, capsys):
-    from llamagen_core2.model import GPT
+    from llamagen_core2.decode.model import GPT
     from llamagen_core2.world.pipeline import default_checkpoint_dir
 
     root = default_checkpoint_dir()
@@ -193,7 +193,7 @@ def test_generate_t2i_labels_rows_with_captions_and_records_them(tmp_path, capsy
     """The t2i path of generate (caption features stand in for T5, which tests/test_text.py covers)."""
     import numpy as np
 
-    from llamagen_core2 import cli
+    from llamagen_core2.cli import generate as generate_command
     from tiny_models import captions
 
     t2i = tiny_gpt("t2i", image_size=16, downsample=4)
@@ -202,7 +202,7 @@ def test_generate_t2i_labels_rows_with_captions_and_records_them(tmp_path, capsy
     vq.save_pretrained(tmp_path / "vq")
     feats, mask = captions(t2i, 2, [3, 6])
     names = ["a red cat", "a dog on a very long road under the stars"]
-    monkeypatch.setattr(cli, "load_conditions", lambda args, gpt: (feats, mask, names))
+    monkeypatch.setattr(generate_command, "load_conditions", lambda args, gpt: (feats, mask, names))
     out = tmp_path / "t2i"
     argv = ["generate", "--gpt", str(tmp_path / "gpt"), "--vq", str(tmp_path / "vq"), "--captions", "unused.txt",
             "--per-class", "2", "--out", str(out), "--device", "cpu", "--quiet"]

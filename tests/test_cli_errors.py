@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamagen_core2 import cli, cli_common, core2_cli
+from llamagen_core2 import cli
+from llamagen_core2.cli import args as cli_args
+from llamagen_core2.cli import core2 as core2_cli
+from llamagen_core2.cli import generate as generate_command
 from llamagen_core2.cli import main
 from tiny_models import save_tiny_world
 
@@ -164,17 +167,13 @@ def test_refused_collect_leaves_nothing_that_blocks_the_corrected_rerun(world, t
     one_line_error([*base, "--num-tokens", "99"], capsys, contains=["num_tokens must be an integer in [1, 16]"])
     assert not out.exists()
     # A failure inside the first batch (here: memory refused) leaves at most a manifest without shards ...
-    import sys
-
-    import llamagen_core2.generate  # noqa: F401  (the package attribute `generate` is the function)
+    from llamagen_core2.decode.engine import Engine
     from llamagen_core2.errors import InvalidArgument
-
-    generate_module = sys.modules["llamagen_core2.generate"]
 
     def no_memory(*args, **kwargs):
         raise InvalidArgument("batch 2 does not fit in free memory")
 
-    monkeypatch.setattr(generate_module, "_check_memory", no_memory)
+    monkeypatch.setattr(Engine, "check_memory", no_memory)  # collect decodes with an Engine
     one_line_error([*base, "--batch-size", "2"], capsys, contains=["does not fit"])
     monkeypatch.undo()
     # ... which the corrected command (other batch size and scale) replaces instead of refusing.
@@ -250,7 +249,7 @@ def test_a_bug_is_not_turned_into_a_one_line_error(world, tmp_path, monkeypatch)
     def broken(args):
         raise RuntimeError("a bug in the engine")
 
-    monkeypatch.setattr(cli, "load_gpt", broken)
+    monkeypatch.setattr(generate_command, "load_gpt", broken)
     with pytest.raises(RuntimeError, match="a bug in the engine"):
         main(generate_argv(world, tmp_path))
     monkeypatch.setattr(core2_cli, "load_gpt", broken)
@@ -272,7 +271,7 @@ def test_out_of_memory_is_one_line_with_advice(world, tmp_path, capsys, monkeypa
     def oom(args):
         raise OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
 
-    monkeypatch.setattr(cli, "load_gpt", oom)
+    monkeypatch.setattr(generate_command, "load_gpt", oom)
     one_line_error(generate_argv(world, tmp_path), capsys, contains=["out of device memory", "--batch-size"])
 
 
@@ -284,7 +283,7 @@ def test_threads_option_sets_torch_threads(world, tmp_path, capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-    assert cli_common.DEFAULT_THREADS == 1
+    assert cli_args.DEFAULT_THREADS == 1
 
 
 def test_reflect_starting_over_keeps_its_own_checkpoints(world, tmp_path):

@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from llamagen_core2 import core2_cli
-from llamagen_core2.collect import collect, load_collected, storage_per_image
+from llamagen_core2.cli import core2 as core2_cli
 from llamagen_core2.config import VQConfig
+from llamagen_core2.core2.collect import COLLECT_GUIDANCE, collect, load_collected, storage_per_image
+from llamagen_core2.core2.reflect import reflect
+from llamagen_core2.core2.sample import build_schedule
+from llamagen_core2.core2.weak_model import WeakModel
+from llamagen_core2.decode.generate import generate
+from llamagen_core2.encoders.vq import VQModel
 from llamagen_core2.errors import CheckpointError, InvalidArgument
-from llamagen_core2.generate import generate
-from llamagen_core2.guidance_config import make_schedule
-from llamagen_core2.reflect import reflect
-from llamagen_core2.sample import build_schedule
-from llamagen_core2.shards import ShardReader
-from llamagen_core2.vq import VQModel
-from llamagen_core2.weak_model import WeakModel
+from llamagen_core2.guidance.config import make_schedule
+from llamagen_core2.io.shards import ShardReader
 from tiny_models import captions, tiny_gpt
 
 WEAK_TINY = dict(dim=32, n_head=4, multiple_of=32)
@@ -41,7 +41,8 @@ def trained(tmp_path_factory):
     gpt_dir = root / "gpt"
     gpt.save_pretrained(gpt_dir)
     shards = root / "shards"
-    summary = collect(gpt, list(range(10)), shards, per_condition=6, batch_size=12, cfg_scale=4.0, seed=0,
+    summary = collect(gpt, list(range(10)), shards, per_condition=6, batch_size=12,
+                      guidance=COLLECT_GUIDANCE.replace(cfg_scale=4.0), seed=0,
                       progress=False)
     out = root / "weak"
     result = reflect(gpt, shards, out, preset="W-2", weak_overrides=WEAK_TINY, steps=80, batch_size=8, lr=3e-3,
@@ -147,7 +148,7 @@ def test_weak_save_load_roundtrip_records_the_base(trained):
 
 
 def test_reflect_resume_after_interruption_matches_unbroken_run(trained, tmp_path, monkeypatch):
-    from llamagen_core2 import reflect as reflect_module
+    from llamagen_core2.core2 import reflect as reflect_module
 
     gpt, shards = trained["gpt"], trained["shards"]
     kw = dict(preset="W-1", weak_overrides=WEAK_TINY, steps=12, batch_size=8, holdout=0.2, eval_every=100,
@@ -175,7 +176,7 @@ def test_reflect_log_has_no_repeated_step_after_a_kill_between_an_eval_line_and_
         trained, tmp_path, monkeypatch):
     """Issue 19: killed after logging step 8 but before its checkpoint, the resumed run (from step 4) logged steps
     6 and 8 a second time."""
-    from llamagen_core2 import reflect as reflect_module
+    from llamagen_core2.core2 import reflect as reflect_module
 
     gpt, shards = trained["gpt"], trained["shards"]
     kw = dict(preset="W-1", weak_overrides=WEAK_TINY, steps=12, batch_size=8, holdout=0.2, eval_every=2,
@@ -298,10 +299,11 @@ def test_collect_sigkill_resume_and_rank_split_give_the_same_samples(trained, tm
     script = textwrap.dedent(f"""
         import os, time, torch
         torch.set_num_threads(1)
-        from llamagen_core2.model import GPT
-        from llamagen_core2.collect import collect
+        from llamagen_core2.decode.model import GPT
+        from llamagen_core2.core2.collect import COLLECT_GUIDANCE, collect
         gpt = GPT.from_pretrained({str(gpt_dir)!r})
-        collect(gpt, list(range(5)), {str(killed)!r}, per_condition=4, batch_size=2, cfg_scale=3.0, seed=7,
+        collect(gpt, list(range(5)), {str(killed)!r}, per_condition=4, batch_size=2,
+                guidance=COLLECT_GUIDANCE.replace(cfg_scale=3.0), seed=7,
                 base_checkpoint=os.path.abspath({str(gpt_dir)!r}), progress=False,
                 on_group=lambda g: time.sleep(0.5))
     """)
@@ -341,13 +343,15 @@ def test_collect_refuses_to_resume_with_other_settings_and_bad_arguments(trained
     assert "KiB per image" in capsys.readouterr().out
     assert cli_main([*argv[:4], "3-12", *argv[5:]]) == 2
     assert "class ids must be in [0, 9]" in capsys.readouterr().err
-    collect(gpt, [1, 2], tmp_path, per_condition=1, batch_size=2, cfg_scale=3.0, progress=False)
+    collect(gpt, [1, 2], tmp_path, per_condition=1, batch_size=2,
+            guidance=COLLECT_GUIDANCE.replace(cfg_scale=3.0), progress=False)
     with pytest.raises(InvalidArgument, match="cfg_scale"):
-        collect(gpt, [1, 2], tmp_path, per_condition=1, batch_size=2, cfg_scale=5.0, progress=False)
+        collect(gpt, [1, 2], tmp_path, per_condition=1, batch_size=2,
+                guidance=COLLECT_GUIDANCE.replace(cfg_scale=5.0), progress=False)
     with pytest.raises(InvalidArgument, match="cfg_scale must be > 1"):
-        collect(gpt, [1], tmp_path / "x", cfg_scale=1.0)
+        collect(gpt, [1], tmp_path / "x", guidance=COLLECT_GUIDANCE.replace(cfg_scale=1.0))
     with pytest.raises(InvalidArgument, match=r"class ids must be in \[0, 9\]"):
-        collect(gpt, [3, 12], tmp_path / "y", cfg_scale=2.0)
+        collect(gpt, [3, 12], tmp_path / "y", guidance=COLLECT_GUIDANCE.replace(cfg_scale=2.0))
 
 
 def test_reflect_refuses_shards_from_another_base(trained, tmp_path):
@@ -423,7 +427,7 @@ def test_torchrun_two_process_collect_equals_one_process(trained, tmp_path):
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "llamagen_core2.core2_cli", *args, "--out", str(two)], cwd=REPO, env=env,
+                          "-m", "llamagen_core2.cli.core2", *args, "--out", str(two)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert {p.name[:9] for p in two.glob("rank*.safetensors")} == {"rank00000", "rank00001"}
@@ -434,7 +438,7 @@ def test_t2i_collect_reflect_and_fast_sampling(tmp_path):
     gpt = tiny_gpt("t2i")
     feats, mask = captions(gpt, 4, [2, 3, 5, 6])
     collect(gpt, feats, tmp_path / "shards", caption_mask=mask, condition_names=["a", "b", "c", "d"],
-            per_condition=3, batch_size=6, cfg_scale=5.0, progress=False)
+            per_condition=3, batch_size=6, guidance=COLLECT_GUIDANCE.replace(cfg_scale=5.0), progress=False)
     meta, data = load_collected(tmp_path / "shards")
     assert meta["conditions"] == ["a", "b", "c", "d"] and data["captions"].shape == (12, 6, 24)
     assert torch.equal(data["caption_mask"], mask.repeat_interleave(3, 0))

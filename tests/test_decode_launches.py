@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from llamagen_core2.decode_ops import DecodeOps
-from llamagen_core2.engine import Engine
-from llamagen_core2.generate import generate
+from llamagen_core2.decode.decode_ops import DecodeOps
+from llamagen_core2.decode.engine import Engine
+from llamagen_core2.decode.generate import generate
 from llamagen_core2.kernels import dispatch
 from tiny_models import tiny_gpt
 
@@ -120,8 +120,8 @@ def engine_step_ops(counter, n_layer: int, mode: str, decoding: str = "sequentia
     weak model (fast/slow), the head, the fused sampler, the token write-back and the counters. decoding="jacobi":
     one window pass of 4 positions (jacobi._window_pass: the window's inputs, the forward, sampling and the
     acceptance on the device)."""
-    from llamagen_core2 import jacobi
-    from llamagen_core2.weak_model import WeakModel
+    from llamagen_core2.core2.weak_model import WeakModel
+    from llamagen_core2.decode import jacobi
 
     gpt = tiny_gpt(n_layer=n_layer)
     weak = WeakModel.for_base(gpt, "W-1", dim=32, n_head=4, fingerprint=False)

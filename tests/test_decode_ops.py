@@ -1,6 +1,6 @@
 """The fused decode-layer kernels in the decode step (issue 21, phase 2): the block_ops entry points, the timed choice
-per trunk shape (llamagen_core2/decode_ops.py through kernels.dispatch.choose_decode_op), the engine deciding before
-any capture with the flags in the graph keys, the split-K workspace sized before capture, and fp16 refused by the
+per trunk shape (llamagen_core2/decode/decode_ops.py through kernels.dispatch.choose_decode_op), the engine deciding
+before any capture with the flags in the graph keys, the split-K workspace sized before capture, and fp16 refused by the
 fused add+RMSNorm GEMMs.
 
 On CPU the kernels run under the Triton interpreter (fp32); the guard never times on a CPU, so its decisions are
@@ -12,11 +12,11 @@ import warnings
 import pytest
 import torch
 
-from llamagen_core2 import block_ops, decode_ops
-from llamagen_core2.decode_ops import DecodeOps, LayerShape
-from llamagen_core2.engine import Engine
+from llamagen_core2.decode import block_ops, decode_ops, op_checks
+from llamagen_core2.decode.decode_ops import DecodeOps, LayerShape
+from llamagen_core2.decode.engine import Engine
+from llamagen_core2.decode.generate import generate
 from llamagen_core2.errors import InvalidArgument
-from llamagen_core2.generate import generate
 from llamagen_core2.kernels import dispatch
 from llamagen_core2.kernels.timed_choice import Candidate, TimedChoice
 from tiny_models import captions, tiny_gpt
@@ -36,7 +36,7 @@ def auto_kernels(monkeypatch):
 
 
 def weak_for(model):
-    from llamagen_core2.weak_model import WeakModel
+    from llamagen_core2.core2.weak_model import WeakModel
 
     weak = WeakModel.for_base(model, "W-1", dim=32, n_head=4, fingerprint=False).eval()
     with torch.no_grad():  # leave the residual start so the weak prediction differs from the cond output
@@ -56,13 +56,13 @@ def test_entry_points_dispatch_to_the_kernels_and_the_references():
     w2 = torch.randn(d, F_, generator=g) * F_ ** -0.5
     rope, positions = torch.randn(12, D // 2, 2, generator=g), torch.tensor([5, 6])
     workspace = gemm.SplitKWorkspace()
-    caches = {backend: (torch.zeros(R, H, 9, D), torch.zeros(R, H, 9, D)) for backend in block_ops.BACKENDS}
+    caches = {backend: (torch.zeros(R, H, 9, D), torch.zeros(R, H, 9, D)) for backend in op_checks.BACKENDS}
     out = {backend: (block_ops.skinny_linear(x[..., :F_].contiguous(), w2, backend=backend, workspace=workspace),
                      block_ops.norm_qkv_rope(x, residual, norm_weight, 1e-5, wqkv, rope, positions, *caches[backend],
                                              0, backend=backend, workspace=workspace),
                      block_ops.norm_w13_swiglu(x, residual, norm_weight, 1e-5, w13, backend=backend,
                                                workspace=workspace))
-           for backend in block_ops.BACKENDS}
+           for backend in op_checks.BACKENDS}
     # the torch path is the reference, bit for bit
     assert torch.equal(out["torch"][0], block_ops.skinny_linear_reference(x[..., :F_], w2))
     ref_cache = torch.zeros(R, H, 9, D), torch.zeros(R, H, 9, D)
@@ -217,7 +217,7 @@ class RecordingGraphs:
 
 @pytest.fixture
 def recording_engine(monkeypatch):
-    from llamagen_core2 import engine as engine_module
+    from llamagen_core2.decode import engine as engine_module
 
     RecordingGraphs.events = []
     monkeypatch.setattr(engine_module, "StepGraphs", RecordingGraphs)
@@ -271,14 +271,14 @@ def test_the_workspace_is_sized_before_capture_and_a_moved_one_drops_the_graphs(
     prepare = engine.prepare_decode_ops
     sized = []
 
-    def prepare_and_record(passes):
-        prepare(passes)
+    def prepare_and_record(request, passes):
+        prepare(request, passes)
         sized.append((engine.workspace.partials.data_ptr(), engine.workspace.partials.numel()))
 
     monkeypatch.setattr(engine, "prepare_decode_ops", prepare_and_record)
     tokens = generate(model, feats, cond_mask=mask, engine=engine, **kw)
     assert torch.equal(tokens, generate(model, feats, cond_mask=mask, engine="eager", **kw))
-    assert {ops.key for ops in engine.decode_ops.values()} == {ALL}
+    assert {ops.key for ops in engine.request.decode_ops.values()} == {ALL}
     assert (engine.workspace.partials.data_ptr(), engine.workspace.partials.numel()) == sized[-1]
     assert not engine.workspace.counters.any()
     events.clear()

@@ -76,14 +76,14 @@ def test_one_visible_gpu_per_process_and_missing_gpus(fake_cuda, monkeypatch):
 
 
 def test_every_cli_resolves_devices_through_the_one_rule(fake_cuda, monkeypatch):
-    """generate/collect/reflect/sample (cli_common) and the diffusion CLI give each torchrun rank its GPU."""
-    from llamagen_core2 import cli_common
-    from llamagen_core2.diffusion import cli as diffusion_cli
+    """generate/collect/reflect/sample (cli/loading.py) and the diffusion CLI give each torchrun rank its GPU."""
+    from llamagen_core2.cli import diffusion as diffusion_cli
+    from llamagen_core2.cli import loading
 
     fake_cuda(count=2)
     monkeypatch.setenv("LOCAL_RANK", "1")
     args = type("Args", (), {"device": "cuda"})()
-    assert cli_common.resolve_device(args) == "cuda:1" and args.device == "cuda:1"
+    assert loading.resolve_device(args) == "cuda:1" and args.device == "cuda:1"
     args = type("Args", (), {"device": "cuda", "dtype": "float32"})()
     device, dtype = diffusion_cli._device_dtype(args)
     assert device == torch.device("cuda", 1) and dtype == torch.float32

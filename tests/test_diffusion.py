@@ -341,7 +341,7 @@ def test_bad_guidance_inputs(pipes):
 def test_collect_then_reflect_beats_cond_baseline_on_heldout_prompts(pipes, tmp_path):
     from llamagen_core2.diffusion.collect import collect_diffusion
     from llamagen_core2.diffusion.reflect import train_noise_model
-    from llamagen_core2.shards import ShardReader
+    from llamagen_core2.io.shards import ShardReader
 
     rnd = random.Random(0)
     prompts = [" ".join(rnd.choice(WORDS) for _ in range(5)) for _ in range(12)]
@@ -366,7 +366,7 @@ def test_collect_then_reflect_beats_cond_baseline_on_heldout_prompts(pipes, tmp_
 def _cli(argv):
     import argparse
 
-    from llamagen_core2.diffusion import cli
+    from llamagen_core2.cli import diffusion as cli
 
     parser = argparse.ArgumentParser()
     cli.add_subcommand(parser.add_subparsers(dest="command", required=True))

@@ -12,7 +12,7 @@ from llamagen_core2.diffusion import GuidanceSettings, diffuse
 from llamagen_core2.diffusion.modes import DIFFUSION_MODES, needs_noise_model, rows_for, step_mode
 from llamagen_core2.diffusion.tiny import tiny_sd3, tiny_sdxl
 from llamagen_core2.errors import InvalidArgument
-from llamagen_core2.guidance_config import GuidanceConfig, Schedule
+from llamagen_core2.guidance.config import GuidanceConfig, Schedule
 from test_diffusion import PROMPTS, gen, kw, tiny_noise_model
 
 STEPS = 3
@@ -152,7 +152,7 @@ def test_diffuse_takes_a_guidance_config(single_thread):
 def test_diffuse_cli_maps_local_rank_to_its_gpu(monkeypatch):
     import argparse
 
-    from llamagen_core2.diffusion import cli
+    from llamagen_core2.cli import diffusion as cli
 
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -82,3 +82,46 @@ def test_what_the_readme_commands_write_is_ignored_by_git():
     run = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO, capture_output=True, text=True)
     ignored = set(run.stdout.split())
     assert [p for p in paths if p not in ignored] == []
+
+
+# Files of other projects the docs and comments name (LlamaGen, CoRe^2, diffusers, huggingface_hub, FlashInfer,
+# triton) or that tests write: not ours, so not looked up in this tree.
+OTHER_PROJECTS_FILES = {
+    "sample_c2i.py", "sample_t2i.py", "autoregressive/sample/sample_t2i.py", "autoregressive/models/gpt.py",
+    "autoregressive/models/generate.py", "tokenizer/tokenizer_image/vq_model.py", "refine_model.py", "lora.py",
+    "sample_img.py", "sdxl_pipeline.py", "sd35_pipeline.py", "diffusion_pipeline/sdxl_pipeline.py",
+    "diffusion_pipeline/sd35_pipeline.py", "file_download.py", "_snapshot_download.py", "topk_topp_triton.py",
+    "triton/language/random.py", "sitecustomize.py", "test_probe_t5.py", "benchmarks/x.py", "kernels/__init__.py",
+}
+FILE_PATH = re.compile(r"(?<![\w/.-])((?:[\w-]+/)*[\w-]+\.py)\b")
+
+
+def _repository_files() -> list:
+    files = [p.relative_to(REPO).as_posix() for d in ("llamagen_core2", "kernels", "benchmarks", "tests", "checkpoints")
+             for p in (REPO / d).rglob("*.py")]
+    return files + [f"llamagen_core2/{f}" for f in files if f.startswith("kernels/")]  # how the package sees them
+
+
+def test_every_file_path_the_docs_name_exists():
+    """Issue 23: after the moves into sub-packages, every `.py` path the README, the docs and the code's comments
+    name is a file of the tree (named whole, or by its last parts: `decode/engine.py`, `engine.py`)."""
+    files = _repository_files()
+    docs = SOURCES + [REPO / "checkpoints" / "README.md"]
+    stale = [f"{_rel(doc)}:{i} {name}" for doc in docs if doc.is_file()
+             for i, line in enumerate(doc.read_text().splitlines(), 1) for name in FILE_PATH.findall(line)
+             if name not in OTHER_PROJECTS_FILES and not any(f == name or f.endswith("/" + name) for f in files)]
+    assert stale == []
+
+
+def test_the_docs_name_no_old_module_path():
+    """Module paths from before the sub-packages still import (llamagen_core2._MOVED), but the docs use the new
+    ones; an old path that is also an exported name (`llamagen_core2.generate`, the function) is allowed."""
+    import llamagen_core2
+
+    old = "|".join(re.escape(name) for name in sorted(llamagen_core2._MOVED, key=len, reverse=True)
+                   if name not in llamagen_core2._EXPORTS)
+    pattern = re.compile(rf"llamagen_core2[./]({old})(?:\.py)?\b(?![./]\w)")
+    docs = [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "benchmarks").glob("*.md")]
+    stale = [f"{_rel(doc)}:{i} {m.group(0)}" for doc in docs
+             for i, line in enumerate(doc.read_text().splitlines(), 1) for m in pattern.finditer(line)]
+    assert stale == []

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamagen_core2 import memory
+from llamagen_core2.decode import memory
+from llamagen_core2.decode.engine import Engine, chunk_sizes
+from llamagen_core2.decode.generate import generate
 from llamagen_core2.errors import InvalidArgument
-from llamagen_core2.generate import generate
-from llamagen_core2.guidance_config import make_schedule
-from llamagen_core2.engine import Engine, chunk_sizes
+from llamagen_core2.guidance.config import make_schedule
 from tiny_models import ScaledCondWeak, captions, tiny_gpt
 
 BUCKET = 4  # 16 image tokens + 1 prefix position -> buckets ending at 4, 8, 12, 16, 17
@@ -99,8 +99,8 @@ def test_chunks_follow_modes_buckets_and_the_graph_limit():
     engine = _engine(model)
     chunks = []
     run_chunk = engine._run_chunk
-    engine._run_chunk = lambda mode, batch, rows, steps, first, weak, record: (
-        chunks.append((mode, rows, steps, first)), run_chunk(mode, batch, rows, steps, first, weak, record))
+    engine._run_chunk = lambda request, mode, rows, steps, first, record: (
+        chunks.append((mode, rows, steps, first)), run_chunk(request, mode, rows, steps, first, record))
     generate(model, torch.tensor([1, 2]), schedule=["slow"] * 6 + ["fast"] * 10, cfg_scale=3.0, top_k=0, seed=0,
              weak_model=ScaledCondWeak(), engine=engine)
     # slow tokens 1..5 at positions 1..5 (bucket ends 4, 8), fast tokens 6..15 at positions 6..15
@@ -134,7 +134,7 @@ def test_engine_is_reused_across_calls_and_rebinds_on_new_cache():
     generate(model, torch.tensor([3, 4]), cfg_scale=3.0, seed=0, engine=engine)
     assert engine.cache is cache and engine.binding == binding
     generate(model, torch.arange(5), cfg_scale=3.0, seed=0, engine=engine)  # more rows: cache reallocated
-    assert engine.cache is not cache and engine.binding != binding and engine.tokens_in.shape[0] == 10
+    assert engine.cache is not cache and engine.binding != binding and engine.buffers.tokens_in.shape[0] == 10
     # a longer request after a short one (a benchmark's warm-up): the cache and every buffer grow with it
     small = Engine(model)
     generate(model, torch.tensor([1, 2]), num_tokens=4, seed=0, engine=small)
@@ -243,7 +243,7 @@ def test_baseline_step_traces_as_one_graph():
 
 @pytest.mark.parametrize("mode", ["fast", "slow"])
 def test_static_matches_eager_with_the_real_weak_model(mode):
-    from llamagen_core2.weak_model import WeakModel
+    from llamagen_core2.core2.weak_model import WeakModel
 
     model = tiny_gpt()
     weak = WeakModel.for_base(model, "W-1", dim=32, n_head=4).eval()
@@ -266,7 +266,7 @@ def test_fused_step_on_cpu_gives_the_eager_tokens(case, kernels_env, single_thre
         pytest.skip("on CUDA the gpu tests cover the compiled kernels")
     monkeypatch.setenv("LLAMAGEN_CORE2_KERNELS", kernels_env)
     if case.startswith("c2i"):
-        from llamagen_core2.weak_model import WeakModel
+        from llamagen_core2.core2.weak_model import WeakModel
 
         model = tiny_gpt()
         weak = WeakModel.for_base(model, "W-1", dim=32, n_head=4, fingerprint=False).eval()
@@ -284,7 +284,7 @@ def test_fused_step_on_cpu_gives_the_eager_tokens(case, kernels_env, single_thre
     fused, s_f = generate(model, cond, seed=2, cfg_scale=4.0, engine=engine, return_stats=True, **kw)
     assert torch.equal(eager, fused) and s_e == s_f
     expected = (kernels_env == "triton",) * 4
-    assert engine.decode_ops and all(ops.key == expected for ops in engine.decode_ops.values())
+    assert engine.request.decode_ops and all(ops.key == expected for ops in engine.request.decode_ops.values())
 
 
 class NaNAfterWeak(ScaledCondWeak):
@@ -324,7 +324,7 @@ def test_graph_inputs_keep_their_addresses_across_requests():
     """Everything a captured step reads must sit at the same address in the next request (else a replay reads
     freed memory): the caches and their t2i masks, the buffers, the models' parameters and buffers (RoPE).
     A request without the weak model does not drop the weak model's state either."""
-    from llamagen_core2.weak_model import WeakModel
+    from llamagen_core2.core2.weak_model import WeakModel
 
     model = tiny_gpt("t2i")
     weak = WeakModel.for_base(model, "W-1", dim=32, n_head=4, fingerprint=False).eval()
@@ -333,7 +333,8 @@ def test_graph_inputs_keep_their_addresses_across_requests():
 
     def addresses():
         return (engine.binding, engine.cache.key_valid.data_ptr(), engine.weak_cache.key_valid.data_ptr(),
-                engine.tokens_in.data_ptr(), engine.counters.data_ptr(), engine.knobs["top_k"].data_ptr())
+                engine.buffers.tokens_in.data_ptr(), engine.buffers.counters.all.data_ptr(),
+                engine.buffers.knobs["top_k"].data_ptr())
 
     generate(model, feats, cond_mask=mask, mode="slow", weak_model=weak, seed=0, engine=engine)
     first = addresses()
@@ -358,7 +359,7 @@ def test_filter_flags_and_the_select_path_join_the_graph_key(monkeypatch, single
     kernels = pytest.importorskip("llamagen_core2.kernels.decode_attention")
     if not kernels.INTERPRETED:
         pytest.skip("on CUDA the gpu tests cover the captured graphs")
-    from llamagen_core2 import engine as engine_module
+    from llamagen_core2.decode import engine as engine_module
     from llamagen_core2.guidance import filter_flags
     from llamagen_core2.kernels import dispatch
 

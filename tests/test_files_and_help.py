@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from llamagen_core2.checkpoint import save_pretrained
 from llamagen_core2.cli import build_parser, main
 from llamagen_core2.errors import InvalidArgument
-from llamagen_core2.files import atomic_write_json, check_output_dir, check_output_file
-from llamagen_core2.images import save_png
-from llamagen_core2.shards import ShardWriter
+from llamagen_core2.io.checkpoint import save_pretrained
+from llamagen_core2.io.files import atomic_write_json, check_output_dir, check_output_file
+from llamagen_core2.io.images import save_png
+from llamagen_core2.io.shards import ShardWriter
 from llamagen_core2.world.dataset import CLASS_NAMES
 from tiny_models import save_tiny_world
 
@@ -42,7 +42,7 @@ def test_every_writer_uses_the_umask(tmp_path, umask, mask, expected):
     save_pretrained(tmp_path / "model", {"w": torch.zeros(2)}, {"kind": "x"})
     with ShardWriter(tmp_path / "shards", {"m": 1}, rank=0, world_size=1) as w:
         w.add("s", {"x": torch.zeros(1)})
-    from llamagen_core2.sample import _atomic_savez
+    from llamagen_core2.core2.sample import _atomic_savez
 
     _atomic_savez(tmp_path / "samples.npz", arr_0=np.zeros((1, 2, 2, 3), np.uint8))
     modes = _modes(tmp_path)

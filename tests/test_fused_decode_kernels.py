@@ -19,7 +19,7 @@ from collections import Counter
 import pytest
 import torch
 
-from llamagen_core2 import block_ops
+from llamagen_core2.decode import block_ops, op_checks
 from llamagen_core2.errors import InvalidArgument
 from tiny_models import captions, tiny_gpt
 
@@ -343,11 +343,11 @@ def test_bad_arguments_raise_invalid_argument():
             launcher(*args, **kwargs)
     # the references' check functions refuse the same inputs (one set of checks for both paths)
     with pytest.raises(InvalidArgument, match=r"x must be \[R, L, d\]"):
-        block_ops.check_norm_qkv_rope_args(x, None, nw, 1e-5, wqkv, rope, pos, cache, cache, 0)
+        op_checks.check_norm_qkv_rope_args(x, None, nw, 1e-5, wqkv, rope, pos, cache, cache, 0)
     with pytest.raises(InvalidArgument, match="even number of rows"):
-        block_ops.check_norm_w13_swiglu_args(x, None, nw, 1e-5, randn(7, 8))
+        op_checks.check_norm_w13_swiglu_args(x, None, nw, 1e-5, randn(7, 8))
     with pytest.raises(InvalidArgument, match=r"weight must be \[N > 0, 8\]"):
-        block_ops.check_skinny_linear_args(x, randn(5, 7))
+        op_checks.check_skinny_linear_args(x, randn(5, 7))
 
 
 # ---------------------------------------------------------------------- GPU compile (no GPU needed)

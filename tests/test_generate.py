@@ -2,10 +2,10 @@
 import pytest
 import torch
 
+from llamagen_core2.decode.generate import generate
 from llamagen_core2.errors import InvalidArgument
-from llamagen_core2.generate import generate
-from llamagen_core2.seeding import row_keys
-from llamagen_core2.guidance_config import make_schedule
+from llamagen_core2.guidance.config import make_schedule
+from llamagen_core2.guidance.seeding import row_keys
 from tiny_models import ScaledCondWeak, captions, tiny_gpt
 
 

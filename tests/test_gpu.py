@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from llamagen_core2.cli import main
-from llamagen_core2.engine import Engine
+from llamagen_core2.core2.weak_model import WeakModel
+from llamagen_core2.decode.engine import Engine
+from llamagen_core2.decode.generate import generate
 from llamagen_core2.errors import InvalidArgument
-from llamagen_core2.generate import generate
-from llamagen_core2.weak_model import WeakModel
 from tiny_models import captions, save_tiny_world, tiny_gpt
 
 pytestmark = pytest.mark.gpu
@@ -150,7 +150,7 @@ def test_bf16_agrees_with_fp32_within_the_stated_tolerance(engine):
 
 def test_out_of_range_ids_never_reach_a_cuda_kernel():
     from llamagen_core2.config import VQConfig
-    from llamagen_core2.vq import VQModel
+    from llamagen_core2.encoders.vq import VQModel
     from tiny_models import TINY_VQ
 
     gpt, _ = _models()
@@ -240,9 +240,9 @@ def test_fused_decode_layer_kernels_are_decided_before_capture_and_give_the_eage
     engine = Engine(gpt)
     tokens = generate(gpt, cond, engine=engine, **kw)
     assert torch.equal(tokens, generate(gpt, cond, engine="eager", **kw))
-    assert {shape.rows for shape in engine.decode_ops} == {3, 6} and engine.graphs.graphs
+    assert {shape.rows for shape in engine.request.decode_ops} == {3, 6} and engine.graphs.graphs
     if kernels_env == "triton":
-        assert all(ops.key == (True,) * 4 for ops in engine.decode_ops.values())
+        assert all(ops.key == (True,) * 4 for ops in engine.request.decode_ops.values())
     else:
         timed = {key: t for key, t in default_chooser().timings.items() if key[0].startswith("decode.")}
         assert timed and all(set(t) == {"unfused", "fused"} and None not in t.values() for t in timed.values())

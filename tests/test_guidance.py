@@ -26,7 +26,7 @@ def chi2_critical(df: int, z: float = Z_ALPHA) -> float:
 
 
 def hand_probs(row, temperature=1.0, top_k=0, top_p=1.0) -> np.ndarray:
-    """float64 LlamaGen semantics written independently of guidance.py: top-k keeps every value
+    """float64 LlamaGen semantics written independently of guidance/sampling.py: top-k keeps every value
     >= the k-th largest, top-p keeps sorted tokens whose preceding mass is <= p."""
     x = np.asarray(row, dtype=np.float64) / temperature
     keep = np.ones_like(x, dtype=bool)
@@ -202,7 +202,7 @@ def test_same_generator_seed_gives_same_tokens():
 
 def test_single_key_rows_are_independent_draws():
     """One int key for the batch: row b races on counters b * V + j (the layout of
-    llamagen_core2.philox), so the rows are independent draws from the same distribution."""
+    llamagen_core2.guidance.philox), so the rows are independent draws from the same distribution."""
     row = spread_logits(111, 7)
     tokens = sample_logits(row.expand(8000, -1), top_k=30, seeds=2024)
     assert_follows(tokens, hand_probs(row.numpy(), top_k=30), "one key")

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from llamagen_core2.errors import InvalidArgument
-from llamagen_core2.guidance_config import MODE_TABLE, GuidanceConfig, Schedule, needs_uncond, needs_weak
-from llamagen_core2.seeding import image_key, image_keys, row_keys
+from llamagen_core2.guidance.config import MODE_TABLE, GuidanceConfig, Schedule, needs_uncond, needs_weak
+from llamagen_core2.guidance.seeding import image_key, image_keys, row_keys
 
 
 def test_mode_table_says_what_each_mode_needs():
@@ -89,3 +89,20 @@ def test_knobs_take_numbers_not_strings_or_bools():
     ok = GuidanceConfig(temperature=np.float32(1.0), cfg_interval=np.int64(3), top_k=np.int64(5),
                         schedule=Schedule(first_tokens=np.int64(2)))
     assert ok.cfg_interval == 3 and type(ok.cfg_interval) is int and ok.token_modes(4)[:2] == ["slow", "slow"]
+
+
+def test_the_effective_mode_rule_lives_next_to_the_mode_table():
+    from llamagen_core2.guidance.config import (MODE_IDS, cfg_is_cond, cfg_mixes, effective_mode, reads_uncond,
+                                                sampler_inputs)
+
+    assert list(MODE_IDS) == list(MODE_TABLE) and sorted(MODE_IDS.values()) == list(range(len(MODE_TABLE)))
+    assert cfg_is_cond(1.0) and cfg_is_cond(0) and not cfg_is_cond(1.5) and not cfg_is_cond(torch.tensor([0.5]))
+    assert cfg_mixes(torch.tensor([0.5, 1.0, 2.0])).tolist() == [False, False, True]
+    assert [effective_mode(m, 1.0) for m in MODE_TABLE] == ["cond", "cond", "fast", "slow"]
+    assert [effective_mode(m, 3.0) for m in MODE_TABLE] == list(MODE_TABLE)
+    assert [reads_uncond(m, 3.0) for m in MODE_TABLE] == [False, True, False, True]
+    assert not reads_uncond("cfg", 1.0) and reads_uncond("cfg", torch.tensor([0.5, 2.0]))  # tensors: per row
+    c, u, w = object(), object(), object()
+    assert sampler_inputs("fast", c, None, w) == ("cond", w, None, None)
+    assert sampler_inputs("slow", c, u, w) == ("slow", c, u, w)
+    assert GuidanceConfig(cfg_scale=1.0, mode="cfg").token_modes(2) == ["cond", "cond"]

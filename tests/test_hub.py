@@ -9,7 +9,7 @@ from hf_cache import add_directory_to_hf_cache, add_to_hf_cache
 from llamagen_core2 import GPT, LlamaGenPipeline, VQModel
 from llamagen_core2.config import VQConfig
 from llamagen_core2.errors import CheckpointError
-from llamagen_core2.hub import hub_cache_dir, is_repo_id, resolve
+from llamagen_core2.io.hub import hub_cache_dir, is_repo_id, resolve
 from tiny_models import tiny_gpt
 
 TINY_GPT_FILE = dict(n_head=4, multiple_of=32, downsample=4)  # what a .pt of the tiny GPT cannot say about itself

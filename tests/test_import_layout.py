@@ -128,7 +128,8 @@ def test_torchrun_m_from_the_root(tmp_path):
     proc, records = run_probed(tmp_path, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                           "--nproc_per_node", "1", "-m", "llamagen_core2.cli", "--help"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    workers = [r for r in records if r["argv"] and r["argv"][0].endswith(os.path.join("llamagen_core2", "cli.py"))]
+    main = os.path.join("llamagen_core2", "cli", "__main__.py")
+    workers = [r for r in records if r["argv"] and r["argv"][0].endswith(main)]
     assert len(workers) == 1 and len(records) == 2, records  # torchrun itself and its one worker
     for record in records:
         assert_pypi_kernels(record, REPO)

@@ -1,17 +1,17 @@
-"""Jacobi decoding (llamagen_core2/jacobi.py): the tokens of sequential decoding for the same seed, for every mode and
-schedule, both engines, batch 1 and 3; forward passes counted independently; window edge cases; bad arguments; the
-engine's graph-replay grouping; the Triton step on CPU; the shipped mini world (fewer passes than tokens)."""
+"""Jacobi decoding (llamagen_core2/decode/jacobi.py): the tokens of sequential decoding for the same seed, for every
+mode and schedule, both engines, batch 1 and 3; forward passes counted independently; window edge cases; bad arguments;
+the engine's graph-replay grouping; the Triton step on CPU; the shipped mini world (fewer passes than tokens)."""
 import json
 
 import pytest
 import torch
 
-from llamagen_core2.engine import Engine
+from llamagen_core2.core2.weak_model import WeakModel
+from llamagen_core2.decode.engine import Engine
+from llamagen_core2.decode.generate import generate
+from llamagen_core2.decode.jacobi import Segment, mode_segments, window_bounds
 from llamagen_core2.errors import InvalidArgument
-from llamagen_core2.generate import generate
-from llamagen_core2.guidance_config import make_schedule
-from llamagen_core2.jacobi import Segment, mode_segments, window_bounds
-from llamagen_core2.weak_model import WeakModel
+from llamagen_core2.guidance.config import make_schedule
 from llamagen_core2.world.pipeline import WORLD_GUIDANCE, default_checkpoint_dir, load_world
 from tiny_models import ScaledCondWeak, captions, tiny_gpt
 
@@ -221,8 +221,9 @@ def test_triton_window_step_on_cpu_gives_the_sequential_tokens(kernels_env, monk
     tokens, stats = generate(model, torch.tensor([1, 2]), engine=engine, decoding="jacobi", jacobi_window=4,
                              return_stats=True, **kw)
     assert torch.equal(tokens, reference) and stats["forward_passes"] <= 16
-    widths = {shape.width for shape in engine.decode_ops}
-    assert widths == {4} and all(ops.key == (kernels_env == "triton",) * 4 for ops in engine.decode_ops.values())
+    widths = {shape.width for shape in engine.request.decode_ops}
+    assert widths == {4} and all(ops.key == (kernels_env == "triton",) * 4
+                                 for ops in engine.request.decode_ops.values())
 
 
 # ---------------------------------------------------------------------- the shipped mini world
@@ -250,7 +251,7 @@ def test_mini_world_takes_fewer_passes_than_tokens(world, mode):
 def test_acceptance_rule_on_hand_made_windows():
     """Token start+k is final iff every token it read (start..start+k-1) was final or guessed right; final tokens
     never change; new samples past the frontier become the next guesses."""
-    from llamagen_core2.jacobi import WindowState
+    from llamagen_core2.decode.jacobi import WindowState
 
     state = WindowState.allocate(3, 8, grid=4, device="cpu").view(3, 8)
     state.tokens.copy_(torch.tensor([[5, 1, 2, 3, 4, 0, 0, 0],    # image 0: frontier 1, guesses 1 2 3 4
@@ -288,7 +289,8 @@ def test_pipeline_jacobi_gives_the_sequential_images_in_fewer_passes(world):
 def test_sample_resumes_across_decodings_and_the_cli_flags(tmp_path, capsys):
     """`sample` with --decoding jacobi writes the images of sequential decoding; the decoding is not a setting, so
     a run resumes with the other one and rewrites a missing image bit for bit. `generate` takes the flags too."""
-    from llamagen_core2 import cli, core2_cli
+    from llamagen_core2 import cli
+    from llamagen_core2.cli import core2 as core2_cli
     from tiny_models import save_tiny_world
 
     _, _, gpt_dir, vq_dir = save_tiny_world(tmp_path)

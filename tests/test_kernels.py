@@ -1,4 +1,4 @@
-"""The fused Triton guided-sampling kernels against the torch reference in guidance.py.
+"""The fused Triton guided-sampling kernels against the torch reference in guidance/sampling.py.
 
 Without CUDA this runs the kernels on CPU tensors under the Triton interpreter (tests/conftest.py
 sets TRITON_INTERPRET=1 before triton is imported). fp32, small shapes; statistics use many rows
@@ -265,7 +265,7 @@ def test_tokens_do_not_depend_on_the_launch_config():
 def first_test(mixed: torch.Tensor, temperature, top_k, top_p, keys, offset) -> list:
     """Host replay (float64 masses) of the select's first test of the unfiltered race winner, per row:
     "accept", "reject", "undecided" (top-k + top-p: the top-k mass must be bracketed) or "off"."""
-    from llamagen_core2.philox import race_uniforms
+    from llamagen_core2.guidance.philox import race_uniforms
 
     batch, vocab = mixed.shape
     t = torch.as_tensor(temperature, dtype=torch.float32).expand(batch)

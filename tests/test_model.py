@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import save_file
 
 from llamagen_core2.config import GPTConfig
+from llamagen_core2.decode.block_ops import apply_rotary
+from llamagen_core2.decode.model import GPT, rope_table_2d
 from llamagen_core2.errors import CheckpointError, InvalidArgument
-from llamagen_core2.block_ops import apply_rotary
-from llamagen_core2.model import GPT, rope_table_2d
 from tiny_models import captions, tiny_gpt, tiny_gpt_config
 
 
@@ -195,7 +195,7 @@ def test_config_inferred_from_shapes_and_filename(tmp_path):
 def test_official_shapes_infer_preset(tmp_path):
     with torch.device("meta"):
         state = GPT(GPTConfig.from_preset("GPT-L")).state_dict()
-    from llamagen_core2.model import infer_gpt_config
+    from llamagen_core2.decode.model import infer_gpt_config
     fields = infer_gpt_config(state, "c2i_L_384.pt")
     assert (fields["preset"], fields["n_head"], fields["image_size"], fields["num_classes"]) == ("GPT-L", 16, 384, 1000)
 
@@ -246,7 +246,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
 
 def test_logits_checks_cond_mask_as_generate_does():
     """Issue 19: gpt.logits accepted a cond_mask on a class-conditional model silently (generate refuses it)."""
-    from llamagen_core2.generate import generate
+    from llamagen_core2.decode.generate import generate
 
     gpt, t2i = tiny_gpt(), tiny_gpt("t2i")
     labels, tokens = torch.tensor([1, 2]), torch.zeros(2, 4, dtype=torch.long)
@@ -268,8 +268,8 @@ def test_logits_checks_cond_mask_as_generate_does():
 def test_an_integer_float_weight_is_a_named_dtype_error(tmp_path, key, dtype):
     """Issue 19: an int32 norm.weight failed inside load_state_dict ('Only Tensors of floating point ... can require
     gradients') instead of naming the key and its dtype."""
-    from llamagen_core2.vq import VQModel
-    from llamagen_core2.weak_model import WeakModel
+    from llamagen_core2.core2.weak_model import WeakModel
+    from llamagen_core2.encoders.vq import VQModel
 
     gpt = tiny_gpt()
     state = {k: v.clone() for k, v in gpt.state_dict().items()}

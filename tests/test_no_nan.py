@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llamagen_core2.checkpoint import save_pretrained
-from llamagen_core2.collect import collect, load_collected
+from llamagen_core2.core2.collect import COLLECT_GUIDANCE, collect, load_collected
+from llamagen_core2.core2.reflect import reflect
 from llamagen_core2.errors import NonFiniteError
-from llamagen_core2.files import atomic_write_json
-from llamagen_core2.reflect import reflect
-from llamagen_core2.shards import ShardWriter
+from llamagen_core2.io.checkpoint import save_pretrained
+from llamagen_core2.io.files import atomic_write_json
+from llamagen_core2.io.shards import ShardWriter
 from tiny_models import tiny_gpt
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -34,7 +34,8 @@ def _all_written_values_finite(directory):
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("nan")
     gpt = tiny_gpt()
-    collect(gpt, list(range(10)), root / "shards", per_condition=2, batch_size=10, cfg_scale=4.0, progress=False)
+    collect(gpt, list(range(10)), root / "shards", per_condition=2, batch_size=10,
+            guidance=COLLECT_GUIDANCE.replace(cfg_scale=4.0), progress=False)
     return gpt, root / "shards"
 
 
@@ -69,9 +70,11 @@ def test_collect_refuses_hidden_states_beyond_the_store_dtype(tmp_path):
     with torch.no_grad():
         gpt.norm.weight.fill_(1e6)  # finite in fp32, inf once stored as float16
     with pytest.raises(NonFiniteError, match=r"group g000000 not written .*float16.*hidden_cond holds"):
-        collect(gpt, [1, 2], tmp_path, per_condition=1, batch_size=2, cfg_scale=3.0, progress=False)
+        collect(gpt, [1, 2], tmp_path, per_condition=1, batch_size=2,
+                guidance=COLLECT_GUIDANCE.replace(cfg_scale=3.0), progress=False)
     assert not list(tmp_path.glob("rank*"))
-    collect(gpt, [1, 2], tmp_path, per_condition=1, batch_size=2, cfg_scale=3.0, store_dtype="float32",
+    collect(gpt, [1, 2], tmp_path, per_condition=1, batch_size=2,
+            guidance=COLLECT_GUIDANCE.replace(cfg_scale=3.0), store_dtype="float32",
             progress=False)  # the suggested fix works in the same directory
     _all_written_values_finite(tmp_path)
 
@@ -81,7 +84,8 @@ def test_collect_refuses_a_base_model_that_produces_nan(tmp_path):
     with torch.no_grad():
         gpt.layers[0].attention.wo.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError):
-        collect(gpt, [1, 2], tmp_path, per_condition=1, batch_size=2, cfg_scale=3.0, progress=False)
+        collect(gpt, [1, 2], tmp_path, per_condition=1, batch_size=2,
+                guidance=COLLECT_GUIDANCE.replace(cfg_scale=3.0), progress=False)
     assert not list(tmp_path.glob("rank*"))
 
 
@@ -122,7 +126,7 @@ def test_reflect_stops_before_writing_a_diverged_model(shards, tmp_path):
 
 
 def test_reflect_checkpoints_written_before_divergence_stay_finite(shards, tmp_path, monkeypatch):
-    from llamagen_core2 import reflect as reflect_module
+    from llamagen_core2.core2 import reflect as reflect_module
 
     gpt, src = shards
     out = tmp_path / "weak"
@@ -178,10 +182,10 @@ def test_diffusion_reflect_refuses_nan_inputs_and_diverged_training(tmp_path, mo
 
 
 def test_a_weak_or_noise_model_with_nan_weights_is_refused_at_load(tmp_path):
+    from llamagen_core2.core2.weak_model import WeakModel
     from llamagen_core2.diffusion.noise_model import NoiseModel, NoiseModelConfig
     from llamagen_core2.diffusion.noise_model_io import load_noise_model
     from llamagen_core2.errors import CheckpointError
-    from llamagen_core2.weak_model import WeakModel
 
     gpt = tiny_gpt()
     weak = WeakModel.for_base(gpt, "W-1", **WEAK_TINY)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from llamagen_core2.errors import InvalidArgument
-from llamagen_core2.philox import (check_offset, check_seeds, counter_strides, counters_per_draw, per_row_offsets,
-                                   philox_uniform, race_uniforms)
+from llamagen_core2.guidance.philox import (check_offset, check_seeds, counter_strides, counters_per_draw,
+                                            per_row_offsets, philox_uniform, race_uniforms)
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402

@@ -13,8 +13,8 @@ from PIL import Image
 
 from llamagen_core2 import GuidanceConfig, LlamaGenPipeline, LlamaGenPipelineOutput, generate
 from llamagen_core2.errors import InvalidArgument
-from llamagen_core2.images import to_uint8
-from llamagen_core2.seeding import image_key, row_keys
+from llamagen_core2.guidance.seeding import image_key, row_keys
+from llamagen_core2.io.images import to_uint8
 from llamagen_core2.world.pipeline import WORLD_GUIDANCE, default_checkpoint_dir, load_world
 from tiny_models import captions, tiny_gpt
 
@@ -39,7 +39,7 @@ def gens(seeds):
 
 def _tiny_vq():
     from llamagen_core2.config import VQConfig
-    from llamagen_core2.vq import VQModel
+    from llamagen_core2.encoders.vq import VQModel
 
     torch.manual_seed(0)
     return VQModel(VQConfig(ch=16, z_channels=16, codebook_size=97, codebook_embed_dim=8, norm_groups=8,
@@ -116,7 +116,7 @@ def test_defaults_by_model_type_and_errors():
     c2i = tiny_gpt(image_size=16, downsample=4)
     t2i = tiny_gpt("t2i", image_size=16, downsample=4)
     from llamagen_core2.config import VQConfig
-    from llamagen_core2.vq import VQModel
+    from llamagen_core2.encoders.vq import VQModel
 
     vq = VQModel(VQConfig(ch=16, z_channels=16, codebook_size=97, codebook_embed_dim=8, norm_groups=8,
                           ch_mult=(1, 1, 1))).eval()
@@ -151,7 +151,7 @@ def test_defaults_by_model_type_and_errors():
 def test_t2i_prompts_go_through_the_caption_encoder():
     t2i = tiny_gpt("t2i", image_size=16, downsample=4)
     from llamagen_core2.config import VQConfig
-    from llamagen_core2.vq import VQModel
+    from llamagen_core2.encoders.vq import VQModel
 
     vq = VQModel(VQConfig(ch=16, z_channels=16, codebook_size=97, codebook_embed_dim=8, norm_groups=8,
                           ch_mult=(1, 1, 1))).eval()

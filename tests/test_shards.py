@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llamagen_core2.errors import InvalidArgument
-from llamagen_core2.shards import ShardReader, ShardWriter, _shard_ids
+from llamagen_core2.io.shards import ShardReader, ShardWriter, _shard_ids
 
 IDS = [f"s{k:03d}" for k in range(23)]
 

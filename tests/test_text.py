@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llamagen_core2.encoders.text import CAPTION_MAX_LENGTH, CaptionEncoder, left_pad_captions
 from llamagen_core2.errors import CheckpointError, InvalidArgument
-from llamagen_core2.text import CAPTION_MAX_LENGTH, CaptionEncoder, left_pad_captions
 
 WORDS = "a photo of an astronaut riding horse in the forest blue car parked front yellow brick wall cat dog".split()
 

@@ -1,22 +1,23 @@
 """Validation at every public entry point, before any work or file: ids in range, integers are integers,
 finite scales / loss weights / learning rates, typed config and manifest JSON that names the field and file."""
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
 
-from llamagen_core2.collect import collect, parse_class_ids
 from llamagen_core2.config import GPTConfig, VQConfig
+from llamagen_core2.core2.collect import COLLECT_GUIDANCE, collect, parse_class_ids
+from llamagen_core2.core2.reflect import holdout_mask, reflect
+from llamagen_core2.core2.sample import SAMPLE_GUIDANCE, sample_images
+from llamagen_core2.core2.weak_model import WeakModel
+from llamagen_core2.decode.generate import generate
+from llamagen_core2.decode.model import GPT
+from llamagen_core2.encoders.vq import VQModel
 from llamagen_core2.errors import CheckpointError, InvalidArgument, check_int, check_number, check_token_ids
-from llamagen_core2.generate import generate
-from llamagen_core2.guidance_config import Schedule, make_schedule
-from llamagen_core2.model import GPT
-from llamagen_core2.reflect import holdout_mask, reflect
-from llamagen_core2.sample import sample_images
-from llamagen_core2.shards import ShardReader, ShardWriter
-from llamagen_core2.vq import VQModel
-from llamagen_core2.weak_model import WeakModel
+from llamagen_core2.guidance.config import GuidanceConfig, Schedule, make_schedule
+from llamagen_core2.io.shards import ShardReader, ShardWriter
 from tiny_models import TINY_VQ, tiny_gpt
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -87,7 +88,7 @@ def test_class_id_lists_are_checked_before_expanding(text, message):
     (dict(generator=0), "generator must be a torch.Generator"),
 ])
 def test_generate_refuses_bad_arguments_before_any_work(kwargs, message):
-    from llamagen_core2.engine import Engine
+    from llamagen_core2.decode.engine import Engine
 
     gpt = tiny_gpt()
     engine = Engine(gpt)
@@ -136,10 +137,18 @@ def test_holdout_outside_the_open_interval_is_refused(holdout):
 def test_collect_validates_everything_before_touching_the_directory(tmp_path, kwargs, message):
     args = dict(conditions=[1, 2], per_condition=1, batch_size=2, cfg_scale=3.0, progress=False)
     args.update(kwargs)
+    guidance, args = split_guidance(args)
     out = tmp_path / "shards"
     with pytest.raises(InvalidArgument, match=message):
-        collect(tiny_gpt(), args.pop("conditions"), out, **args)
+        collect(tiny_gpt(), args.pop("conditions"), out, guidance=COLLECT_GUIDANCE.replace(**guidance), **args)
     assert not out.exists()
+
+
+def split_guidance(kwargs: dict) -> tuple[dict, dict]:
+    """(the GuidanceConfig fields of kwargs, the rest): collect / reflect / sample take guidance settings as one
+    GuidanceConfig, built in the test's pytest.raises block (a bad value is refused there, before any file)."""
+    fields = {f.name for f in dataclasses.fields(GuidanceConfig)}
+    return {k: v for k, v in kwargs.items() if k in fields}, {k: v for k, v in kwargs.items() if k not in fields}
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -149,9 +158,11 @@ def test_collect_validates_everything_before_touching_the_directory(tmp_path, kw
     (dict(preset="W-9"), "preset"), (dict(weak_overrides={"dim": "64"}), "dim"), (dict(seed=0.5), "seed"),
 ])
 def test_reflect_validates_everything_before_reading_or_writing(tmp_path, kwargs, message):
+    guidance, kwargs = split_guidance(kwargs)
     out = tmp_path / "weak"
     with pytest.raises(InvalidArgument, match=message):
-        reflect(tiny_gpt(), tmp_path / "no_shards", out, progress=False, **kwargs)
+        reflect(tiny_gpt(), tmp_path / "no_shards", out, progress=False,
+                guidance=GuidanceConfig(**guidance) if guidance else None, **kwargs)
     assert not out.exists()
 
 
@@ -164,9 +175,11 @@ def test_reflect_validates_everything_before_reading_or_writing(tmp_path, kwargs
 def test_sample_validates_everything_before_writing(tmp_path, kwargs, message):
     torch.manual_seed(0)
     vq = VQModel(VQConfig(**{**TINY_VQ, "ch_mult": (1, 1, 1, 1, 1)})).eval()
+    guidance, kwargs = split_guidance(kwargs)
     out = tmp_path / "samples"
     with pytest.raises(InvalidArgument, match=message):
-        sample_images(tiny_gpt(), vq, [1, 2], out, progress=False, **kwargs)
+        sample_images(tiny_gpt(), vq, [1, 2], out, progress=False, guidance=SAMPLE_GUIDANCE.replace(**guidance),
+                      **kwargs)
     assert not out.exists()
 
 
@@ -303,9 +316,10 @@ def _edit_shard(directory, edit):
     (lambda t: t.pop("0/hidden_uncond"), r"\['hidden_uncond'\] missing"),
 ])
 def test_collected_shards_edited_by_hand_are_refused_naming_the_file(tmp_path, edit, message):
-    from llamagen_core2.collect import load_collected
+    from llamagen_core2.core2.collect import load_collected
 
-    collect(tiny_gpt(), [1, 2], tmp_path, per_condition=1, batch_size=2, cfg_scale=3.0, progress=False)
+    collect(tiny_gpt(), [1, 2], tmp_path, per_condition=1, batch_size=2,
+            guidance=COLLECT_GUIDANCE.replace(cfg_scale=3.0), progress=False)
     shard = _edit_shard(tmp_path, edit)
     with pytest.raises(CheckpointError, match=message) as info:
         load_collected(tmp_path)
@@ -315,7 +329,7 @@ def test_collected_shards_edited_by_hand_are_refused_naming_the_file(tmp_path, e
 def test_torchrun_environment_is_checked(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(InvalidArgument, match="environment variable RANK must be a non-negative integer"):
-        collect(tiny_gpt(), [1], tmp_path, cfg_scale=3.0, progress=False)
+        collect(tiny_gpt(), [1], tmp_path, guidance=COLLECT_GUIDANCE.replace(cfg_scale=3.0), progress=False)
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(InvalidArgument, match=r"rank must be in \[0, world_size\)"):
@@ -338,7 +352,7 @@ def test_weak_model_protocol_and_vq_inputs_are_checked():
 def test_numpy_integers_are_integers_and_floats_are_not():
     import numpy as np
 
-    from llamagen_core2.collect import storage_per_image
+    from llamagen_core2.core2.collect import storage_per_image
     from llamagen_core2.diffusion.moe_lora import expert_index
     from llamagen_core2.world.dataset import make_dataset
 

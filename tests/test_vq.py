@@ -1,4 +1,4 @@
-"""Tests for the VQ tokenizer (llamagen_core2.vq) and the image helpers (llamagen_core2.images).
+"""Tests for the VQ tokenizer (llamagen_core2.encoders.vq) and the image helpers (llamagen_core2.io.images).
 
 Tiny CPU configs (ch 32, z 16, codebook 64x8, GroupNorm(8)) so the whole file runs in seconds.
 References: brute-force nearest neighbour, a naive attention written out here, hand-computed
@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import llamagen_core2.vq as vq_module
-from llamagen_core2 import images as img
+import llamagen_core2.encoders.vq as vq_module
 from llamagen_core2.config import VQConfig
+from llamagen_core2.encoders.vq import AttnBlock, Downsample, Upsample, VQModel
 from llamagen_core2.errors import CheckpointError, InvalidArgument
-from llamagen_core2.vq import AttnBlock, Downsample, Upsample, VQModel
+from llamagen_core2.io import images as img
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: tiny convs are ~100x slower with 2
 

@@ -2,7 +2,8 @@
 import torch
 
 from llamagen_core2.config import GPTConfig
-from llamagen_core2.model import GPT, KVCache
+from llamagen_core2.decode.kv_cache import KVCache
+from llamagen_core2.decode.model import GPT
 
 
 def tiny_gpt_config(model_type="c2i", **overrides) -> GPTConfig:
@@ -71,7 +72,7 @@ def save_tiny_world(root):
     """A tiny GPT (16x16 images, 16 tokens, 10 classes) and a matching VQ saved as directories under `root`
     -> (gpt, vq, gpt_dir, vq_dir), for end-to-end CLI tests."""
     from llamagen_core2.config import VQConfig
-    from llamagen_core2.vq import VQModel
+    from llamagen_core2.encoders.vq import VQModel
 
     gpt = tiny_gpt(image_size=16, downsample=4)
     torch.manual_seed(0)

@@ -3,9 +3,10 @@
 Classic pipelines run under `diffuse()` (a denoiser wrapper); the modular SDXL / SD3 pipelines take
 `CoRe2Guidance` as their guider. Both read the diffusion mode table (modes.py), an extension of the AR one.
 
-Names are imported lazily so that `llamagen-core2 --help` (which imports diffusion.cli) stays fast.
+Names are imported from their modules on first use, so that importing the package (as the `diffuse` subcommand,
+llamagen_core2/cli/diffusion.py, does for --help) imports neither torch-heavy modules nor diffusers.
 """
-import importlib
+from ..optional import lazy_exports
 
 _EXPORTS = {
     "MODES": "modes", "DIFFUSION_MODES": "modes", "CoRe2Guidance": "guider", "GuidanceSettings": "guided_denoiser", "GuidedDenoiser": "guided_denoiser",
@@ -16,9 +17,4 @@ _EXPORTS = {
     "diffuse": "runner", "collect_diffusion": "collect", "train_noise_model": "reflect",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,7 +1,7 @@
 """Diffusion Collect: record (cond prediction, CFG prediction, step, prompt features) along CFG runs.
 
 One sample = one (prompt, seed) trajectory of N steps, written to resumable shards
-(llamagen_core2.shards) with tensors:
+(llamagen_core2.io.shards) with tensors:
     cond [N, C, H, W], cfg [N, C, H, W]   predictions in image layout (FLUX unpacked), fp32
     step [N]                             step indices 0..N-1
     s [r, T], v [r], d [r, E], pooled [P] the prompt summary the noise model consumes (prompt_summary.py:
@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import InvalidArgument, check_int, check_number
-from ..seeding import check_seed
-from ..shards import ShardWriter
+from ..guidance.seeding import check_seed
+from ..io.shards import ShardWriter
 from .guided_denoiser import GuidanceSettings
 from .layouts import pipeline_kind
 from .prompt_summary import RECIPES, prompt_summary

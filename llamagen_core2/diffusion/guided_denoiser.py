@@ -34,8 +34,8 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import InvalidArgument, check_finite_scale, check_int
-from ..guidance import mix_guidance
-from ..guidance_config import MODE_TABLE, GuidanceConfig, Schedule
+from ..guidance.config import MODE_TABLE, GuidanceConfig, Schedule
+from ..guidance.mixing import mix_guidance
 from .modes import (MODES, diffusion_mode, needs_noise_model, rows_for, scheduled_mode, step_mode,
                     with_zigzag)
 from .prompt_summary import PromptSummary

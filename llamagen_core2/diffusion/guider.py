@@ -26,10 +26,10 @@ from typing import Optional
 import torch
 
 from ..errors import InvalidArgument, check_finite_scale, check_int
-from ..guidance import mix_guidance
-from ..guidance_config import MODE_TABLE
+from ..guidance.config import MODE_TABLE
+from ..guidance.mixing import mix_guidance
 from ..optional import require
-from .modes import diffusion_mode, needs_noise_model, step_mode
+from .modes import diffusion_mode, needs_noise_model, rows_for, step_mode
 from .prompt_summary import RECIPES, PromptSummary, prompt_features, stack_halves
 
 require("diffusers", "CoRe2Guidance (a diffusers guider)")
@@ -88,7 +88,7 @@ class CoRe2Guidance(BaseGuidance):
     def num_conditions(self) -> int:
         if self._step is None:  # outside the loop: let the encoders prepare the unconditional prompt
             return 2
-        return 2 if MODE_TABLE[self.step_mode()].uncond and self.guidance_scale > 1 else 1
+        return rows_for(self.step_mode(), self.guidance_scale)
 
     @property
     def is_conditional(self) -> bool:

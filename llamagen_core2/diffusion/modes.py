@@ -1,7 +1,7 @@
-"""The diffusion adapter's modes, expressed through the AR mode table (`guidance_config.MODE_TABLE`).
+"""The diffusion adapter's modes, expressed through the AR mode table (`guidance.config.MODE_TABLE`).
 
 A diffusion mode is a two-phase per-step schedule of AR modes -- `first` for steps i < end_timesteps (every step
-when end_timesteps is None), `then` afterwards, as `guidance_config.Schedule` -- plus whether a zigzag (inversion
+when end_timesteps is None), `then` afterwards, as `guidance.config.Schedule` -- plus whether a zigzag (inversion
 with a weak guidance + re-denoise, zigzag.py) follows each step. What a step needs (the uncond rows, the noise
 model) is asked of MODE_TABLE for its AR mode; this file never spells it again.
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import InvalidArgument
-from ..guidance_config import MODE_TABLE, check_mode, needs_weak
+from ..guidance.config import check_mode, needs_weak, reads_uncond
 
 
 @dataclass(frozen=True)
@@ -72,5 +72,6 @@ def needs_noise_model(mode: str) -> bool:
 
 
 def rows_for(ar_mode: str, cfg_scale: float) -> int:
-    """Denoiser rows per image for one guided prediction (a scale <= 1 means cond only)."""
-    return 2 if MODE_TABLE[ar_mode].uncond and cfg_scale > 1 else 1
+    """Denoiser rows per image for one guided prediction: 2 when the mix reads the unconditional prediction
+    (guidance.config.reads_uncond: a scale <= 1 means cond only), else 1."""
+    return 2 if reads_uncond(ar_mode, cfg_scale) else 1

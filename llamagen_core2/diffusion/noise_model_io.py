@@ -17,8 +17,8 @@ from typing import Optional, Union
 
 import torch
 
-from ..checkpoint import CONFIG_NAME, read_config, read_state_dict, save_pretrained, validate_state_dict
 from ..errors import CheckpointError, InvalidArgument, NonFiniteError, check_all_finite
+from ..io.checkpoint import CONFIG_NAME, read_config, read_state_dict, save_pretrained, validate_state_dict
 from .noise_model import NoiseModel, NoiseModelConfig, noise_model_preset
 
 MODEL_TYPE = "llamagen_core2.diffusion.noise_model"

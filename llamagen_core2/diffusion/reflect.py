@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from ..errors import InvalidArgument, NonFiniteError, check_all_finite, check_int, check_number
-from ..shards import ShardReader
+from ..io.shards import ShardReader
 from .noise_model import NoiseModel, NoiseModelConfig
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ..errors import InvalidArgument, check_int, check_number
-from ..guidance_config import GuidanceConfig
+from ..guidance.config import GuidanceConfig
 from .guided_denoiser import GuidanceSettings, GuidedDenoiser
 from .layouts import denoiser_of, layout_for, pipeline_kind
 from .modes import needs_noise_model

@@ -10,7 +10,6 @@ Contract:
     a smooth background (random grey level, tint and brightness gradient).
   * `make_dataset(num_per_class, seed) -> (images, labels)`; the same arguments give bit-identical
     tensors (CPU). Labels are class-balanced and shuffled.
-  * `to_uint8(images [-1, 1]) -> uint8 [B, 3, S, S]` with LlamaGen's pixel mapping.
 """
 from __future__ import annotations
 
@@ -126,8 +125,3 @@ def make_dataset(num_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Ten
     labels = labels[torch.randperm(labels.numel(), generator=generator)]
     images = torch.cat([render(chunk, generator) for chunk in labels.split(4096)])
     return images, labels
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float -> uint8 with LlamaGen's mapping clamp(127.5 x + 128, 0, 255)."""
-    return torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8)

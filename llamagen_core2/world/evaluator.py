@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..checkpoint import read_config, read_state_dict, save_pretrained as save_state_pretrained, validate_state_dict
 from ..errors import CheckpointError, InvalidArgument
+from ..io.checkpoint import read_config, read_state_dict, save_pretrained as save_state_pretrained, validate_state_dict
 
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:

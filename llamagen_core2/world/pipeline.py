@@ -18,11 +18,11 @@ from typing import Optional
 
 import torch
 
+from ..decode.model import GPT
+from ..encoders.vq import VQModel
 from ..errors import CheckpointError
-from ..guidance_config import GuidanceConfig
-from ..model import GPT
+from ..guidance.config import GuidanceConfig
 from ..pipeline import LlamaGenPipeline
-from ..vq import VQModel
 from .paths import EVALUATOR_DIR, GPT_DIR, VQ_DIR, WEAK_DIR, default_checkpoint_dir  # noqa: F401 (re-exported)
 
 # The VQ vocabulary is only 256 codes, so top-k is off (full vocabulary), as in LlamaGen's FID runs.
@@ -54,7 +54,7 @@ def load_world(checkpoint_dir=None, *, with_evaluator: bool = False, with_weak: 
     gpt = GPT.from_pretrained(_require(root / GPT_DIR, "GPT", "python -m llamagen_core2.world.train_gpt"))
     weak = None
     if with_weak and (root / WEAK_DIR / "config.json").is_file():
-        from ..weak_model import WeakModel  # CoRe^2 module; only needed when a weak model is shipped
+        from ..core2.weak_model import WeakModel  # CoRe^2 module; only needed when a weak model is shipped
 
         weak = WeakModel.from_pretrained(root / WEAK_DIR, gpt=gpt).eval()
     evaluator = None

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import GPTConfig
-from ..model import GPT, init_weights
-from ..vq import VQModel
+from ..decode.model import GPT, init_weights
+from ..encoders.vq import VQModel
 from .dataset import IMAGE_SIZE, NUM_CLASSES, make_dataset
 
 

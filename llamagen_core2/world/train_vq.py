@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import VQConfig
-from ..vq import VQModel
+from ..encoders.vq import VQModel
 from .dataset import make_dataset
 
 WORLD_VQ_CONFIG = dict(codebook_size=256, codebook_embed_dim=8, ch=32, z_channels=64, ch_mult=(1, 1, 2),
