@@ -57,6 +57,34 @@ def _norm_prologue_tile(x_rows, residual_rows, h_rows, norm_weight_ptr, cols, ti
     return (hf * weight[None, :]).to(OPERAND_DTYPE), tl.sum(hf * hf, axis=1)
 
 
+
+@triton.jit
+def _norm_prologue_dual_dot(x_rows, residual_rows, h_rows, norm_weight_ptr, w_a, w_b, w_rows_ok, row_ok, h_ok, lo, hi,
+                            HAS_RESIDUAL: tl.constexpr, OPERAND_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The K loop both fused norm GEMMs run (norm_qkv_rope: the even and odd rows of a RoPE pair block;
+    norm_w13_swiglu: the gate and up rows of an FFN column block): over K columns [lo, hi), the prologue's
+    operand tile times two blocks of weight rows.
+
+    w_a, w_b: [BLOCK_N, 1] weight-row pointers, w_rows_ok [BLOCK_N] their mask; row_ok [BLOCK_M]; h_ok [BLOCK_M, 1]
+    (where this program stores h). Returns (acc_a, acc_b [BLOCK_M, BLOCK_N] fp32, sum of squares [BLOCK_M])."""
+    acc_a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_b = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    sum_squares = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(lo, hi, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < hi
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        operand, squares = _norm_prologue_tile(x_rows, residual_rows, h_rows, norm_weight_ptr, cols, tile_ok,
+                                               h_ok & col_ok[None, :], col_ok, HAS_RESIDUAL, OPERAND_DTYPE)
+        sum_squares += squares
+        w_ok = w_rows_ok[:, None] & col_ok[None, :]
+        a = tl.load(w_a + cols[None, :], mask=w_ok, other=0.0)
+        b = tl.load(w_b + cols[None, :], mask=w_ok, other=0.0)
+        acc_a = tl.dot(operand, tl.trans(a), acc_a, input_precision=DOT_PRECISION)
+        acc_b = tl.dot(operand, tl.trans(b), acc_b, input_precision=DOT_PRECISION)
+    return acc_a, acc_b, sum_squares
+
 @triton.jit
 def _add_rmsnorm_kernel(
     x_ptr, residual_ptr, weight_ptr,     # [M, d] rows (unit stride along d), [M, d], [d]

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ..decode.op_checks import check_norm_qkv_rope_args
 from ..errors import InvalidArgument
-from .add_rmsnorm import _inv_rms, _norm_prologue_tile
+from .add_rmsnorm import _inv_rms, _norm_prologue_dual_dot
 from .dispatch import interpreted
 from .rope_kv_write import _rotate_pair
 from .skinny_gemm import (GemmConfig, SplitKWorkspace, _arrive, _reset, _sum_partials, dot_precision, plan_launch,
@@ -131,22 +131,9 @@ def _norm_qkv_rope_kernel(
     lo = split * k_per_split
     hi = tl.minimum(lo + k_per_split, K)
 
-    acc_even = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
-    acc_odd = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
-    sum_squares = tl.zeros([BLOCK_M], tl.float32)
-    for k0 in range(lo, hi, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < hi
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        operand, squares = _norm_prologue_tile(x_rows, residual_rows, h_rows, norm_weight_ptr, cols, tile_ok,
-                                               h_ok & col_ok[None, :], col_ok, HAS_RESIDUAL,
-                                               w_ptr.dtype.element_ty)
-        sum_squares += squares
-        w_ok = pair_ok[:, None] & col_ok[None, :]
-        w0 = tl.load(w_even + cols[None, :], mask=w_ok, other=0.0)
-        w1 = tl.load(w_even + stride_w + cols[None, :], mask=w_ok, other=0.0)
-        acc_even = tl.dot(operand, tl.trans(w0), acc_even, input_precision=DOT_PRECISION)
-        acc_odd = tl.dot(operand, tl.trans(w1), acc_odd, input_precision=DOT_PRECISION)
+    acc_even, acc_odd, sum_squares = _norm_prologue_dual_dot(
+        x_rows, residual_rows, h_rows, norm_weight_ptr, w_even, w_even + stride_w, pair_ok, row_ok, h_ok, lo, hi,
+        HAS_RESIDUAL, w_ptr.dtype.element_ty, BLOCK_M, BLOCK_P, BLOCK_K, DOT_PRECISION)
 
     if SPLIT_K > 1:
         out_ok = row_ok[:, None] & pair_ok[None, :]

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ..decode.op_checks import check_norm_w13_swiglu_args
 from ..errors import InvalidArgument
-from .add_rmsnorm import _inv_rms, _norm_prologue_tile
+from .add_rmsnorm import _inv_rms, _norm_prologue_dual_dot
 from .dispatch import interpreted
 from .skinny_gemm import (GemmConfig, SplitKWorkspace, _arrive, _reset, _sum_partials, dot_precision, plan_launch,
                           workspace_buffers)
@@ -74,22 +74,9 @@ def _norm_w13_swiglu_kernel(
     lo = split * k_per_split
     hi = tl.minimum(lo + k_per_split, K)
 
-    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    sum_squares = tl.zeros([BLOCK_M], tl.float32)
-    for k0 in range(lo, hi, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < hi
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        operand, squares = _norm_prologue_tile(x_rows, residual_rows, h_rows, norm_weight_ptr, cols, tile_ok,
-                                               h_ok & col_ok[None, :], col_ok, HAS_RESIDUAL,
-                                               w_ptr.dtype.element_ty)
-        sum_squares += squares
-        w_ok = col_f_ok[:, None] & col_ok[None, :]
-        gate = tl.load(w_gate + cols[None, :], mask=w_ok, other=0.0)
-        up = tl.load(w_up + cols[None, :], mask=w_ok, other=0.0)
-        acc_gate = tl.dot(operand, tl.trans(gate), acc_gate, input_precision=DOT_PRECISION)
-        acc_up = tl.dot(operand, tl.trans(up), acc_up, input_precision=DOT_PRECISION)
+    acc_gate, acc_up, sum_squares = _norm_prologue_dual_dot(
+        x_rows, residual_rows, h_rows, norm_weight_ptr, w_gate, w_up, col_f_ok, row_ok, h_ok, lo, hi,
+        HAS_RESIDUAL, w_ptr.dtype.element_ty, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
 
     out_ok = row_ok[:, None] & col_f_ok[None, :]
     out = out_ptr + rows64 * stride_out + cols_f[None, :]
