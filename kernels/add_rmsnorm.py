@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..decode.op_checks import check_add_rmsnorm_args
+from ..decode.op_checks import check_add_rmsnorm_args, check_unit_stride
 from ..errors import InvalidArgument
 from .dispatch import interpreted
 
@@ -147,8 +147,7 @@ def add_rmsnorm_triton(x: torch.Tensor, residual, weight: torch.Tensor, eps: flo
 
 def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
     """[..., d] -> [M, d] view with unit stride along d (a copy only when the leading dims cannot be merged)."""
-    if t.stride(-1) != 1:
-        raise InvalidArgument(f"{name} must have unit stride along its last dimension, got strides {t.stride()}")
+    check_unit_stride(**{name: t})
     return t.reshape(-1, t.shape[-1])
 
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..decode.op_checks import check_decode_attention_args
+from ..decode.op_checks import check_decode_attention_args, check_unit_stride
 from ..errors import InvalidArgument
 from .dispatch import interpreted, multiprocessor_count
 
@@ -186,9 +186,7 @@ def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
     bound would change the split count, hence the rounding; see docs/decode_kernels.md). `num_splits` overrides
     launch_config's choice (tests, benchmarks)."""
     R, H, S, D = check_decode_attention_args(q, cache_k, cache_v, row_start, position, key_valid, max_end)
-    for name, t in (("q", q), ("cache_k", cache_k), ("cache_v", cache_v), ("key_valid", key_valid)):
-        if t is not None and t.stride(-1) != 1:
-            raise InvalidArgument(f"{name} must have unit stride along its last dimension, got strides {t.stride()}")
+    check_unit_stride(q=q, cache_k=cache_k, cache_v=cache_v, key_valid=key_valid)
     on_gpu = q.device.type == "cuda" and not INTERPRETED
     splits, block_n, block_d, num_warps = launch_config(R, H, S, D, on_gpu,
                                                         multiprocessor_count(q.device) if on_gpu else 132)

@@ -684,13 +684,8 @@ def torch_select_thresholds(x: torch.Tensor, top_k, top_p, *, top_k_max: int, to
     batch, vocab = x.shape
     device = x.device
 
-    def per_row(value, dtype):  # a Python number becomes a fill kernel, never a host-to-device copy (capture)
-        if isinstance(value, torch.Tensor):
-            return value.to(device=device, dtype=dtype).expand(batch)
-        return torch.full((batch,), value, device=device, dtype=dtype)
-
-    k = per_row(top_k, torch.int64)
-    p = per_row(top_p, torch.float32)
+    k = _per_row(top_k, batch, device, torch.int64)  # a number becomes a fill kernel, not a host copy (capture)
+    p = _per_row(top_p, batch, device, torch.float32)
     threshold = torch.full((batch,), float("-inf"), device=device)
     if topk and 0 < top_k_max:
         values = torch.topk(x, min(int(top_k_max), vocab), dim=1).values               # [B, k_max] descending

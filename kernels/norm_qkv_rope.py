@@ -33,13 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..decode.op_checks import check_norm_qkv_rope_args
-from ..errors import InvalidArgument
+from ..decode.op_checks import check_norm_qkv_rope_args, check_unit_stride
 from .add_rmsnorm import _inv_rms, _norm_prologue_dual_dot
 from .dispatch import interpreted
 from .rope_kv_write import _rotate_pair
-from .skinny_gemm import (GemmConfig, SplitKWorkspace, _arrive, _reset, _sum_partials, dot_precision, plan_launch,
-                          workspace_buffers)
+from .skinny_gemm import (GemmConfig, SplitKWorkspace, SplitLaunch, _arrive, _reset, _sum_partials, dot_precision,
+                          plan_launch, workspace_buffers)
 
 
 @triton.jit
@@ -161,6 +160,15 @@ def _norm_qkv_rope_kernel(
                            stride_k_r, stride_k_h, stride_k_s, stride_v_r, stride_v_h, stride_v_s)
 
 
+def plan_qkv_launch(rows: int, n_head: int, head_dim: int, dim: int, device, element_size: int,
+                    config: Optional[GemmConfig] = None) -> SplitLaunch:
+    """The launch over `rows` rows (a unit is one RoPE pair of q | k | v output columns: two weight rows; each split
+    keeps its row sums of squares). The launcher and decode_ops.reserve (the workspace sized before a capture)
+    both plan with it."""
+    return plan_launch(rows, 3 * n_head * head_dim // 2, dim, device, element_size, weight_rows_per_unit=2,
+                       row_sums=True, config=config)
+
+
 def norm_qkv_rope_triton(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
                          wqkv: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
                          cache_v: torch.Tensor, row_start: int, *, workspace: Optional[SplitKWorkspace] = None,
@@ -170,10 +178,7 @@ def norm_qkv_rope_triton(x: torch.Tensor, residual: Optional[torch.Tensor], norm
     skinny_gemm.gemm_config (block_n counts rotation pairs)."""
     R, L, H, S, D = check_norm_qkv_rope_args(x, residual, norm_weight, eps, wqkv, rope, positions, cache_k,
                                              cache_v, row_start)
-    tensors = (("x", x), ("residual", residual), ("wqkv", wqkv), ("cache_k", cache_k), ("cache_v", cache_v))
-    for name, t in tensors:
-        if t is not None and t.stride(-1) != 1:
-            raise InvalidArgument(f"{name} must have unit stride along its last dimension, got strides {t.stride()}")
+    check_unit_stride(x=x, residual=residual, wqkv=wqkv, cache_k=cache_k, cache_v=cache_v)
     d = x.shape[-1]
     M = R * L
     q = torch.empty(R, H, L, D, dtype=wqkv.dtype, device=x.device)
@@ -184,8 +189,7 @@ def norm_qkv_rope_triton(x: torch.Tensor, residual: Optional[torch.Tensor], norm
     res2 = residual.reshape(M, d) if residual is not None else x2
     if norm_weight.stride(0) != 1:
         norm_weight = norm_weight.contiguous()
-    launch = plan_launch(M, 3 * H * D // 2, d, x.device, wqkv.element_size(), weight_rows_per_unit=2,
-                         row_sums=True, config=config)
+    launch = plan_qkv_launch(M, H, D, d, x.device, wqkv.element_size(), config)
     config, split_k = launch.config, launch.split_k
     if split_k > 1:
         partials, counters = workspace_buffers(workspace, launch.floats, launch.counters, x.device)

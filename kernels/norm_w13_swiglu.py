@@ -24,12 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..decode.op_checks import check_norm_w13_swiglu_args
-from ..errors import InvalidArgument
+from ..decode.op_checks import check_norm_w13_swiglu_args, check_unit_stride
 from .add_rmsnorm import _inv_rms, _norm_prologue_dual_dot
 from .dispatch import interpreted
-from .skinny_gemm import (GemmConfig, SplitKWorkspace, _arrive, _reset, _sum_partials, dot_precision, plan_launch,
-                          workspace_buffers)
+from .skinny_gemm import (GemmConfig, SplitKWorkspace, SplitLaunch, _arrive, _reset, _sum_partials, dot_precision,
+                          plan_launch, workspace_buffers)
 from .swiglu import _silu_mul
 
 
@@ -98,6 +97,15 @@ def _norm_w13_swiglu_kernel(
         _swiglu_epilogue(acc_gate, acc_up, sum_squares, K, eps, out, out_ok, LIBDEVICE_EXP)
 
 
+def plan_w13_launch(rows: int, ffn_dim: int, dim: int, device, element_size: int,
+                    config: Optional[GemmConfig] = None) -> SplitLaunch:
+    """The launch over `rows` rows (a unit is one FFN column: its gate and up weight rows; each split keeps its row
+    sums of squares). The launcher and decode_ops.reserve (the workspace sized before a capture) both plan with
+    it."""
+    return plan_launch(rows, ffn_dim, dim, device, element_size, weight_rows_per_unit=2, row_sums=True,
+                       config=config)
+
+
 def norm_w13_swiglu_triton(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
                            w13: torch.Tensor, *, workspace: Optional[SplitKWorkspace] = None,
                            config: Optional[GemmConfig] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,9 +113,7 @@ def norm_w13_swiglu_triton(x: torch.Tensor, residual: Optional[torch.Tensor], no
     `workspace`: the caller's split-K scratch (a one-off one when None); `config`: overrides
     skinny_gemm.gemm_config (block_n counts FFN columns, each a gate and an up weight row)."""
     ffn_dim = check_norm_w13_swiglu_args(x, residual, norm_weight, eps, w13)
-    for name, t in (("x", x), ("residual", residual), ("w13", w13)):
-        if t is not None and t.stride(-1) != 1:
-            raise InvalidArgument(f"{name} must have unit stride along its last dimension, got strides {t.stride()}")
+    check_unit_stride(x=x, residual=residual, w13=w13)
     d = x.shape[-1]
     out = torch.empty(*x.shape[:-1], ffn_dim, dtype=w13.dtype, device=x.device)
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x
@@ -121,8 +127,7 @@ def norm_w13_swiglu_triton(x: torch.Tensor, residual: Optional[torch.Tensor], no
     if norm_weight.stride(0) != 1:
         norm_weight = norm_weight.contiguous()
     on_gpu = x.device.type == "cuda" and not INTERPRETED
-    launch = plan_launch(M, ffn_dim, d, x.device, w13.element_size(), weight_rows_per_unit=2, row_sums=True,
-                         config=config)
+    launch = plan_w13_launch(M, ffn_dim, d, x.device, w13.element_size(), config)
     config, split_k = launch.config, launch.split_k
     if split_k > 1:
         partials, counters = workspace_buffers(workspace, launch.floats, launch.counters, x.device)

@@ -17,8 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..decode.op_checks import check_rope_kv_write_args
-from ..errors import InvalidArgument
+from ..decode.op_checks import check_rope_kv_write_args, check_unit_stride
 from .dispatch import interpreted, multiprocessor_count
 
 
@@ -108,9 +107,7 @@ def rope_kv_write_triton(qkv: torch.Tensor, rope: torch.Tensor, positions: torch
                          cache_v: torch.Tensor, row_start: int) -> torch.Tensor:
     """Launcher: see the module doc. Needs unit stride along the last dimension of qkv and of the caches."""
     R, L, H, S, D = check_rope_kv_write_args(qkv, rope, positions, cache_k, cache_v, row_start)
-    for name, t in (("qkv", qkv), ("cache_k", cache_k), ("cache_v", cache_v)):
-        if t.stride(-1) != 1:
-            raise InvalidArgument(f"{name} must have unit stride along its last dimension, got strides {t.stride()}")
+    check_unit_stride(qkv=qkv, cache_k=cache_k, cache_v=cache_v)
     q = torch.empty(R, H, L, D, dtype=qkv.dtype, device=qkv.device)
     if R == 0 or L == 0:
         return q

@@ -114,10 +114,11 @@ def plan_launch(rows: int, units: int, K: int, device, element_size: int, *, wei
     graph capture (engine.Engine)."""
     device = torch.device(device)
     on_gpu = device.type == "cuda" and not INTERPRETED
-    if config is None:
+    if config is None:  # gemm_config's own are valid; a caller's is checked
         config = gemm_config(rows, units, K, on_gpu, multiprocessor_count(device) if on_gpu else 132,
                              weight_rows_per_unit=weight_rows_per_unit, element_size=element_size)
-    config = check_config(config)
+    else:
+        config = check_config(config)
     split_k, k_per_split = split_layout(K, config.block_k, config.split_k)
     grid = (triton.cdiv(rows, config.block_m), triton.cdiv(units, config.block_n), split_k)
     tiles = grid[0] * grid[1]

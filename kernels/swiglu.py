@@ -15,8 +15,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ..decode.op_checks import check_swiglu_args
-from ..errors import InvalidArgument
+from ..decode.op_checks import check_swiglu_args, check_unit_stride
 from .dispatch import interpreted, multiprocessor_count
 
 
@@ -67,8 +66,7 @@ def launch_config(rows: int, ffn_dim: int, on_gpu: bool, sm_count: int = 132) ->
 def swiglu_triton(gate_up: torch.Tensor) -> torch.Tensor:
     """Launcher: see the module doc. gate_up's last dimension must have unit stride."""
     ffn_dim = check_swiglu_args(gate_up)
-    if gate_up.stride(-1) != 1:
-        raise InvalidArgument(f"gate_up must have unit stride along its last dimension, got strides {gate_up.stride()}")
+    check_unit_stride(gate_up=gate_up)
     rows2 = gate_up.reshape(-1, 2 * ffn_dim)
     out = torch.empty(*gate_up.shape[:-1], ffn_dim, dtype=gate_up.dtype, device=gate_up.device)
     out2 = out.view(-1, ffn_dim)

@@ -101,6 +101,18 @@ def test_gemm_config_fills_the_sms_and_never_leaves_a_split_empty():
         assert c.block_m >= rows and k_per_split % c.block_k == 0
 
 
+
+def test_gemm_config_only_makes_configs_the_launchers_accept():
+    """plan_launch checks a caller's config, not gemm_config's own: so every config gemm_config makes must pass."""
+    for on_gpu in (True, False):
+        for rows in (1, 2, 3, 8, 16, 33, 64, 128):
+            for units, K in ((40, 50), (768, 768), (1280, 1280), (1920, 1280), (5120, 1280), (8704, 3200)):
+                for weight_rows, size in ((1, 2), (2, 2), (1, 4), (2, 4)):
+                    c = gemm.gemm_config(rows, units, K, on_gpu, 132, weight_rows_per_unit=weight_rows,
+                                         element_size=size)
+                    assert gemm.check_config(c) == c
+
+
 # ---------------------------------------------------------------------- add + RMSNorm + wqkv + RoPE + KV write
 
 def rope_with_prefix(S, D, prefix, seed):

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import block_ops
+from .memory import element_size
 
 OPS = ("norm_qkv_rope", "wo", "norm_w13_swiglu", "w2")
 GUARD_OPS = {"norm_qkv_rope": "decode.norm_qkv_rope", "wo": "decode.linear",  # the op names the guard keys by
@@ -173,13 +174,14 @@ def reserve(workspace, shape: LayerShape, device) -> None:
     """Grow `workspace` (a kernels.skinny_gemm.SplitKWorkspace) to the room any fused launch of `shape` needs,
     chosen or not (nothing when none splits K): called before the candidates are timed, it is allocated on the
     caller's stream and never grows during a timing or a capture."""
+    from ..kernels.norm_qkv_rope import plan_qkv_launch
+    from ..kernels.norm_w13_swiglu import plan_w13_launch
     from ..kernels.skinny_gemm import plan_launch
 
-    M, d, F_, size = shape.gemm_rows, shape.dim, shape.ffn_dim, torch.empty((), dtype=shape.dtype).element_size()
-    launches = (plan_launch(M, 3 * shape.n_head * shape.head_dim // 2, d, device, size, weight_rows_per_unit=2,
-                            row_sums=True),                                                      # norm_qkv_rope
+    M, d, F_, size = shape.gemm_rows, shape.dim, shape.ffn_dim, element_size(shape.dtype)
+    launches = (plan_qkv_launch(M, shape.n_head, shape.head_dim, d, device, size),
                 plan_launch(M, d, d, device, size),                                              # wo
-                plan_launch(M, F_, d, device, size, weight_rows_per_unit=2, row_sums=True),      # norm_w13_swiglu
+                plan_w13_launch(M, F_, d, device, size),
                 plan_launch(M, d, F_, device, size))                                             # w2
     floats, counters = max(launch.floats for launch in launches), max(launch.counters for launch in launches)
     if floats:

@@ -42,6 +42,13 @@ def _check_same_device(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
         raise InvalidArgument(f"{name} must be on {like.device} like the other inputs, got {t.device}")
 
 
+def check_unit_stride(**tensors) -> None:
+    """What every Triton launcher needs of its tensors (None skipped): unit stride along the last dimension."""
+    for name, t in tensors.items():
+        if t is not None and t.stride(-1) != 1:
+            raise InvalidArgument(f"{name} must have unit stride along its last dimension, got strides {t.stride()}")
+
+
 def _check_positions(name: str, t, length: int, like: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 1 or t.shape[0] != length:
         raise InvalidArgument(f"{name} must be an int64 tensor [{length}] on the device, got "
@@ -86,6 +93,19 @@ def check_add_rmsnorm_args(x, residual, weight, eps) -> None:
         raise InvalidArgument(f"eps must be a finite number > 0, got {eps!r}")
 
 
+def _check_rope_write(rope, positions, R: int, L: int, D: int, rows_total: int, row_start, like) -> None:
+    """What a RoPE + KV-cache write of R rows x L positions needs (rope_kv_write and the fused norm_qkv_rope): an
+    even head_dim, a (cos, sin) table for it on `like`'s device, L positions, rows that fit the cache."""
+    if D % 2:
+        raise InvalidArgument(f"head_dim must be even for RoPE, got the cache's D={D}")
+    _check_float("rope", rope, 3)
+    if rope.shape[1:] != (D // 2, 2):
+        raise InvalidArgument(f"rope must be a (cos, sin) table [P, {D // 2}, 2], got {_shape(rope)}")
+    _check_same_device("rope", rope, like)
+    _check_positions("positions", positions, L, like)
+    _check_row_start(row_start, R, rows_total)
+
+
 def check_rope_kv_write_args(qkv, rope, positions, cache_k, cache_v, row_start) -> tuple[int, int, int, int, int]:
     """-> (R, L, H, S, D)."""
     _check_float("qkv", qkv, 3)
@@ -94,14 +114,7 @@ def check_rope_kv_write_args(qkv, rope, positions, cache_k, cache_v, row_start) 
     if width != 3 * H * D:
         raise InvalidArgument(f"qkv must be [R, L, 3*H*D] = [.., .., {3 * H * D}] for the cache's H={H}, D={D}, "
                               f"got {_shape(qkv)}")
-    if D % 2:
-        raise InvalidArgument(f"head_dim must be even for RoPE, got the cache's D={D}")
-    _check_float("rope", rope, 3)
-    if rope.shape[1:] != (D // 2, 2):
-        raise InvalidArgument(f"rope must be a (cos, sin) table [P, {D // 2}, 2], got {_shape(rope)}")
-    _check_same_device("rope", rope, qkv)
-    _check_positions("positions", positions, L, qkv)
-    _check_row_start(row_start, R, rows_total)
+    _check_rope_write(rope, positions, R, L, D, rows_total, row_start, qkv)
     return R, L, H, S, D
 
 
@@ -170,14 +183,7 @@ def check_norm_qkv_rope_args(x, residual, norm_weight, eps, wqkv, rope, position
     if wqkv.shape[0] != 3 * H * D:
         raise InvalidArgument(f"wqkv must be [3*H*D, d] = [{3 * H * D}, {d}] for the cache's H={H}, D={D}, "
                               f"got {_shape(wqkv)}")
-    if D % 2:
-        raise InvalidArgument(f"head_dim must be even for RoPE, got the cache's D={D}")
-    _check_float("rope", rope, 3)
-    if rope.shape[1:] != (D // 2, 2):
-        raise InvalidArgument(f"rope must be a (cos, sin) table [P, {D // 2}, 2], got {_shape(rope)}")
-    _check_same_device("rope", rope, x)
-    _check_positions("positions", positions, L, x)
-    _check_row_start(row_start, R, rows_total)
+    _check_rope_write(rope, positions, R, L, D, rows_total, row_start, x)
     return R, L, H, S, D
 
 
