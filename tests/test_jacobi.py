@@ -161,6 +161,27 @@ def test_engine_reused_between_sequential_and_jacobi_requests():
                        small)
 
 
+
+def test_windows_sample_with_the_requests_filter_flags(monkeypatch):
+    """Every window is sampled with the request's (top_k_on, top_p_on), read once on the host, as the sequential
+    steps are: an unfiltered request writes no logits row to scratch. One engine serves requests with other filters
+    in turn (the flags are also part of the window graphs' key) and each gets the sequential tokens."""
+    from llamagen_core2.decode import jacobi
+
+    seen = []
+    real = jacobi.guided_sample
+    monkeypatch.setattr(jacobi, "guided_sample", lambda *a, **k: (seen.append(k["filters"]), real(*a, **k))[1])
+    model = tiny_gpt()
+    engine = Engine(model, bucket=4)
+    for top_k, top_p, expected in ((0, 1.0, (False, False)), (20, 1.0, (True, False)), (0, 0.9, (False, True))):
+        kw = dict(mode="cfg", cfg_scale=3.0, top_k=top_k, top_p=top_p, seed=3)
+        reference = generate(model, torch.tensor([1, 2]), engine="eager", **kw)
+        for name, chosen in (("eager", "eager"), ("static", engine)):
+            seen.clear()
+            tokens = generate(model, torch.tensor([1, 2]), engine=chosen, decoding="jacobi", jacobi_window=4, **kw)
+            assert torch.equal(tokens, reference), name
+            assert seen and set(seen) == {expected}, (name, top_k, top_p, set(seen))
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(decoding="parallel"), "decoding must be one of"),
     (dict(decoding="jacobi", jacobi_window=0), "jacobi_window must be"),

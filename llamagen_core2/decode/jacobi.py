@@ -39,7 +39,7 @@ import torch
 
 from ..errors import InvalidArgument, check_int
 from ..guidance.config import MODE_TABLE, needs_uncond
-from ..guidance.sampling import guided_sample
+from ..guidance.sampling import filter_flags, guided_sample
 from .engine import Request
 from .step import EagerSetup, GenerationStats, catch_up_uncond, mode_logits, weak_ops_kwargs
 
@@ -163,12 +163,13 @@ class WindowState:
 
 def sample_window(cond: torch.Tensor, uncond: Optional[torch.Tensor], weak: Optional[torch.Tensor], *, mode: str,
                   knobs: dict, keys: torch.Tensor, start: torch.Tensor, vocab: int,
-                  backend: Optional[str]) -> torch.Tensor:
+                  backend: Optional[str], filters: tuple) -> torch.Tensor:
     """The one place a window is sampled: logits [B, W, V] (None where the mode has none) -> tokens [B, W].
 
     Position k of image b draws with the image's key and the counters of token start + k ((start + k) * V..), the
     noise sequential decoding gives that token: one sampler call over the B*W rows (row b*W + k), keys and per-image
-    knobs repeated, one counter base per row. The knobs and keys were validated at generate()'s entry."""
+    knobs repeated, one counter base per row. The knobs and keys were validated at generate()'s entry; `filters` is
+    the request's (top_k_on, top_p_on), read once on the host (guidance.sampling.filter_flags)."""
     B, W, V = cond.shape
 
     def rows(logits):
@@ -180,18 +181,20 @@ def sample_window(cond: torch.Tensor, uncond: Optional[torch.Tensor], weak: Opti
     offsets = ((start + torch.arange(W, device=cond.device)) * vocab).repeat(B)  # [B*W] device
     tokens = guided_sample(rows(cond), rows(uncond), rows(weak), mode=mode,
                            **{name: per_row(value) for name, value in knobs.items()},
-                           seeds=keys.repeat_interleave(W), offset=offsets, check_values=False, backend=backend)
+                           seeds=keys.repeat_interleave(W), offset=offsets, check_values=False, backend=backend,
+                           filters=filters)
     return tokens.view(B, W)
 
 
 def finish_pass(gpt, state: WindowState, mode: str, hidden: torch.Tensor, weak_hidden: Optional[torch.Tensor],
-                start: torch.Tensor, *, knobs: dict, keys: torch.Tensor, backend: Optional[str], guess: str) -> None:
+                start: torch.Tensor, *, knobs: dict, keys: torch.Tensor, backend: Optional[str], filters: tuple,
+                guess: str) -> None:
     """hidden [R, W, d] (the window's outputs, cond rows first), weak_hidden [B, W, d] | None -> sample, accept,
     next guesses. Shared by both runners; device-only."""
     B = state.tokens.shape[0]
     cond, uncond, weak, sample_mode, _ = mode_logits(gpt, mode, B, hidden, weak_hidden)
     new = sample_window(cond, uncond, weak, mode=sample_mode, knobs=knobs, keys=keys, start=start,
-                        vocab=gpt.config.vocab_size, backend=backend)
+                        vocab=gpt.config.vocab_size, backend=backend, filters=filters)
     state.accept(new, start)
     state.fill_guesses(start + new.shape[1], guess)
 
@@ -231,7 +234,8 @@ def run_eager(gpt, cond, cond_mask, modes, keys, knobs, weak, compact_rows, sett
     state = WindowState.allocate(B, N, gpt.config.grid_size, device).view(B, N)
     finite = torch.ones((), dtype=torch.bool, device=device)
     stats = GenerationStats()
-    common = dict(knobs=knobs, keys=keys, backend=None, guess=settings.guess)
+    filters = filter_flags(knobs["temperature"], knobs["top_k"], knobs["top_p"], gpt.config.vocab_size)
+    common = dict(knobs=knobs, keys=keys, backend=None, filters=filters, guess=settings.guess)
 
     def run_pass(x, start: int, mode: str) -> None:
         nonlocal finite
@@ -296,7 +300,8 @@ def run_static(engine, request: Request, modes: list[str], settings: JacobiSetti
     T = gpt.config.cls_token_num
     state = _engine_state(engine, B, N)
     stats = GenerationStats()
-    common = dict(knobs=request.knobs, keys=request.keys, backend=backend, guess=settings.guess)
+    common = dict(knobs=request.knobs, keys=request.keys, backend=backend, filters=request.filters,
+                  guess=settings.guess)
     segments = mode_segments(modes)
     windows = [(segment, *window_bounds(segment, settings.window)) for segment in segments]
     # the fused decode-layer kernels of every window shape, decided before any capture
@@ -339,7 +344,7 @@ def run_static(engine, request: Request, modes: list[str], settings: JacobiSetti
 
             if request.graphs:
                 key = ("jacobi", segment.mode, B, N, rows, width, lo, hi, per_replay, max_end, weak_end,
-                       engine.cache.masked, settings.guess, request.ops_key(gpt, rows, width))
+                       engine.cache.masked, settings.guess, request.ops_key(gpt, rows, width), request.filters)
                 engine.graphs.run(key, replay, lambda: (state.snapshot(), request.finite.clone()),
                                   lambda saved: (state.restore(saved[0]), request.finite.copy_(saved[1])))
             else:
