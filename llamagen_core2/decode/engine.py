@@ -55,7 +55,8 @@ from .decode_ops import DecodeOps, LayerShape
 from .kv_cache import KVCache
 from .memory import check_generation_fits
 from .static_decode import StepGraphs
-from .step import GenerationStats, StepRecord, catch_up_uncond, mode_logits, set_up_prefix, weak_ops_kwargs
+from .step import (GenerationStats, StepRecord, catch_up_uncond, mode_logits, prefill_inputs, set_up_prefix,
+                   weak_ops_kwargs)
 
 BUCKET = 64  # positions per attention-length bucket of the torch reference path
 STEPS_PER_GRAPH = 32  # decode steps captured in one CUDA graph (a chunk); shorter runs use powers of two
@@ -165,7 +166,6 @@ class Request:
     Jacobi decoding); `keys`, `knobs` and `finite` are views of the engine's buffers."""
     batch: int
     num_tokens: int
-    uses_uncond: bool
     all_rows_always: bool  # compact_rows=False: the uncond half is computed at every step once any token needs it
     weak: Optional[torch.nn.Module]  # the weak model when any token uses it, else None
     cond: torch.Tensor  # on the device
@@ -310,7 +310,7 @@ class Engine:
         # Host facts about the knobs, read once (not per step): which filters any row uses (a filter no row uses is
         # compiled out of the sampler and, with none, no logits row is written to scratch) and the largest top_k.
         request = Request(
-            B, N, uses_uncond, uses_uncond and not compact_rows, weak, cond, mask, null_prefix, backend,
+            B, N, uses_uncond and not compact_rows, weak, cond, mask, null_prefix, backend,
             # graphs need the fused backend: the torch reference sampler syncs with the host (so without Triton on
             # CUDA the same steps run eagerly; the dispatch logs why)
             graphs=self.graphs is not None and backend == "triton", keys=buffers.keys[:B],
@@ -400,6 +400,21 @@ class Engine:
         self._sample(request, mode, hidden, weak_hidden, record)
         buffers.counters.advance()
 
+    def prefill(self, request: Request, guesses: torch.Tensor, two_halves: bool) -> tuple:
+        """A request's first forward (eager, host positions; shared by sequential and Jacobi decoding): the prefix and
+        `guesses` [B, w - 1] through the base model (step.prefill_inputs), the weak model prefilled and run over
+        the same w positions, NaN/inf into the request's flag -> (hidden [R, w, d], weak hidden [B, w, d] | None)."""
+        gpt, B, T, weak, backend = self.gpt, request.batch, self.gpt.config.cls_token_num, request.weak, request.backend
+        x = prefill_inputs(gpt, gpt.condition_embeddings(request.cond), request.null_prefix, guesses, two_halves)
+        hidden = gpt.forward_hidden(x, self.cache, backend=backend)[:, T - 1:]
+        request.finite.logical_and_(torch.isfinite(hidden).all())
+        weak_hidden = None
+        if weak is not None:
+            weak.prefill(request.cond, self.weak_cache, request.mask, backend=backend)
+            weak_hidden = weak.window_hidden(hidden[:B], self.weak_cache, start=T, backend=backend)
+            request.finite.logical_and_(torch.isfinite(weak_hidden).all())
+        return hidden, weak_hidden
+
     # ------------------------------------------------------------------ sequential decoding
     @torch.inference_mode()
     def decode(self, request: Request, modes: list[str], *, on_step: Optional[Callable] = None,
@@ -407,7 +422,7 @@ class Engine:
         """Sequential decoding of a request (after `begin_request`, inside `on_device()`): one token per step ->
         (tokens [B, N] view, stats). Jacobi decoding runs on the same state: `jacobi.run_static`."""
         gpt, buffers = self.gpt, self.buffers
-        B, N, weak, cond, mask = request.batch, request.num_tokens, request.weak, request.cond, request.mask
+        B, N, weak = request.batch, request.num_tokens, request.weak
         T = gpt.config.cls_token_num
         stats = GenerationStats()
         record = on_step is not None
@@ -417,18 +432,9 @@ class Engine:
 
         # ---- token 0: eager prefill of the prefix (both halves if token 0 needs them), then one sample
         run_u = request.rows(modes[0]) == 2 * B
-        prefix = gpt.condition_embeddings(cond)
-        if run_u:
-            prefix = torch.cat([prefix, request.null_prefix])
-        hidden = gpt.forward_hidden(prefix, self.cache, backend=request.backend)[:, -1]
-        buffers.finite.logical_and_(torch.isfinite(hidden).all())
+        hidden, weak_hidden = self.prefill(request, buffers.tokens_out[:B, :0], run_u)
         uncond_filled = T if run_u else 0
-        weak_hidden = None
-        if weak is not None:
-            weak.prefill(cond, self.weak_cache, mask, backend=request.backend)
-            weak_hidden = weak.step_hidden(hidden[:B], self.weak_cache, start=T, backend=request.backend)
-            buffers.finite.logical_and_(torch.isfinite(weak_hidden).all())
-        self._sample(request, modes[0], hidden, weak_hidden, record)
+        self._sample(request, modes[0], hidden[:, 0], None if weak_hidden is None else weak_hidden[:, 0], record)
         # The first decode step feeds token 0 at position T (the weak model's h_c[1] goes to T + 1); token index 1.
         buffers.counters.start(position=T, weak_position=T + 1, token_index=1, philox_offset=gpt.config.vocab_size)
         stats.step_rows.append(2 * B if run_u else B)
@@ -445,9 +451,7 @@ class Engine:
             run_u = rows == 2 * B
             position = T + i - 1  # fed at token i's step
             if run_u and uncond_filled < position:
-                self.catch_up(request, uncond_filled, position)
-                stats.catchup_rows += B * (position - uncond_filled)
-                stats.catchup_calls += 1
+                self.catch_up(request, uncond_filled, position, stats)
             run_end = i
             while run_end < N and modes[run_end] == mode:
                 run_end += 1
@@ -492,11 +496,11 @@ class Engine:
                request.ops_key(self.gpt, rows, 1), request.filters, request.select)
         self.graphs.run(key, chunk, self.buffers.state, self.buffers.restore)
 
-    def catch_up(self, request: Request, filled: int, position: int) -> None:
+    def catch_up(self, request: Request, filled: int, position: int, stats: GenerationStats) -> None:
         """Prefill the uncond rows over positions filled..position-1 from the tokens written so far."""
-        hidden = catch_up_uncond(self.gpt, self.cache, request.null_prefix, self.buffers.tokens_out[:request.batch],
-                                 filled, position, request.backend)
-        request.finite.logical_and_(torch.isfinite(hidden).all())
+        request.finite.logical_and_(catch_up_uncond(self.gpt, self.cache, request.null_prefix,
+                                                    self.buffers.tokens_out[:request.batch], filled, position, stats,
+                                                    request.backend))
 
     def _emit(self, on_step, request: Request, index: int, mode: str) -> None:
         spec, B = MODE_TABLE[mode], request.batch

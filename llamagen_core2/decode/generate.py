@@ -188,8 +188,7 @@ def _run_eager(gpt, cond, cond_mask, modes, keys, guidance, weak, compact_rows, 
     B, N = cond.shape[0], len(modes)
     T, V = gpt.config.cls_token_num, gpt.config.vocab_size
     device = gpt.output.weight.device
-    all_rows_always = needs_uncond(modes) and not compact_rows
-    setup = EagerSetup.prepare(gpt, cond, cond_mask, modes, weak)
+    setup = EagerSetup.prepare(gpt, cond, cond_mask, modes, weak, compact_rows)
     cache, weak_cache, prefix_c, prefix_u = setup.cache, setup.weak_cache, setup.prefix_cond, setup.prefix_uncond
     tokens = torch.zeros(B, N, dtype=torch.long, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
@@ -199,12 +198,10 @@ def _run_eager(gpt, cond, cond_mask, modes, keys, guidance, weak, compact_rows, 
     for i in range(N):
         m = modes[i]
         spec = MODE_TABLE[m]
-        run_u = spec.uncond or all_rows_always  # the uncond rows are computed at this step
+        run_u = setup.runs_uncond(m)  # the uncond rows are computed at this step
         start = 0 if i == 0 else T + i - 1  # first position fed at this step
         if run_u and uncond_filled < start:  # catch-up prefill over the positions the uncond rows skipped
-            finite &= torch.isfinite(catch_up_uncond(gpt, cache, prefix_u, tokens, uncond_filled, start)).all()
-            stats.catchup_rows += B * (start - uncond_filled)
-            stats.catchup_calls += 1
+            finite &= catch_up_uncond(gpt, cache, prefix_u, tokens, uncond_filled, start, stats)
         x_c = prefix_c if i == 0 else gpt.embed_tokens(tokens[:, i - 1:i])
         x = torch.cat([x_c, prefix_u if i == 0 else x_c]) if run_u else x_c
         hidden = gpt.forward_hidden(x, cache, start=start)[:, -1]  # [R, d]

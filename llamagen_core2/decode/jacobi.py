@@ -38,10 +38,9 @@ from typing import Optional
 import torch
 
 from ..errors import InvalidArgument, check_int
-from ..guidance.config import MODE_TABLE, needs_uncond
 from ..guidance.sampling import filter_flags, guided_sample
 from .engine import Request
-from .step import EagerSetup, GenerationStats, catch_up_uncond, mode_logits, weak_ops_kwargs
+from .step import EagerSetup, GenerationStats, catch_up_uncond, mode_logits, prefill_inputs, weak_ops_kwargs
 
 DECODINGS = ("sequential", "jacobi")
 GUESSES = ("left", "above", "zero")
@@ -199,14 +198,6 @@ def finish_pass(gpt, state: WindowState, mode: str, hidden: torch.Tensor, weak_h
     state.fill_guesses(start + new.shape[1], guess)
 
 
-def _prefill_inputs(gpt, prefix_c, prefix_u, tokens, width: int, two_halves: bool) -> torch.Tensor:
-    """The first pass's input: the condition prefix (both halves when the uncond rows run) + guesses for tokens
-    0..width-2 -> [R, T + width - 1, d]."""
-    guesses = gpt.embed_tokens(tokens[:, :width - 1])
-    x = torch.cat([prefix_c, guesses], 1)
-    return torch.cat([x, torch.cat([prefix_u, guesses], 1)]) if two_halves else x
-
-
 def _window_inputs(gpt, tokens, start, width: int, two_halves: bool) -> torch.Tensor:
     """Token start-1 (final) and the guesses for start..start+width-2 -> embeddings [R, width, d]."""
     x = gpt.embed_tokens(tokens.index_select(1, start - 1 + torch.arange(width, device=tokens.device)))
@@ -228,8 +219,7 @@ def run_eager(gpt, cond, cond_mask, modes, keys, knobs, weak, compact_rows, sett
     B, N = cond.shape[0], len(modes)
     T = gpt.config.cls_token_num
     device = gpt.output.weight.device
-    all_rows_always = needs_uncond(modes) and not compact_rows
-    setup = EagerSetup.prepare(gpt, cond, cond_mask, modes, weak)
+    setup = EagerSetup.prepare(gpt, cond, cond_mask, modes, weak, compact_rows)
     cache, weak_cache, prefix_u = setup.cache, setup.weak_cache, setup.prefix_uncond
     state = WindowState.allocate(B, N, gpt.config.grid_size, device).view(B, N)
     finite = torch.ones((), dtype=torch.bool, device=device)
@@ -252,19 +242,16 @@ def run_eager(gpt, cond, cond_mask, modes, keys, knobs, weak, compact_rows, sett
 
     segments = mode_segments(modes)
     first = segments[0]
-    two = MODE_TABLE[first.mode].uncond or all_rows_always
-    run_pass(_prefill_inputs(gpt, setup.prefix_cond, prefix_u, state.tokens, min(settings.window, first.end), two), 0,
-             first.mode)
+    two = setup.runs_uncond(first.mode)
+    width0 = min(settings.window, first.end)
+    run_pass(prefill_inputs(gpt, setup.prefix_cond, prefix_u, state.tokens[:, :width0 - 1], two), 0, first.mode)
     uncond_filled = 0
     done = 0
     for segment in segments:
         width, lo, hi = window_bounds(segment, settings.window)
-        two = MODE_TABLE[segment.mode].uncond or all_rows_always
+        two = setup.runs_uncond(segment.mode)
         if two and uncond_filled < T + segment.start - 1:  # catch-up prefill over the positions the uncond rows skipped
-            finite &= torch.isfinite(catch_up_uncond(gpt, cache, prefix_u, state.tokens, uncond_filled,
-                                                     T + segment.start - 1)).all()
-            stats.catchup_rows += B * (T + segment.start - 1 - uncond_filled)
-            stats.catchup_calls += 1
+            finite &= catch_up_uncond(gpt, cache, prefix_u, state.tokens, uncond_filled, T + segment.start - 1, stats)
         a = int(state.frontier.min())
         while a < segment.end:
             start = min(max(a, lo), hi)
@@ -312,16 +299,10 @@ def run_static(engine, request: Request, modes: list[str], settings: JacobiSetti
     first = segments[0]
     width0 = min(settings.window, first.end)
     two = request.rows(first.mode) == 2 * B
-    x = _prefill_inputs(gpt, gpt.condition_embeddings(request.cond), request.null_prefix, state.tokens, width0, two)
-    hidden = gpt.forward_hidden(x, engine.cache, backend=backend)[:, T - 1:]
-    request.finite.logical_and_(torch.isfinite(hidden).all())
-    weak_hidden = None
+    hidden, weak_hidden = engine.prefill(request, state.tokens[:, :width0 - 1], two)
     if weak is not None:
-        weak.prefill(request.cond, engine.weak_cache, request.mask, backend=backend)
-        weak_hidden = weak.window_hidden(hidden[:B], engine.weak_cache, start=T, backend=backend)
-        request.finite.logical_and_(torch.isfinite(weak_hidden).all())
         stats.weak_steps += width0
-    stats.step_rows.append(x.shape[0] * width0)
+    stats.step_rows.append(hidden.shape[0] * width0)
     finish_pass(gpt, state, first.mode, hidden, weak_hidden, torch.zeros(1, dtype=torch.long, device=engine.device),
                 **common)
 
@@ -331,9 +312,7 @@ def run_static(engine, request: Request, modes: list[str], settings: JacobiSetti
     for segment, width, lo, hi in windows:
         rows = request.rows(segment.mode)
         if rows == 2 * B and uncond_filled < T + segment.start - 1:
-            engine.catch_up(request, uncond_filled, T + segment.start - 1)
-            stats.catchup_rows += B * (T + segment.start - 1 - uncond_filled)
-            stats.catchup_calls += 1
+            engine.catch_up(request, uncond_filled, T + segment.start - 1, stats)
         a = int(state.frontier.min())
         while a < segment.end:
             max_end, weak_end = _key_bounds(engine, a, width, hi, per_replay, weak)

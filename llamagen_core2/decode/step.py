@@ -69,14 +69,28 @@ class GenerationStats:
         return self
 
 
+def prefill_inputs(gpt, prefix_cond: torch.Tensor, prefix_uncond: Optional[torch.Tensor], guesses: torch.Tensor,
+                   two_halves: bool) -> torch.Tensor:
+    """A request's first forward input: the condition prefix [B, T, d] (and the null prefix after it, as the uncond
+    rows, when they run) followed by `guesses` [B, w - 1] image tokens (Jacobi's first window; none sequentially)
+    -> [R, T + w - 1, d]."""
+    embedded = gpt.embed_tokens(guesses)
+    x = torch.cat([prefix_cond, embedded], 1)
+    return torch.cat([x, torch.cat([prefix_uncond, embedded], 1)]) if two_halves else x
+
+
 def catch_up_uncond(gpt, cache: KVCache, null_prefix: torch.Tensor, tokens: torch.Tensor, filled: int, position: int,
-                    backend: str = "torch") -> torch.Tensor:
+                    stats: GenerationStats, backend: str = "torch") -> torch.Tensor:
     """Prefill the uncond rows (cache rows B:2B) over the positions filled..position-1 they skipped: the null
-    prefix [B, T, d], then the already sampled image tokens [B, >= position - T]. -> last hidden state [B, d]."""
+    prefix [B, T, d], then the already sampled image tokens [B, >= position - T]; counted in `stats`.
+    -> bool [] on the device: whether its hidden states are finite (the caller's NaN flag takes it)."""
     B, T = null_prefix.shape[0], gpt.config.cls_token_num
     parts = [null_prefix[:, filled:T]] if filled < T else []
     parts.append(gpt.embed_tokens(tokens[:, max(filled, T) - T:position - T]))
-    return gpt.forward_hidden(torch.cat(parts, dim=1), cache, start=filled, row_start=B, backend=backend)[:, -1]
+    hidden = gpt.forward_hidden(torch.cat(parts, dim=1), cache, start=filled, row_start=B, backend=backend)[:, -1]
+    stats.catchup_rows += B * (position - filled)
+    stats.catchup_calls += 1
+    return torch.isfinite(hidden).all()
 
 
 def mode_logits(gpt, mode: str, batch: int, hidden: torch.Tensor, weak_hidden: Optional[torch.Tensor]):
@@ -120,17 +134,16 @@ def set_up_prefix(gpt, cache: KVCache, cond: torch.Tensor, cond_mask: Optional[t
 @dataclass
 class EagerSetup:
     """The state of an eager loop (generate's sequential loop, Jacobi's eager runner): fresh caches, the condition
-    on the device with its mask and embeddings, the weak model prefilled."""
+    prefix embedded (both halves when any token needs the uncond rows), the weak model prefilled."""
     cache: KVCache  # rows [cond 0:B; uncond B:2B] when any token needs the uncond half
     weak_cache: Optional[KVCache]
-    cond: torch.Tensor
-    mask: Optional[torch.Tensor]
     prefix_cond: torch.Tensor  # [B, T, d]
     prefix_uncond: Optional[torch.Tensor]  # [B, T, d] the null prefix, when any token needs the uncond half
+    all_rows_always: bool  # compact_rows=False: the uncond half is computed at every step once any token needs it
 
     @classmethod
-    def prepare(cls, gpt, cond: torch.Tensor, cond_mask: Optional[torch.Tensor], modes: list,
-                weak) -> "EagerSetup":
+    def prepare(cls, gpt, cond: torch.Tensor, cond_mask: Optional[torch.Tensor], modes: list, weak,
+                compact_rows: bool) -> "EagerSetup":
         B, N = cond.shape[0], len(modes)
         uses_uncond = needs_uncond(modes)
         cache = gpt.new_cache(2 * B if uses_uncond else B, gpt.config.cls_token_num + N)
@@ -139,4 +152,8 @@ class EagerSetup:
         if weak is not None:
             weak_cache = weak.new_cache(B)
             weak.prefill(cond, weak_cache, mask)
-        return cls(cache, weak_cache, cond, mask, gpt.condition_embeddings(cond), prefix_uncond)
+        return cls(cache, weak_cache, gpt.condition_embeddings(cond), prefix_uncond, uses_uncond and not compact_rows)
+
+    def runs_uncond(self, mode: str) -> bool:
+        """Whether a step (or window) of `mode` computes the uncond rows (the eager twin of engine.Request.rows)."""
+        return MODE_TABLE[mode].uncond or self.all_rows_always
