@@ -54,6 +54,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import copy_bandwidth  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BUCKET = 64  # the static decoder's attention length bucket
 EPS = 1e-5
@@ -69,20 +72,8 @@ def preset_config(preset: str):
 
 
 def copy_bandwidth_gbs(device: torch.device) -> float:
-    """Device-to-device copy rate in GB/s, read + write bytes counted (best of 5)."""
-    n = (256 if device.type == "cuda" else 16) * 2 ** 20 // 4
-    src = torch.ones(n, device=device)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n * 4 / best / 1e9
+    """Device-to-device copy rate in GB/s over 256 MiB (16 MiB off a GPU): bench_generate.copy_bandwidth."""
+    return copy_bandwidth(device, (256 if device.type == "cuda" else 16) * 2 ** 20) / 1e9
 
 
 def device_name(device: torch.device) -> str:

@@ -375,12 +375,17 @@ def choices_table(phases: list[Phase]) -> list[str]:
     return lines
 
 
+def phase_slice(phase: Phase, phases: list[Phase], left: float) -> float:
+    """The seconds `phase` may run with `left` seconds to go: its share of them; the last phase gets all."""
+    return left if phase is phases[-1] else left * min(1.0, phase.share)
+
+
 def budget_plan(phases: list[Phase], budget_s: float) -> list[tuple[Phase, float]]:
     """(phase, the least seconds it gets): its share of the time left when every earlier phase uses its whole
     slice (earlier phases that finish sooner leave it more); the last phase gets all that is left."""
     left, out = budget_s, []
     for phase in phases:
-        seconds = left if phase is phases[-1] else left * min(1.0, phase.share)
+        seconds = phase_slice(phase, phases, left)
         out.append((phase, seconds))
         left -= seconds
     return out
@@ -388,9 +393,7 @@ def budget_plan(phases: list[Phase], budget_s: float) -> list[tuple[Phase, float
 
 def targets_table(phases: list[Phase]) -> list[str]:
     """Each target with its measured value, from the rows the phases printed ('not measured' otherwise)."""
-    gen = {(r["preset"], int(r["tokens"]), int(r["batch"]), r["mode"], r["engine"]): r
-           for p in phases if "bench_generate.py" in p.command for r in csv_rows(p.stdout, "engine")
-           if r["status"] == "ok"}
+    gen = _generate_rows(phases)
     t2i = {r["mode"]: r for p in phases if "bench_t2i.py" in p.command for r in csv_rows(p.stdout, "preset")}
 
     def ms(preset, batch, mode="cfg", engine="ours", tokens=TOKENS):
@@ -572,7 +575,7 @@ def main(argv=None) -> int:
         left = deadline - time.perf_counter()
         if left < 5:
             break
-        run_phase(phase, left * (1.0 if phase is phases[-1] else min(1.0, phase.share)))
+        run_phase(phase, phase_slice(phase, phases, left))
         print(f"gpu_report: {phase.name}: {'stopped at its deadline' if phase.timed_out else f'exit {phase.rc}'} "
               f"after {phase.seconds:.0f} s", file=sys.stderr, flush=True)
     meta["elapsed"] = time.perf_counter() - started

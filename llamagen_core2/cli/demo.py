@@ -11,11 +11,9 @@ from ..world.dataset import NUM_CLASSES
 from ..world.demo import DEMO_MODES, run_demo
 from .args import add_decoding_args, add_threads_arg, class_names_help, int_in, non_negative_float, \
     non_negative_int, seed_int
-from .runner import apply_threads
 
 
 def _main(args: argparse.Namespace) -> int:
-    apply_threads(args)
     check_output_file(args.out)
     from ..core2.collect import parse_class_ids
 

@@ -9,7 +9,6 @@ Contract:
     the CoRe^2 weak model; without one they are skipped and the returned `notes` (also printed by the CLI) say
     so. Returns {"path", "size": (width, height), "modes", "classes", "skipped", "notes", "seconds", "base_rows",
     "forward_passes"} (per image and mode; Jacobi decoding draws the same images in fewer passes).
-  * `grid_size(num_classes, num_columns, scale)` gives the PNG size (width, height) for a layout.
   * The `demo` subcommand that calls it is llamagen_core2/cli/demo.py.
 """
 from __future__ import annotations
@@ -22,18 +21,12 @@ import numpy as np
 from ..decode.jacobi import DEFAULT_WINDOW
 from ..errors import InvalidArgument, check_int
 from ..guidance.config import MODE_TABLE, MODES
-from ..io.images import GRID_PAD as PAD, HEADER_HEIGHT as HEADER_H, labelled_grid, save_png
+from ..io.images import labelled_grid, save_png
 from .dataset import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
 from .pipeline import WORLD_GUIDANCE, load_world
 
 LABEL_W = 84
 DEMO_MODES = ("cond", "cfg", "fast", "slow")
-
-
-def grid_size(num_classes: int, num_columns: int, scale: int) -> tuple[int, int]:
-    """(width, height) of the demo PNG: label column + image columns; header row + one row per class."""
-    cell = IMAGE_SIZE * scale + PAD
-    return LABEL_W + num_columns * cell + PAD, HEADER_H + num_classes * cell + PAD
 
 
 def _check(classes, modes, samples_per_mode, scale) -> tuple[list[int], list[str]]:
@@ -76,11 +69,9 @@ def run_demo(out_png, classes: Optional[Sequence[int]] = None, modes: Sequence[s
         base_rows[mode] = out.stats["base_rows"] / out.stats["images"]
         passes[mode] = out.stats["forward_passes_per_image"]
 
-    n_cols = len(modes) * samples_per_mode
-    width, height = grid_size(len(classes), n_cols, scale)
     sheet = labelled_grid([np.concatenate([column[r] for column in columns]) for r in range(len(classes))],
                           [CLASS_NAMES[c] for c in classes], column_labels=[(m, samples_per_mode) for m in modes],
                           scale=scale, label_width=LABEL_W)
     path = save_png(sheet, out_png)
-    return dict(path=str(path), size=(width, height), modes=modes, classes=classes, skipped=skipped, notes=notes,
+    return dict(path=str(path), size=(sheet.shape[1], sheet.shape[0]), modes=modes, classes=classes, skipped=skipped, notes=notes,
                 seconds=time.time() - start, base_rows=base_rows, forward_passes=passes)
