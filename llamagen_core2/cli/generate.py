@@ -23,11 +23,10 @@ MIN_GRID_TILE = 64  # --scale's default: the smallest upscaling that makes grid.
 
 def cmd_generate(args) -> int:
     import numpy as np
-    import torch
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from ..core2.sample import SEED_RULE
+    from ..core2.sample import SEED_RULE, batch_condition, pending_batches
     from ..io.images import save_png
     from ..io.run_settings import check_run_settings
     from ..pipeline import LlamaGenPipeline
@@ -55,16 +54,12 @@ def cmd_generate(args) -> int:
                     seed=args.seed, seed_rule=SEED_RULE)
     check_run_settings(out_dir / "settings.json", settings, has_results=any(image_dir.glob("*.png")), write=True,
                        results="images")
-    batches = [list(range(start, min(start + args.batch_size, total))) for start in range(0, total, args.batch_size)]
-    todo = [index for index in batches if not all(paths[n].is_file() for n in index)]  # the rest: an earlier run's
+    todo = pending_batches(paths, args.batch_size)  # the rest: an earlier run's
     bar = tqdm(total=len(todo) * gpt.config.num_image_tokens, desc="tokens", unit="token", disable=args.quiet)
     t0 = time.perf_counter()
     pixels, generated, passes = {}, 0, 0.0
     for index in todo:
-        rows = torch.tensor(index) // args.per_class
-        condition = dict(class_labels=conds[rows]) if c2i else \
-            dict(prompt_embeds=conds[rows], prompt_attention_mask=cond_mask[rows])
-        out = pipe(**condition, seed=args.seed, first_image_index=index[0], output_type="np", progress=bar,
+        out = pipe(**batch_condition(gpt, conds, cond_mask, index, args.per_class), seed=args.seed, first_image_index=index[0], output_type="np", progress=bar,
                    decoding=args.decoding, jacobi_window=args.jacobi_window)
         passes += out.stats["forward_passes_per_image"] * len(index)
         for n, image in zip(index, out.images):

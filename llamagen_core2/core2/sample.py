@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -65,6 +64,25 @@ def build_schedule(num_tokens: int, *, mode: str = "cfg", slow_first: Optional[f
     if name.endswith("tokens"):
         return Schedule(first, then, first_tokens=value).modes(num_tokens)
     return Schedule(first, then, first_fraction=value).modes(num_tokens)
+
+
+def pending_batches(paths: Sequence[Path], batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """The resume rule of `sample` and `generate`: image indices 0..len(paths)-1 in batches of `batch_size`, this
+    rank's (batch g belongs to rank g % world_size), without the batches whose PNGs an earlier run wrote."""
+    total = len(paths)
+    batches = [list(range(start, min(start + batch_size, total))) for start in range(0, total, batch_size)]
+    return [index for g, index in enumerate(batches)
+            if g % world_size == rank and not all(paths[n].is_file() for n in index)]
+
+
+def batch_condition(gpt, conds: torch.Tensor, caption_mask: Optional[torch.Tensor], index: Sequence[int],
+                    per_condition: int) -> dict:
+    """The pipeline's condition arguments for images `index`, condition-major (image n is of condition
+    n // per_condition): class labels, or caption features with their mask."""
+    rows = torch.as_tensor(index) // per_condition
+    if gpt.config.model_type == "c2i":
+        return dict(class_labels=conds[rows])
+    return dict(prompt_embeds=conds[rows], prompt_attention_mask=None if caption_mask is None else caption_mask[rows])
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
@@ -121,7 +139,6 @@ def sample_images(
     else:
         cond_meta = list(condition_names) if condition_names is not None else None
     total = M * per_condition
-    num_groups = math.ceil(total / batch_size)
     out_dir = Path(out_dir)
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -142,20 +159,15 @@ def sample_images(
     def png(i: int) -> Path:
         return image_dir / f"{i:06d}.png"
 
-    mine = [g for g in range(num_groups) if g % world_size == rank
-            and not all(png(i).is_file() for i in range(g * batch_size, min((g + 1) * batch_size, total)))]
+    mine = pending_batches([png(i) for i in range(total)], batch_size, rank, world_size)
     started, written, base_rows, forward_passes = time.perf_counter(), 0, 0, 0
-    for g in tqdm(mine, desc=f"sample rank {rank}/{world_size}", disable=not progress, unit="batch"):
-        index = torch.arange(g * batch_size, min((g + 1) * batch_size, total))
-        cond_index = index // per_condition
-        condition = dict(class_labels=conds[cond_index]) if c.model_type == "c2i" else \
-            dict(prompt_embeds=conds[cond_index],
-                 prompt_attention_mask=None if caption_mask is None else caption_mask[cond_index])
-        out = pipe(**condition, seed=seed, first_image_index=int(index[0]), output_type="np", progress=False,
-                   decoding=decoding, jacobi_window=jacobi_window)
+    for index in tqdm(mine, desc=f"sample rank {rank}/{world_size}", disable=not progress, unit="batch"):
+        out = pipe(**batch_condition(gpt, conds, caption_mask, index, per_condition), seed=seed,
+                   first_image_index=index[0], output_type="np", progress=False, decoding=decoding,
+                   jacobi_window=jacobi_window)
         base_rows += out.stats["base_rows"]
         forward_passes += out.stats["forward_passes"]
-        for i, image in zip(index.tolist(), out.images):
+        for i, image in zip(index, out.images):
             save_png(image, png(i))
         written += len(index)
     seconds = time.perf_counter() - started
