@@ -85,6 +85,7 @@ def _norm_prologue_dual_dot(x_rows, residual_rows, h_rows, norm_weight_ptr, w_a,
         acc_b = tl.dot(operand, tl.trans(b), acc_b, input_precision=DOT_PRECISION)
     return acc_a, acc_b, sum_squares
 
+
 @triton.jit
 def _add_rmsnorm_kernel(
     x_ptr, residual_ptr, weight_ptr,     # [M, d] rows (unit stride along d), [M, d], [d]

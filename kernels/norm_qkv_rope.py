@@ -37,7 +37,7 @@ from ..decode.op_checks import check_norm_qkv_rope_args, check_unit_stride
 from .add_rmsnorm import _inv_rms, _norm_prologue_dual_dot
 from .dispatch import interpreted
 from .rope_kv_write import _rotate_pair
-from .skinny_gemm import (GemmConfig, SplitKWorkspace, SplitLaunch, _arrive, _reset, _sum_partials, dot_precision,
+from .skinny_gemm import (GemmConfig, SplitKWorkspace, SplitLaunch, _reset, _split_k_dual_reduce, dot_precision,
                           plan_launch, workspace_buffers)
 
 
@@ -134,30 +134,21 @@ def _norm_qkv_rope_kernel(
         x_rows, residual_rows, h_rows, norm_weight_ptr, w_even, w_even + stride_w, pair_ok, row_ok, h_ok, lo, hi,
         HAS_RESIDUAL, w_ptr.dtype.element_ty, BLOCK_M, BLOCK_P, BLOCK_K, DOT_PRECISION)
 
-    if SPLIT_K > 1:
-        out_ok = row_ok[:, None] & pair_ok[None, :]
+    last = True
+    tile = pid_m * tl.num_programs(1) + pid_n
+    if SPLIT_K > 1:  # even and odd columns of a pair sit side by side in the partials
         part = partial_ptr + rows[:, None] * n_cols + 2 * pairs[None, :]
-        tl.store(part + split * M * n_cols, acc_even, mask=out_ok)
-        tl.store(part + split * M * n_cols + 1, acc_odd, mask=out_ok)
-        tile = pid_m * tl.num_programs(1) + pid_n
-        squares_part = squares_ptr + tile * SPLIT_K * BLOCK_M + tl.arange(0, BLOCK_M)
-        tl.store(squares_part + split * BLOCK_M, sum_squares)
-        if _arrive(counter_ptr + tile) == SPLIT_K - 1:
-            acc_even = _sum_partials(part, out_ok, M * n_cols, SPLIT_K)
-            acc_odd = _sum_partials(part + 1, out_ok, M * n_cols, SPLIT_K)
-            sum_squares = _sum_partials(squares_part, row_ok, BLOCK_M, SPLIT_K)
-            _qkv_rope_epilogue(acc_even, acc_odd, sum_squares, rows, row_ok, pairs, pair_ok,
-                               rope_ptr, positions_ptr, cache_k_ptr, cache_v_ptr, q_ptr,
-                               K, eps, row_start, seq_len, n_heads, head_dim, max_len, table_len,
-                               stride_rope_p, stride_rope_m, stride_rope_j,
-                               stride_k_r, stride_k_h, stride_k_s, stride_v_r, stride_v_h, stride_v_s)
-            _reset(counter_ptr + tile)
-    else:
+        last, acc_even, acc_odd, sum_squares = _split_k_dual_reduce(
+            acc_even, acc_odd, sum_squares, part, 1, row_ok[:, None] & pair_ok[None, :], row_ok, squares_ptr,
+            counter_ptr, tile, split, M * n_cols, SPLIT_K, BLOCK_M)
+    if last:
         _qkv_rope_epilogue(acc_even, acc_odd, sum_squares, rows, row_ok, pairs, pair_ok,
                            rope_ptr, positions_ptr, cache_k_ptr, cache_v_ptr, q_ptr,
                            K, eps, row_start, seq_len, n_heads, head_dim, max_len, table_len,
                            stride_rope_p, stride_rope_m, stride_rope_j,
                            stride_k_r, stride_k_h, stride_k_s, stride_v_r, stride_v_h, stride_v_s)
+        if SPLIT_K > 1:
+            _reset(counter_ptr + tile)
 
 
 def plan_qkv_launch(rows: int, n_head: int, head_dim: int, dim: int, device, element_size: int,

@@ -27,7 +27,7 @@ import triton.language as tl
 from ..decode.op_checks import check_norm_w13_swiglu_args, check_unit_stride
 from .add_rmsnorm import _inv_rms, _norm_prologue_dual_dot
 from .dispatch import interpreted
-from .skinny_gemm import (GemmConfig, SplitKWorkspace, SplitLaunch, _arrive, _reset, _sum_partials, dot_precision,
+from .skinny_gemm import (GemmConfig, SplitKWorkspace, SplitLaunch, _reset, _split_k_dual_reduce, dot_precision,
                           plan_launch, workspace_buffers)
 from .swiglu import _silu_mul
 
@@ -79,22 +79,17 @@ def _norm_w13_swiglu_kernel(
 
     out_ok = row_ok[:, None] & col_f_ok[None, :]
     out = out_ptr + rows64 * stride_out + cols_f[None, :]
-    if SPLIT_K > 1:
-        n_cols = 2 * ffn_dim
-        part = partial_ptr + rows[:, None] * n_cols + cols_f[None, :]
-        tl.store(part + split * M * n_cols, acc_gate, mask=out_ok)
-        tl.store(part + split * M * n_cols + ffn_dim, acc_up, mask=out_ok)
-        tile = pid_m * tl.num_programs(1) + pid_n
-        squares_part = squares_ptr + tile * SPLIT_K * BLOCK_M + tl.arange(0, BLOCK_M)
-        tl.store(squares_part + split * BLOCK_M, sum_squares)
-        if _arrive(counter_ptr + tile) == SPLIT_K - 1:
-            acc_gate = _sum_partials(part, out_ok, M * n_cols, SPLIT_K)
-            acc_up = _sum_partials(part + ffn_dim, out_ok, M * n_cols, SPLIT_K)
-            sum_squares = _sum_partials(squares_part, row_ok, BLOCK_M, SPLIT_K)
-            _swiglu_epilogue(acc_gate, acc_up, sum_squares, K, eps, out, out_ok, LIBDEVICE_EXP)
-            _reset(counter_ptr + tile)
-    else:
+    last = True
+    tile = pid_m * tl.num_programs(1) + pid_n
+    if SPLIT_K > 1:  # partials [SPLIT_K, M, 2F]: gate columns 0:F, up columns F:2F
+        part = partial_ptr + rows[:, None] * (2 * ffn_dim) + cols_f[None, :]
+        last, acc_gate, acc_up, sum_squares = _split_k_dual_reduce(
+            acc_gate, acc_up, sum_squares, part, ffn_dim, out_ok, row_ok, squares_ptr, counter_ptr, tile, split,
+            M * 2 * ffn_dim, SPLIT_K, BLOCK_M)
+    if last:
         _swiglu_epilogue(acc_gate, acc_up, sum_squares, K, eps, out, out_ok, LIBDEVICE_EXP)
+        if SPLIT_K > 1:
+            _reset(counter_ptr + tile)
 
 
 def plan_w13_launch(rows: int, ffn_dim: int, dim: int, device, element_size: int,

@@ -208,6 +208,24 @@ def _reset(counter_ptr):
 
 
 @triton.jit
+def _split_k_dual_reduce(acc_a, acc_b, sum_squares, part, b_offset, out_ok, row_ok, squares_ptr, counter_ptr, tile,
+                         split, split_stride, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The split-K exchange both fused norm GEMMs end with: store this split's two partial tiles (at `part` and
+    `part + b_offset`, splits `split_stride` apart) and its row sums of squares, count in at the tile's counter;
+    -> (last, acc_a, acc_b, sum_squares): for the last split to arrive, the sums of every split's partials (in
+    split order: skinny_gemm._sum_partials). The caller runs its epilogue where `last` and then resets the counter."""
+    tl.store(part + split * split_stride, acc_a, mask=out_ok)
+    tl.store(part + split * split_stride + b_offset, acc_b, mask=out_ok)
+    squares_part = squares_ptr + tile * SPLIT_K * BLOCK_M + tl.arange(0, BLOCK_M)
+    tl.store(squares_part + split * BLOCK_M, sum_squares)
+    last = _arrive(counter_ptr + tile) == SPLIT_K - 1
+    if last:
+        acc_a = _sum_partials(part, out_ok, split_stride, SPLIT_K)
+        acc_b = _sum_partials(part + b_offset, out_ok, split_stride, SPLIT_K)
+        sum_squares = _sum_partials(squares_part, row_ok, BLOCK_M, SPLIT_K)
+    return last, acc_a, acc_b, sum_squares
+
+@triton.jit
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, out_ptr,                 # [M, K] (unit stride on K), [N, K] (unit stride on K), [M, N]
     partial_ptr, counter_ptr,              # fp32 [SPLIT_K, M, N], int32 [m tiles x n tiles] (zero)
